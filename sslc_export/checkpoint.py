@@ -1,0 +1,212 @@
+"""The compressed checkpoint: a self-contained folder any later stage can load.
+
+    manifest.json        written last; method, settings, per-layer figures, file hashes
+    config.json, tokenizer files
+    dense.safetensors    everything that is not a compressed Linear (embeddings, norms, lm_head)
+    blocks/block-NNNN.safetensors
+        <linear>.u (m x r)  <linear>.v (r x n)  <linear>.bias (if any)
+        <linear>.s_mask     S's support as packed bits, row-major (m*n/8 bytes)
+        <linear>.s_values   S's kept values in the same order (never a zero-filled matrix)
+
+While compression runs the folder is `.NAME.partial`, holding progress for --resume.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from models.architectures import architecture_for
+from models.loading import LoadedModel, fix_end_token
+from sslc_export.atomic import file_inventory, partial_path, publish_directory, verify_inventory, write_file_atomic, write_json_atomic
+from sslc_export.errors import UserError
+from sslc_export.layers import SparseLowRankLinear, replace_linear
+
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+HIDDEN = "progress-hidden.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CompressedTensors:
+    """What a compressed Linear is made of, independent of torch modules."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+    sparse: torch.Tensor
+    mask: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+def block_file(index: int) -> str:
+    return f"blocks/block-{index:04d}.safetensors"
+
+
+def encode_layer(name: str, layer: CompressedTensors) -> dict[str, torch.Tensor]:
+    mask = layer.mask.flatten().numpy()
+    tensors = {
+        f"{name}.u": layer.u.contiguous(),
+        f"{name}.v": layer.v.contiguous(),
+        f"{name}.s_mask": torch.from_numpy(np.packbits(mask)),
+        f"{name}.s_values": layer.sparse.flatten()[layer.mask.flatten()].contiguous(),
+    }
+    if layer.bias is not None:
+        tensors[f"{name}.bias"] = layer.bias.contiguous()
+    return tensors
+
+
+def decode_layer(name: str, tensors: dict[str, torch.Tensor]) -> CompressedTensors:
+    u, v = tensors[f"{name}.u"], tensors[f"{name}.v"]
+    rows, cols = u.shape[0], v.shape[1]
+    bits = np.unpackbits(tensors[f"{name}.s_mask"].numpy(), count=rows * cols).astype(bool)
+    mask = torch.from_numpy(bits).reshape(rows, cols)
+    values = tensors[f"{name}.s_values"]
+    if values.numel() != int(mask.sum()):
+        raise UserError(f"layer {name}: {values.numel()} sparse values for {int(mask.sum())} mask bits: the checkpoint is corrupt")
+    sparse = torch.zeros(rows * cols, dtype=values.dtype)
+    sparse[mask.flatten()] = values
+    return CompressedTensors(u, v, sparse.reshape(rows, cols), mask, tensors.get(f"{name}.bias"))
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    write_file_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"could not read {path} ({exc}): the file is corrupt or truncated") from None
+
+
+class CheckpointWriter:
+    """Builds a checkpoint block by block under `.NAME.partial`, publishing it only when complete."""
+
+    def __init__(self, out: Path, fingerprint: dict, resume: bool):
+        self.out = out
+        self.work = partial_path(out)
+        self.fingerprint = fingerprint
+        self.completed = 0
+        self.layers: list[dict] = []
+        progress = self.work / PROGRESS
+        if resume and progress.is_file():
+            state = json.loads(progress.read_text())
+            if state["fingerprint"] != fingerprint:
+                raise UserError(
+                    f"{self.work} was started with other settings or another model: delete it or rerun with the same flags"
+                )
+            self.completed, self.layers = state["completed_blocks"], state["layers"]
+        elif self.work.exists() and not resume:
+            raise UserError(f"an unfinished run exists at {self.work}: pass --resume to continue it or delete the folder")
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)
+            self.work.mkdir(parents=True)
+
+    def load_hidden(self) -> torch.Tensor:
+        return _load_tensors(self.work / HIDDEN)["hidden"]
+
+    def save_block(self, index: int, layers: dict[str, CompressedTensors], reports: list[dict], hidden: torch.Tensor) -> None:
+        """Block file, then the activations the next block needs, then the progress record that points at both."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name, layer in layers.items():
+            tensors.update(encode_layer(name, layer))
+        _save_tensors(self.work / block_file(index), tensors)
+        _save_tensors(self.work / HIDDEN, {"hidden": hidden.contiguous()})
+        self.completed = index + 1
+        self.layers.extend(reports)
+        write_json_atomic(
+            self.work / PROGRESS,
+            {"fingerprint": self.fingerprint, "completed_blocks": self.completed, "layers": self.layers},
+        )
+
+    def finish(self, loaded: LoadedModel, compressed_names: set[str], manifest: dict) -> dict:
+        model = loaded.model
+        skip = {f"{name}.{param}" for name in compressed_names for param in ("weight", "bias", "sparse", "u", "v")}
+        dense = {key: value.contiguous() for key, value in model.state_dict().items() if key not in skip}
+        if getattr(model.config, "tie_word_embeddings", False):
+            dense.pop("lm_head.weight", None)
+        _save_tensors(self.work / "dense.safetensors", dense)
+        model.config.save_pretrained(self.work)
+        loaded.tokenizer.save_pretrained(self.work)
+        for leftover in (PROGRESS, HIDDEN):
+            (self.work / leftover).unlink(missing_ok=True)
+        files = file_inventory(self.work)
+        dense_params = sum(value.numel() for value in dense.values())
+        manifest = {
+            **manifest,
+            "dense_params": dense_params,
+            "model_params_after": dense_params + manifest["params_kept"],
+            "bytes": {
+                "compressed_layers": sum(f["bytes"] for name, f in files.items() if name.startswith("blocks/")),
+                "dense_part": files["dense.safetensors"]["bytes"],
+                "total": sum(f["bytes"] for f in files.values()),
+            },
+            "files": files,
+        }
+        write_json_atomic(self.work / MANIFEST, manifest)
+        publish_directory(self.work, self.out)
+        return manifest
+
+
+def read_manifest(folder: Path, verify: bool = True) -> dict:
+    path = folder / MANIFEST
+    if not path.is_file():
+        hint = " (an unfinished run? see --resume)" if partial_path(folder).exists() else ""
+        raise UserError(f"{folder} is not a complete sslc-export checkpoint: {MANIFEST} is missing{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"{path} is not a valid manifest ({exc}): re-create the checkpoint") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path} has format_version {manifest.get('format_version')}; this tool reads {FORMAT_VERSION}")
+    if verify:
+        verify_inventory(folder, files)
+    return manifest
+
+
+def load_checkpoint(folder: Path) -> tuple[LoadedModel, dict]:
+    """Rebuild the model with every compressed Linear as a SparseLowRankLinear."""
+    manifest = read_manifest(folder)
+    config = AutoConfig.from_pretrained(folder)
+    architecture = architecture_for(config.model_type)
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32, attn_implementation="sdpa")
+    for index in range(manifest["num_blocks"]):
+        tensors = _load_tensors(folder / block_file(index))
+        for name in architecture.linear_names:
+            full = f"{architecture.blocks_path}.{index}.{name}"
+            if f"{full}.u" in tensors:
+                layer = decode_layer(full, tensors)
+                replace_linear(model, full, SparseLowRankLinear(layer.sparse, layer.u, layer.v, layer.bias))
+    missing, unexpected = model.load_state_dict(_load_tensors(folder / "dense.safetensors"), strict=False, assign=True)
+    model.tie_weights()
+    still_empty = [name for name, param in model.named_parameters() if param.device.type == "meta"]
+    if still_empty or unexpected:
+        raise UserError(f"{folder} does not match its config: missing {still_empty[:3]}, unexpected {unexpected[:3]}")
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    fix_end_token(tokenizer, config)
+    identity = {"source": str(folder), "kind": "checkpoint", "sha256": manifest["files"]["dense.safetensors"]["sha256"]}
+    return LoadedModel(model, tokenizer, architecture, identity), manifest
+
+
+def load_model_or_checkpoint(path: str | None) -> LoadedModel:
+    """A checkpoint folder (has a manifest, or is a partial run) or anything models.load_model takes."""
+    from models.loading import load_model
+
+    if path is not None:
+        folder = Path(path)
+        if (folder / MANIFEST).exists() or (folder / PROGRESS).exists() or partial_path(folder).exists():
+            return load_checkpoint(folder)[0]
+    return load_model(path)

@@ -1,0 +1,196 @@
+"""The sequential driver: walk the decoder blocks once, hand each Linear to the method.
+
+Block i is calibrated on the outputs of the already-compressed blocks 0..i-1. Inside a
+block, input groups are compressed in order (q/k/v, o, gate/up, down), each group's
+statistics gathered with the earlier groups already compressed (SparseGPT's "true
+sequential" order). Methods see only a weight, its statistics and a budget.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+
+from models.loading import LoadedModel, load_model, resolve_source
+from sslc_export import __version__
+from sslc_export.atomic import check_writable_target
+from sslc_export.budget import check_ratio, plan_budget
+from sslc_export.calibration import DEFAULT_CALIBRATION_TEXT, InputStatistics, read_text, token_batches
+from sslc_export.errors import UserError
+from sslc_export.checkpoint import FORMAT_VERSION, CheckpointWriter, CompressedTensors
+from sslc_export.layers import SparseLowRankLinear, replace_linear
+from sslc_export.methods import Settings, get_method
+from sslc_export.patterns import Pattern
+
+ProgressCallback = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CompressJob:
+    out: Path
+    method: str = "sslc"
+    ratio: float = 0.5
+    model: str | None = None  # None: the bundled default
+    pattern: Pattern = field(default_factory=Pattern)
+    settings: Settings = field(default_factory=Settings)
+    calib: Path | None = None  # None: the bundled calibration text
+    nsamples: int = 64
+    seqlen: int = 256
+    batch_size: int = 8  # calibration sequences per forward pass
+    resume: bool = False
+    overwrite: bool = False
+
+
+@dataclass
+class BlockInputs:
+    """Everything a decoder block's forward needs besides its weights."""
+
+    hidden: torch.Tensor  # nsamples x seqlen x hidden
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    attention_mask: torch.Tensor | None
+    batch_size: int
+
+    def run(self, block: nn.Module) -> torch.Tensor:
+        outputs = []
+        with torch.no_grad():
+            for batch in self.hidden.split(self.batch_size):
+                cos, sin = self.position_embeddings
+                outputs.append(block(batch, attention_mask=self.attention_mask, position_embeddings=(cos, sin)))
+        return torch.cat([out[0] if isinstance(out, tuple) else out for out in outputs])
+
+
+def _block_inputs(loaded: LoadedModel, tokens: torch.Tensor, hidden: torch.Tensor | None, batch_size: int) -> BlockInputs:
+    inner = loaded.model.get_submodule(loaded.architecture.blocks_path.rpartition(".")[0])
+    with torch.no_grad():
+        if hidden is None:
+            hidden = inner.embed_tokens(tokens)
+        positions = torch.arange(tokens.shape[1]).unsqueeze(0)
+        batch = hidden[:batch_size]
+        position_embeddings = inner.rotary_emb(batch, positions)
+        mask = create_causal_mask(
+            config=loaded.model.config,
+            input_embeds=batch,
+            attention_mask=None,
+            cache_position=positions[0],
+            past_key_values=None,
+            position_ids=positions,
+        )
+    return BlockInputs(hidden, position_embeddings, mask, batch_size)
+
+
+def _gather_statistics(block: nn.Module, linear_name: str, inputs: BlockInputs) -> InputStatistics:
+    linear = block.get_submodule(linear_name)
+    stats = InputStatistics(linear.in_features)
+    handle = linear.register_forward_hook(lambda _module, args, _out: stats.add_batch(args[0]))
+    try:
+        inputs.run(block)
+    finally:
+        handle.remove()
+    return stats
+
+
+def fingerprint(job: CompressJob, model_identity: dict, calib_text: str) -> dict:
+    """What must match for --resume to continue a run rather than mix two."""
+    return {
+        "model_sha256": model_identity["sha256"],
+        "method": job.method,
+        "ratio": job.ratio,
+        "pattern": asdict(job.pattern),
+        "settings": asdict(job.settings),
+        "calibration_sha256": hashlib.sha256(calib_text.encode()).hexdigest(),
+        "nsamples": job.nsamples,
+        "seqlen": job.seqlen,
+    }
+
+
+def compress(job: CompressJob, progress: ProgressCallback | None = None) -> dict:
+    """Compress every decoder Linear of the model and write the checkpoint; returns its manifest."""
+    method = get_method(job.method)
+    check_ratio(job.ratio)
+    method.check(job.pattern, job.settings)
+    if job.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {job.batch_size}")
+    check_writable_target(job.out, job.overwrite)
+    calib_path = job.calib or DEFAULT_CALIBRATION_TEXT
+    calib_text = read_text(calib_path)
+    resolve_source(job.model)
+
+    started = time.perf_counter()
+    loaded = load_model(job.model)
+    tokens = token_batches(loaded.tokenizer, calib_text, job.nsamples, job.seqlen, job.settings.seed, str(calib_path))
+    writer = CheckpointWriter(job.out, fingerprint(job, loaded.identity, calib_text), job.resume)
+    inputs = _block_inputs(loaded, tokens, writer.load_hidden() if writer.completed else None, job.batch_size)
+    architecture = loaded.architecture
+    blocks = architecture.blocks(loaded.model)
+    rank_ratio = method.rank_ratio(job.settings)
+    compressed_names: set[str] = set()
+
+    for index, block in enumerate(blocks):
+        prefix = f"{architecture.blocks_path}.{index}"
+        compressed_names.update(f"{prefix}.{name}" for name in architecture.linear_names)
+        if index < writer.completed:
+            continue  # finished before the resume; its outputs are the saved hidden states
+        layers: dict[str, CompressedTensors] = {}
+        reports: list[dict] = []
+        for group in architecture.input_groups:
+            stats = _gather_statistics(block, group[0], inputs)
+            for name in group:
+                if progress:
+                    progress(f"block {index} {name}")
+                linear = block.get_submodule(name)
+                weight = linear.weight.detach().float()
+                budget = plan_budget(*weight.shape, job.ratio, rank_ratio, job.pattern)
+                layer_start = time.perf_counter()
+                result = method.decompose(weight, stats, budget, job.pattern, job.settings)
+                bias = None if linear.bias is None else linear.bias.detach().float()
+                layers[f"{prefix}.{name}"] = CompressedTensors(result.u, result.v, result.sparse, result.mask, bias)
+                replace_linear(block, name, SparseLowRankLinear(result.sparse, result.u, result.v, bias))
+                nnz = int(result.mask.sum())
+                reports.append(
+                    {
+                        "name": f"{prefix}.{name}",
+                        "shape": list(weight.shape),
+                        "rank": result.rank,
+                        "nnz": nnz,
+                        "params_kept": result.rank * sum(weight.shape) + nnz,
+                        "params_total": weight.numel(),
+                        "params_allowed": budget.allowed,
+                        "relative_loss": stats.relative_error(weight, result.dense()),
+                        "iterations": len(result.loss_history),
+                        "seconds": round(time.perf_counter() - layer_start, 3),
+                    }
+                )
+        inputs.hidden = inputs.run(block)
+        writer.save_block(index, layers, reports, inputs.hidden)
+
+    manifest = _manifest(job, loaded, writer.layers, len(blocks), calib_path, time.perf_counter() - started)
+    return writer.finish(loaded, compressed_names, manifest)
+
+
+def _manifest(job: CompressJob, loaded: LoadedModel, layers: list[dict], num_blocks: int, calib: Path, seconds: float) -> dict:
+    kept = sum(layer["params_kept"] for layer in layers)
+    total = sum(layer["params_total"] for layer in layers)
+    return {
+        "format_version": FORMAT_VERSION,
+        "tool": {"name": "sslc-export", "version": __version__, "torch": torch.__version__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source_model": loaded.identity,
+        "model_type": loaded.model.config.model_type,
+        "num_blocks": num_blocks,
+        "method": job.method,
+        "ratio": job.ratio,
+        "pattern": asdict(job.pattern),
+        "settings": asdict(job.settings),
+        "calibration": {"source": str(calib), "nsamples": job.nsamples, "seqlen": job.seqlen},
+        "params_kept": kept,
+        "params_total": total,
+        "compression_seconds": round(seconds, 1),
+        "threads": torch.get_num_threads(),
+        "layers": layers,
+    }

@@ -1,0 +1,61 @@
+"""Quality: token perplexity over fixed windows, and a greedy generation as a sanity check."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sslc_export.errors import UserError
+
+DEFAULT_WINDOW = 512
+
+
+def perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    window: int = DEFAULT_WINDOW,
+    stride: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """exp(mean token NLL). Each window scores only the tokens not scored by the previous one,
+    so stride < window gives every scored token at least window - stride tokens of context."""
+    stride = stride or window
+    if window < 2 or not 0 < stride <= window:
+        raise UserError(f"need --window >= 2 and 0 < --stride <= --window, got window {window}, stride {stride}")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if ids.numel() < 2:
+        raise UserError("the evaluation text has fewer than 2 tokens: pass a longer --text")
+    total_nll, scored, previous_end = 0.0, 0, 0
+    starts = list(range(0, max(ids.numel() - 1, 1), stride))
+    with torch.no_grad():
+        for step, start in enumerate(starts):
+            end = min(start + window, ids.numel())
+            chunk = ids[start:end].unsqueeze(0)
+            logits = model(chunk).logits[0, :-1].float()
+            targets = chunk[0, 1:]
+            fresh = end - max(previous_end, start + 1)  # targets not scored before
+            nll = torch.nn.functional.cross_entropy(logits[-fresh:], targets[-fresh:], reduction="sum")
+            total_nll += float(nll)
+            scored += fresh
+            previous_end = end
+            if progress:
+                progress(step + 1, len(starts))
+            if end == ids.numel():
+                break
+    return {"perplexity": math.exp(total_nll / scored), "tokens": scored, "window": window, "stride": stride}
+
+
+def greedy_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int = 32) -> str:
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(output[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)

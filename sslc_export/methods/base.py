@@ -1,0 +1,81 @@
+"""The one interface every method implements: a weight, its input statistics and a budget in,
+a low-rank pair plus a sparse matrix out. Methods never see the model or the block loop."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from sslc_export.budget import Budget
+from sslc_export.calibration import InputStatistics
+from sslc_export.errors import UserError
+from sslc_export.patterns import Pattern
+
+LOSSES = ("diag", "exact")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Knobs shared by all methods; each method reads the ones it needs."""
+
+    rank_ratio: float = 0.15  # share of the kept budget spent on U, V (sslc)
+    iters: int = 40  # alternating iterations (sslc)
+    salient_fraction: float = 0.01  # top |W·D| entries always kept in S (sslc)
+    loss: str = "diag"  # diag: activation-scaled W; exact: whitened by XᵀX with OBS pruning
+    tol: float = 1e-4  # stop when one iteration improves the loss by less than this fraction
+    damp: float = 0.01  # Gram damping, as a fraction of its mean diagonal
+    seed: int = 0
+
+
+@dataclass
+class Decomposition:
+    """W ≈ U·V + S; S is held dense here (zeros outside `mask`), stored compactly on disk."""
+
+    u: torch.Tensor  # m x r
+    v: torch.Tensor  # r x n
+    sparse: torch.Tensor  # m x n
+    mask: torch.Tensor  # m x n bool
+    loss_history: list[float] = field(default_factory=list)
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[1]
+
+    def dense(self) -> torch.Tensor:
+        return self.sparse + self.u @ self.v
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm", "structured")
+    losses: ClassVar[tuple[str, ...]] = ("diag",)
+
+    def rank_ratio(self, settings: Settings) -> float:
+        """Share of the budget given to the low-rank pair: 0 for pruning-only methods."""
+        return 0.0
+
+    def check(self, pattern: Pattern, settings: Settings) -> None:
+        if pattern.kind not in self.patterns:
+            raise UserError(f"method {self.name} does not support --pattern {pattern.kind}: use one of {', '.join(self.patterns)}")
+        if settings.loss not in LOSSES:
+            raise UserError(f"unknown --loss '{settings.loss}': choose one of {', '.join(LOSSES)}")
+        if settings.loss not in self.losses:
+            raise UserError(f"method {self.name} has no --loss {settings.loss}: use one of {', '.join(self.losses)}")
+
+    @abstractmethod
+    def decompose(
+        self, weight: torch.Tensor, stats: InputStatistics, budget: Budget, pattern: Pattern, settings: Settings
+    ) -> Decomposition: ...
+
+
+def sparse_only(sparse: torch.Tensor, mask: torch.Tensor) -> Decomposition:
+    rows, cols = sparse.shape
+    return Decomposition(torch.zeros(rows, 0), torch.zeros(0, cols), sparse, mask)
+
+
+def activation_scale(stats: InputStatistics) -> torch.Tensor:
+    """d_j = ‖X_j‖; inputs that never fire get 1 so that undoing the scale stays finite."""
+    norms = stats.column_norms
+    return torch.where(norms > 0, norms, torch.ones_like(norms))

@@ -1,0 +1,108 @@
+"""SSLC: alternate a rank-r SVD and pruning on the residual until the loss plateaus.
+
+diag (the paper): work on Ws = W·D, D = diag(‖X_j‖); L_t = rank-r SVD of (Ws - S_{t-1}),
+S_t = the budgeted largest |Ws - L_t| plus the salient top 1 % of |Ws|; undo D at the end.
+exact (beyond the paper): the same alternation on the true loss ‖(W - L - S)X‖: the SVD
+step is whitened by the Cholesky factor of XᵀX and the sparse step is OBS pruning of the
+residual with XᵀX as Hessian.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from sslc_export.errors import UserError
+from sslc_export.lowrank import Whitening, randomized_svd
+from sslc_export.methods.base import Decomposition, Method, activation_scale
+from sslc_export.obs import ObsPruner
+from sslc_export.patterns import Pattern, select
+
+LowRankStep = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+SparseStep = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def alternate(
+    target: torch.Tensor,
+    low_rank_step: LowRankStep,
+    sparse_step: SparseStep,
+    loss: Callable[[torch.Tensor], float],
+    iters: int,
+    tol: float,
+) -> Decomposition:
+    """The SSLC loop, independent of which loss the two steps minimise."""
+    sparse = torch.zeros_like(target)
+    warm = None
+    history: list[float] = []
+    for _ in range(iters):
+        u, v, warm = low_rank_step(target - sparse, warm)
+        sparse, mask = sparse_step(target - u @ v)
+        history.append(loss(u @ v + sparse))
+        if len(history) > 1 and history[-2] - history[-1] < tol * history[-2]:
+            break
+    return Decomposition(u, v, sparse, mask, history)
+
+
+class Sslc(Method):
+    name = "sslc"
+    losses = ("diag", "exact")
+
+    def rank_ratio(self, settings):
+        return settings.rank_ratio
+
+    def check(self, pattern, settings):
+        super().check(pattern, settings)
+        if not 0.0 < settings.rank_ratio < 1.0:
+            raise UserError(f"--rank-ratio {settings.rank_ratio} leaves no low-rank or no sparse budget: sslc needs 0 < rank ratio < 1")
+        if settings.iters < 1:
+            raise UserError(f"--iters must be >= 1, got {settings.iters}")
+        if not 0.0 <= settings.salient_fraction < 1.0:
+            raise UserError(f"--salient must be in [0, 1), got {settings.salient_fraction}")
+        if settings.loss == "exact" and pattern.kind == "structured":
+            raise UserError("--loss exact has no structured sparse step: use --loss diag with --pattern structured")
+
+    def decompose(self, weight, stats, budget, pattern, settings):
+        rows, cols = weight.shape
+        if budget.rank == 0 or budget.nnz <= 0:
+            raise UserError(
+                f"a {rows}x{cols} layer gets rank {budget.rank} and {budget.nnz} sparse entries at this --ratio and "
+                "--rank-ratio: sslc needs both; lower --ratio or change --rank-ratio"
+            )
+        torch.manual_seed(settings.seed)
+        scale = activation_scale(stats)
+        scaled = weight * scale
+        salient = None
+        if pattern.kind != "structured" and settings.salient_fraction > 0:
+            count = min(math.ceil(settings.salient_fraction * weight.numel()), budget.nnz)
+            salient = select(scaled.abs(), count, Pattern(scope="layer"))
+
+        if settings.loss == "exact":
+            whitening = Whitening(stats.gram, settings.damp)
+            pruner = ObsPruner(stats.gram, settings.damp)
+            return alternate(
+                weight,
+                lambda residual, warm: whitening.low_rank(residual, budget.rank, warm),
+                lambda residual: pruner.prune(residual, budget.nnz, pattern, salient),
+                lambda approx: stats.relative_error(weight, approx),
+                settings.iters,
+                settings.tol,
+            )
+
+        norm = scaled.norm()
+
+        def prune(residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            mask = select(residual.abs(), budget.nnz, pattern, salient)
+            return residual * mask, mask
+
+        result = alternate(
+            scaled,
+            lambda residual, warm: randomized_svd(residual, budget.rank, warm),
+            prune,
+            lambda approx: float((scaled - approx).norm() / norm),
+            settings.iters,
+            settings.tol,
+        )
+        result.v = result.v / scale
+        result.sparse = result.sparse / scale
+        return result
