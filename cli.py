@@ -121,7 +121,7 @@ def compress(
             bar.update(task, advance=1, description=description)
 
         try:
-            manifest = run_compress(job, advance)
+            manifest = run_compress(job, advance).manifest
         except KeyboardInterrupt:
             console.print(f"interrupted: progress kept, rerun with --resume to continue")
             raise typer.Exit(130) from None

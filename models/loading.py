@@ -95,7 +95,7 @@ def load_model(source: str | Path | None = None) -> LoadedModel:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=gguf, torch_dtype=torch.float32, attn_implementation="sdpa"
+            folder, gguf_file=gguf, dtype=torch.float32, attn_implementation="sdpa"
         )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise UserError(f"could not load model from {path} ({type(exc).__name__}: {exc})") from None

@@ -113,6 +113,9 @@ class CheckpointWriter:
     def load_hidden(self) -> torch.Tensor:
         return _load_tensors(self.work / HIDDEN)["hidden"]
 
+    def load_block(self, index: int) -> dict[str, CompressedTensors]:
+        return read_block(self.work, index)
+
     def save_block(self, index: int, layers: dict[str, CompressedTensors], reports: list[dict], hidden: torch.Tensor) -> None:
         """Block file, then the activations the next block needs, then the progress record that points at both."""
         tensors: dict[str, torch.Tensor] = {}
@@ -156,6 +159,12 @@ class CheckpointWriter:
         return manifest
 
 
+def read_block(folder: Path, index: int) -> dict[str, CompressedTensors]:
+    tensors = _load_tensors(folder / block_file(index))
+    names = sorted({key.rsplit(".", 1)[0] for key in tensors})
+    return {name: decode_layer(name, tensors) for name in names}
+
+
 def read_manifest(folder: Path, verify: bool = True) -> dict:
     path = folder / MANIFEST
     if not path.is_file():
@@ -181,14 +190,13 @@ def load_checkpoint(folder: Path) -> tuple[LoadedModel, dict]:
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     for index in range(manifest["num_blocks"]):
-        tensors = _load_tensors(folder / block_file(index))
-        for name in architecture.linear_names:
-            full = f"{architecture.blocks_path}.{index}.{name}"
-            if f"{full}.u" in tensors:
-                layer = decode_layer(full, tensors)
-                replace_linear(model, full, SparseLowRankLinear(layer.sparse, layer.u, layer.v, layer.bias))
+        for name, layer in read_block(folder, index).items():
+            try:
+                replace_linear(model, name, SparseLowRankLinear(layer.sparse, layer.u, layer.v, layer.bias))
+            except AttributeError:
+                raise UserError(f"{folder}: layer {name} does not exist in its config: the checkpoint is corrupt") from None
     missing, unexpected = model.load_state_dict(_load_tensors(folder / "dense.safetensors"), strict=False, assign=True)
     model.tie_weights()
     still_empty = [name for name, param in model.named_parameters() if param.device.type == "meta"]

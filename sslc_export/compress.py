@@ -48,6 +48,12 @@ class CompressJob:
 
 
 @dataclass
+class CompressOutcome:
+    manifest: dict
+    loaded: LoadedModel  # the in-memory compressed model, as the checkpoint will reload it
+
+
+@dataclass
 class BlockInputs:
     """Everything a decoder block's forward needs besides its weights."""
 
@@ -56,13 +62,17 @@ class BlockInputs:
     attention_mask: torch.Tensor | None
     batch_size: int
 
-    def run(self, block: nn.Module) -> torch.Tensor:
-        outputs = []
+    def forward(self, block: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            for batch in self.hidden.split(self.batch_size):
-                cos, sin = self.position_embeddings
-                outputs.append(block(batch, attention_mask=self.attention_mask, position_embeddings=(cos, sin)))
-        return torch.cat([out[0] if isinstance(out, tuple) else out for out in outputs])
+            out = block(batch, attention_mask=self.attention_mask, position_embeddings=self.position_embeddings)
+        return out[0] if isinstance(out, tuple) else out
+
+    def run(self, block: nn.Module) -> torch.Tensor:
+        return torch.cat([self.forward(block, batch) for batch in self.hidden.split(self.batch_size)])
+
+
+class _InputCaptured(Exception):
+    """Raised by the statistics hook: the rest of the block's forward is not needed."""
 
 
 def _block_inputs(loaded: LoadedModel, tokens: torch.Tensor, hidden: torch.Tensor | None, batch_size: int) -> BlockInputs:
@@ -87,9 +97,18 @@ def _block_inputs(loaded: LoadedModel, tokens: torch.Tensor, hidden: torch.Tenso
 def _gather_statistics(block: nn.Module, linear_name: str, inputs: BlockInputs) -> InputStatistics:
     linear = block.get_submodule(linear_name)
     stats = InputStatistics(linear.in_features)
-    handle = linear.register_forward_hook(lambda _module, args, _out: stats.add_batch(args[0]))
+
+    def capture(_module: nn.Module, args: tuple) -> None:
+        stats.add_batch(args[0])
+        raise _InputCaptured
+
+    handle = linear.register_forward_pre_hook(capture)
     try:
-        inputs.run(block)
+        for batch in inputs.hidden.split(inputs.batch_size):
+            try:
+                inputs.forward(block, batch)
+            except _InputCaptured:
+                pass
     finally:
         handle.remove()
     return stats
@@ -109,8 +128,8 @@ def fingerprint(job: CompressJob, model_identity: dict, calib_text: str) -> dict
     }
 
 
-def compress(job: CompressJob, progress: ProgressCallback | None = None) -> dict:
-    """Compress every decoder Linear of the model and write the checkpoint; returns its manifest."""
+def compress(job: CompressJob, progress: ProgressCallback | None = None) -> CompressOutcome:
+    """Compress every decoder Linear of the model and write the checkpoint."""
     method = get_method(job.method)
     check_ratio(job.ratio)
     method.check(job.pattern, job.settings)
@@ -124,18 +143,23 @@ def compress(job: CompressJob, progress: ProgressCallback | None = None) -> dict
     started = time.perf_counter()
     loaded = load_model(job.model)
     tokens = token_batches(loaded.tokenizer, calib_text, job.nsamples, job.seqlen, job.settings.seed, str(calib_path))
-    writer = CheckpointWriter(job.out, fingerprint(job, loaded.identity, calib_text), job.resume)
-    inputs = _block_inputs(loaded, tokens, writer.load_hidden() if writer.completed else None, job.batch_size)
     architecture = loaded.architecture
     blocks = architecture.blocks(loaded.model)
     rank_ratio = method.rank_ratio(job.settings)
+    for block in blocks:  # every budget error surfaces before anything is written
+        for name in architecture.linear_names:
+            plan_budget(*block.get_submodule(name).weight.shape, job.ratio, rank_ratio, job.pattern)
+    writer = CheckpointWriter(job.out, fingerprint(job, loaded.identity, calib_text), job.resume)
+    inputs = _block_inputs(loaded, tokens, writer.load_hidden() if writer.completed else None, job.batch_size)
     compressed_names: set[str] = set()
 
     for index, block in enumerate(blocks):
         prefix = f"{architecture.blocks_path}.{index}"
         compressed_names.update(f"{prefix}.{name}" for name in architecture.linear_names)
-        if index < writer.completed:
-            continue  # finished before the resume; its outputs are the saved hidden states
+        if index < writer.completed:  # finished before a resume: its outputs are the saved hidden states
+            for name, layer in writer.load_block(index).items():
+                replace_linear(loaded.model, name, SparseLowRankLinear(layer.sparse, layer.u, layer.v, layer.bias))
+            continue
         layers: dict[str, CompressedTensors] = {}
         reports: list[dict] = []
         for group in architecture.input_groups:
@@ -170,7 +194,7 @@ def compress(job: CompressJob, progress: ProgressCallback | None = None) -> dict
         writer.save_block(index, layers, reports, inputs.hidden)
 
     manifest = _manifest(job, loaded, writer.layers, len(blocks), calib_path, time.perf_counter() - started)
-    return writer.finish(loaded, compressed_names, manifest)
+    return CompressOutcome(writer.finish(loaded, compressed_names, manifest), loaded)
 
 
 def _manifest(job: CompressJob, loaded: LoadedModel, layers: list[dict], num_blocks: int, calib: Path, seconds: float) -> dict:

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from sslc_export.errors import UserError
-from sslc_export.lowrank import Whitening, randomized_svd
+from sslc_export.lowrank import Whitening, empty_factors, randomized_svd
 from sslc_export.methods.base import Decomposition, Method, activation_scale
 from sslc_export.obs import ObsPruner
 from sslc_export.patterns import Pattern, select
@@ -64,10 +64,9 @@ class Sslc(Method):
 
     def decompose(self, weight, stats, budget, pattern, settings):
         rows, cols = weight.shape
-        if budget.rank == 0 or budget.nnz <= 0:
+        if budget.nnz <= 0:
             raise UserError(
-                f"a {rows}x{cols} layer gets rank {budget.rank} and {budget.nnz} sparse entries at this --ratio and "
-                "--rank-ratio: sslc needs both; lower --ratio or change --rank-ratio"
+                f"a {rows}x{cols} layer gets no sparse entries at this --ratio and --rank-ratio: lower --rank-ratio"
             )
         torch.manual_seed(settings.seed)
         scale = activation_scale(stats)
@@ -77,15 +76,20 @@ class Sslc(Method):
             count = min(math.ceil(settings.salient_fraction * weight.numel()), budget.nnz)
             salient = select(scaled.abs(), count, Pattern(scope="layer"))
 
+        iters = settings.iters if budget.rank else 1  # a layer too small for rank 1 is pruned once
+
+        def no_low_rank(_residual: torch.Tensor, _warm: torch.Tensor | None):
+            return *empty_factors(rows, cols), None
+
         if settings.loss == "exact":
             whitening = Whitening(stats.gram, settings.damp)
             pruner = ObsPruner(stats.gram, settings.damp)
             return alternate(
                 weight,
-                lambda residual, warm: whitening.low_rank(residual, budget.rank, warm),
+                (lambda residual, warm: whitening.low_rank(residual, budget.rank, warm)) if budget.rank else no_low_rank,
                 lambda residual: pruner.prune(residual, budget.nnz, pattern, salient),
                 lambda approx: stats.relative_error(weight, approx),
-                settings.iters,
+                iters,
                 settings.tol,
             )
 
@@ -97,10 +101,10 @@ class Sslc(Method):
 
         result = alternate(
             scaled,
-            lambda residual, warm: randomized_svd(residual, budget.rank, warm),
+            (lambda residual, warm: randomized_svd(residual, budget.rank, warm)) if budget.rank else no_low_rank,
             prune,
             lambda approx: float((scaled - approx).norm() / norm),
-            settings.iters,
+            iters,
             settings.tol,
         )
         result.v = result.v / scale

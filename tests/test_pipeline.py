@@ -1,0 +1,100 @@
+"""Tiny random LLaMA and Qwen2 through compress -> checkpoint -> reload -> eval."""
+import json
+
+import pytest
+import torch
+
+from sslc_export.checkpoint import load_checkpoint, read_manifest
+from sslc_export.compress import CompressJob, compress
+from sslc_export.errors import UserError
+from sslc_export.evaluate import perplexity
+from sslc_export.layers import SparseLowRankLinear
+from sslc_export.methods import Settings
+from sslc_export.patterns import Pattern
+
+TINY_CALIB = dict(nsamples=8, seqlen=32, batch_size=4)
+
+
+def small_job(model, out, **overrides):
+    settings = overrides.pop("settings", Settings(iters=5))
+    return CompressJob(out=out, model=str(model), settings=settings, **{**TINY_CALIB, **overrides})
+
+
+@pytest.mark.parametrize("method", ["sslc", "wanda", "sparsegpt", "magnitude", "svd"])
+def test_compress_reload_gives_identical_logits(tiny_model, tmp_path, method):
+    outcome = compress(small_job(tiny_model, tmp_path / "ckpt", method=method))
+    reloaded, manifest = load_checkpoint(tmp_path / "ckpt")
+    tokens = torch.randint(0, reloaded.model.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        expected = outcome.loaded.model(tokens).logits
+        actual = reloaded.model(tokens).logits
+    assert torch.equal(expected, actual)
+    compressed = [m for m in reloaded.model.modules() if isinstance(m, SparseLowRankLinear)]
+    assert len(compressed) == 7 * 2
+    assert manifest["params_kept"] <= 0.5 * manifest["params_total"] + len(compressed)
+    assert manifest["params_kept"] == sum(layer["params_kept"] for layer in manifest["layers"])
+
+
+def test_qwen2_biases_are_kept(tmp_path, tiny_model):
+    compress(small_job(tiny_model, tmp_path / "ckpt"))
+    reloaded, _ = load_checkpoint(tmp_path / "ckpt")
+    q_proj = reloaded.model.model.layers[0].self_attn.q_proj
+    has_bias = reloaded.model.config.model_type == "qwen2"
+    assert (q_proj.bias is not None) == has_bias
+
+
+def test_sparse_part_is_stored_compactly(tiny_llama, tmp_path):
+    manifest = compress(small_job(tiny_llama, tmp_path / "ckpt", ratio=0.7)).manifest
+    dense_bytes = 4 * manifest["params_total"]
+    assert manifest["bytes"]["compressed_layers"] < 0.5 * dense_bytes  # 30 % kept + a 1-bit mask, not a zero-filled matrix
+
+
+def test_resume_after_a_crash_gives_the_same_checkpoint(tiny_llama, tmp_path, monkeypatch):
+    reference = compress(small_job(tiny_llama, tmp_path / "reference")).manifest
+    import sslc_export.checkpoint as checkpoint_module
+
+    original = checkpoint_module.CheckpointWriter.save_block
+
+    def crash_after_first_block(self, index, *args):
+        original(self, index, *args)
+        if index == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_module.CheckpointWriter, "save_block", crash_after_first_block)
+    with pytest.raises(KeyboardInterrupt):
+        compress(small_job(tiny_llama, tmp_path / "resumed"))
+    monkeypatch.setattr(checkpoint_module.CheckpointWriter, "save_block", original)
+    assert not (tmp_path / "resumed").exists()  # nothing that looks complete
+    with pytest.raises(UserError, match="--resume"):
+        compress(small_job(tiny_llama, tmp_path / "resumed"))
+    resumed = compress(small_job(tiny_llama, tmp_path / "resumed", resume=True)).manifest
+    for name in reference["files"]:
+        if name.startswith("blocks/"):
+            assert reference["files"][name]["sha256"] == resumed["files"][name]["sha256"], name
+
+
+def test_tampered_checkpoint_is_refused(tiny_llama, tmp_path):
+    compress(small_job(tiny_llama, tmp_path / "ckpt"))
+    block = tmp_path / "ckpt" / "blocks" / "block-0001.safetensors"
+    block.write_bytes(block.read_bytes()[:-10])
+    with pytest.raises(UserError, match="manifest"):
+        read_manifest(tmp_path / "ckpt")
+
+
+def test_exact_loss_and_structured_runs(tiny_llama, tmp_path):
+    exact = compress(small_job(tiny_llama, tmp_path / "exact", settings=Settings(iters=3, loss="exact"))).manifest
+    assert exact["settings"]["loss"] == "exact"
+    structured = compress(small_job(tiny_llama, tmp_path / "structured", pattern=Pattern(kind="structured"))).manifest
+    assert structured["pattern"]["kind"] == "structured"
+
+
+def test_perplexity_windows_score_every_token_once(tiny_llama):
+    from models.loading import load_model
+
+    loaded = load_model(str(tiny_llama))
+    text = "It is a truth universally acknowledged. " * 40
+    count = len(loaded.tokenizer(text, add_special_tokens=False).input_ids)
+    for stride in (64, 32):
+        result = perplexity(loaded.model, loaded.tokenizer, text, window=64, stride=stride)
+        assert result["tokens"] == count - 1
+        assert 1.0 < result["perplexity"] < 2 * loaded.model.config.vocab_size
