@@ -19,10 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/sslc-export compress --out $(RUNS)/sslc-0.5 --method sslc --ratio 0.5 --overwrite --json $(RUNS)/compress.json
-	$(BIN)/sslc-export eval --json $(RUNS)/eval-dense.json
-	$(BIN)/sslc-export eval $(RUNS)/sslc-0.5 --json $(RUNS)/eval-sslc.json
-	$(BIN)/python -m sslc_export.summary $(RUNS)/eval-dense.json $(RUNS)/eval-sslc.json
+	$(BIN)/sslc-export compare --methods sslc --ratios 0.5 --extra-losses "" --work-dir $(RUNS) --json $(RUNS)/compare.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -20,7 +20,7 @@ from sslc_export.errors import UserError
 
 app = typer.Typer(
     help=__doc__.split("\n")[0]
-    + "\n\nTypical flow: `compress` (default model: bundled SmolLM2-135M) -> `eval` -> `compare` for a table of methods.",
+    + "\n\nTypical flow: `compress` (default model: bundled SmolLM2-135M) -> `eval` -> `compare` for a table of methods at equal budgets.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -191,6 +191,78 @@ def evaluate_command(
             table.add_row(key, f"{result[key]:.3f}" if isinstance(result[key], float) else str(result[key]))
     out.print(table)
     write_json(json_path, result)
+
+
+@app.command("compare")
+@handles_user_errors
+def compare_command(
+    methods: str = typer.Option("sslc,wanda,sparsegpt,magnitude,svd", help="Comma-separated methods."),
+    ratios: str = typer.Option("0.3,0.5", help="Comma-separated compression ratios."),
+    extra_losses: str = typer.Option("sslc:exact,svd:exact", help="Also run these method:loss pairs (default loss: diag)."),
+    model: Optional[str] = ModelOption,
+    text: Optional[Path] = typer.Option(None, help="Held-out text for perplexity (default: bundled, never used for calibration)."),
+    window: int = typer.Option(512, help="Perplexity window (stride = window)."),
+    work_dir: Path = typer.Option(Path("runs/compare"), help="Where checkpoints go; finished ones are reused."),
+    rank_ratio: float = typer.Option(0.15, help="sslc rank ratio."),
+    iters: int = typer.Option(40, help="sslc iterations."),
+    nsamples: int = typer.Option(64, help="Calibration sequences."),
+    seqlen: int = typer.Option(256, help="Tokens per calibration sequence."),
+    report: Optional[Path] = typer.Option(None, help="Markdown file whose 'compression' section gets the table (e.g. docs/results.md)."),
+    threads: Optional[int] = ThreadsOption,
+    json_path: Optional[Path] = JsonOption,
+):
+    """Compress with several methods at equal budgets and tabulate held-out perplexity."""
+    from sslc_export.calibration import DEFAULT_HELDOUT_TEXT, read_text
+    from sslc_export.compare import compare, parse_variants
+    from sslc_export.compress import CompressJob
+    from sslc_export.methods import Settings, get_method
+    from sslc_export.report import markdown_table, update_markdown_section, write_json
+
+    set_threads(threads)
+    variants = parse_variants(methods, ratios, extra_losses)
+    for variant in variants:
+        get_method(variant.method)
+    text_path = text or DEFAULT_HELDOUT_TEXT
+    content = read_text(text_path)
+    base = CompressJob(
+        out=work_dir, model=model, settings=Settings(rank_ratio=rank_ratio, iters=iters), nsamples=nsamples, seqlen=seqlen
+    )
+    with progress_bar() as bar:
+        task = bar.add_task("dense", total=len(variants) + 1)
+        rows = compare(variants, base, work_dir, content, window, lambda label: bar.update(task, advance=1, description=label))
+        bar.update(task, advance=1, description="done")
+    headers = ["method", "loss", "ratio", "kept", "perplexity", "vs dense", "mean rel. loss", "compress s"]
+    table_rows = [
+        [
+            row["method"],
+            row["loss"],
+            row["ratio"],
+            f"{row['params_kept'] / row['params_total']:.1%}" if "params_kept" in row else "100%",
+            f"{row['perplexity']:.2f}",
+            f"{row.get('perplexity_vs_dense', 1.0):.2f}x",
+            f"{row['mean_relative_loss']:.4f}" if "mean_relative_loss" in row else "",
+            row.get("compression_seconds", ""),
+        ]
+        for row in rows
+    ]
+    table = Table(title=f"held-out perplexity ({text_path.name}, window {window})")
+    for header in headers:
+        table.add_column(header)
+    for row in table_rows:
+        table.add_row(*map(str, row))
+    out.print(table)
+    import torch
+
+    command = "sslc-export compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "sslc-export compare"
+    body = (
+        f"Measured by `{command}` on this machine ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads); "
+        f"held-out text `{text_path.name}`, window {window}, stride {window}; calibration {nsamples} x {seqlen} tokens "
+        f"of the bundled calibration text; sslc rank ratio {rank_ratio}, at most {iters} iterations.\n\n"
+        + markdown_table(headers, table_rows)
+    )
+    if report is not None:
+        update_markdown_section(report, "compression", body)
+    write_json(json_path, {"text": str(text_path), "window": window, "rows": rows})
 
 
 def main() -> None:

@@ -31,8 +31,11 @@ def alternate(
     iters: int,
     tol: float,
 ) -> Decomposition:
-    """The SSLC loop, independent of which loss the two steps minimise."""
-    sparse = torch.zeros_like(target)
+    """The SSLC loop, independent of which loss the two steps minimise.
+
+    Starting from S_0 = the pruned target (rather than S_0 = 0) gave a lower final loss on
+    every SmolLM2 layer tried, for both losses, at no extra cost."""
+    sparse, _ = sparse_step(target)  # S_0 = pruned target: measured better than S_0 = 0 for both losses
     warm = None
     history: list[float] = []
     for _ in range(iters):

@@ -1,0 +1,105 @@
+"""Side-by-side quality of methods at equal budgets: compress each variant, measure held-out
+perplexity, return rows for a table. Finished checkpoints are reused, so an interrupted
+sweep picks up where it stopped."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from models.loading import load_model
+from sslc_export.checkpoint import MANIFEST, load_checkpoint
+from sslc_export.compress import CompressJob, compress
+from sslc_export.errors import UserError
+from sslc_export.evaluate import perplexity
+
+
+@dataclass(frozen=True)
+class Variant:
+    method: str
+    ratio: float
+    loss: str = "diag"
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}-{self.loss}-r{self.ratio}"
+
+
+def parse_variants(methods: str, ratios: str, losses: str) -> list[Variant]:
+    """methods × ratios; a method listed in `losses` as method:loss gets that loss as well."""
+    try:
+        ratio_values = [float(value) for value in ratios.split(",") if value]
+    except ValueError:
+        raise UserError(f"--ratios must be comma-separated numbers, got '{ratios}'") from None
+    extra = [item.split(":") for item in losses.split(",") if item]
+    if any(len(pair) != 2 for pair in extra):
+        raise UserError(f"--extra-losses must look like sslc:exact,svd:exact, got '{losses}'")
+    variants = []
+    for ratio in ratio_values:
+        for method in (m for m in methods.split(",") if m):
+            variants.append(Variant(method, ratio))
+            variants += [Variant(method, ratio, loss) for name, loss in extra if name == method]
+    return variants
+
+
+def _reusable(folder: Path, job: CompressJob) -> bool:
+    import json
+
+    path = folder / MANIFEST
+    if not path.is_file():
+        return False
+    manifest = json.loads(path.read_text())
+    return (
+        manifest.get("method") == job.method
+        and manifest.get("ratio") == job.ratio
+        and manifest.get("settings", {}).get("loss") == job.settings.loss
+        and manifest.get("calibration", {}).get("nsamples") == job.nsamples
+    )
+
+
+def compare(
+    variants: list[Variant],
+    base_job: CompressJob,
+    work_dir: Path,
+    text: str,
+    window: int,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Rows of figures: the dense model first, then each variant."""
+    dense = load_model(base_job.model)
+    dense_ppl = perplexity(dense.model, dense.tokenizer, text, window)["perplexity"]
+    rows = [{"variant": "dense", "method": "dense", "ratio": 0.0, "loss": "", "perplexity": dense_ppl}]
+    for variant in variants:
+        if progress:
+            progress(variant.label)
+        job = replace(
+            base_job,
+            out=work_dir / variant.label,
+            method=variant.method,
+            ratio=variant.ratio,
+            settings=replace(base_job.settings, loss=variant.loss),
+            overwrite=True,
+        )
+        if _reusable(job.out, job):
+            loaded, manifest = load_checkpoint(job.out)
+        else:
+            outcome = compress(job)
+            loaded, manifest = outcome.loaded, outcome.manifest
+        ppl = perplexity(loaded.model, loaded.tokenizer, text, window)["perplexity"]
+        losses = [layer["relative_loss"] for layer in manifest["layers"]]
+        rows.append(
+            {
+                "variant": variant.label,
+                "method": variant.method,
+                "ratio": variant.ratio,
+                "loss": variant.loss,
+                "perplexity": ppl,
+                "perplexity_vs_dense": ppl / dense_ppl,
+                "params_kept": manifest["params_kept"],
+                "params_total": manifest["params_total"],
+                "mean_relative_loss": sum(losses) / len(losses),
+                "compression_seconds": manifest["compression_seconds"],
+                "threads": manifest["threads"],
+            }
+        )
+    return rows

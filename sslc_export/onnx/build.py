@@ -1,0 +1,107 @@
+"""The export stage end to end: checkpoint (or dense model) -> ONNX folder, written atomically.
+
+The folder holds model.onnx (plus model.onnx.data past 2 GB), config and tokenizer files,
+and export.json (format, source, sizes and hashes; written last).
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import onnx
+
+from models.loading import LoadedModel, load_model
+from sslc_export import __version__
+from sslc_export.atomic import check_writable_target, file_inventory, partial_path, publish_directory, write_json_atomic
+from sslc_export.checkpoint import CompressedTensors, load_checkpoint, read_block, read_manifest
+from sslc_export.onnx.export import ONNX_FILE, dense_equivalent, export_dense
+from sslc_export.onnx.rewrite import check_pairing, rewrite
+
+EXPORT_MANIFEST = "export.json"
+PROTOBUF_LIMIT = 2 * 1024**3  # protobuf cannot serialise a model past 2 GB: weights go to external data
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> None:
+    external = model.ByteSize() >= PROTOBUF_LIMIT if _fits_size_query(model) else True
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def _fits_size_query(model: onnx.ModelProto) -> bool:
+    try:
+        model.ByteSize()
+        return True
+    except ValueError:  # protobuf refuses to size messages over 2 GB
+        return False
+
+
+def _finish(work: Path, out: Path, record: dict) -> dict:
+    record = {**record, "files": file_inventory(work)}
+    record["onnx_bytes"] = sum(f["bytes"] for name, f in record["files"].items() if name.startswith(ONNX_FILE))
+    write_json_atomic(work / EXPORT_MANIFEST, record)
+    publish_directory(work, out)
+    return record
+
+
+def _fresh_work_dir(out: Path) -> Path:
+    work = partial_path(out)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work
+
+
+def _export(loaded: LoadedModel, work: Path) -> onnx.ModelProto:
+    export_dense(loaded.model, loaded.tokenizer, work)
+    return onnx.load(str(work / ONNX_FILE))
+
+
+def export_checkpoint_dir(checkpoint: Path, out: Path, fmt: str = "dense", overwrite: bool = False) -> dict:
+    manifest = read_manifest(checkpoint)
+    check_pairing(fmt, manifest["pattern"]["kind"])
+    check_writable_target(out, overwrite)
+    loaded, manifest = load_checkpoint(checkpoint)
+    layers: dict[str, CompressedTensors] = {}
+    for index in range(manifest["num_blocks"]):
+        layers.update(read_block(checkpoint, index))
+    dense_equivalent(loaded.model)
+    started = time.perf_counter()
+    work = _fresh_work_dir(out)
+    try:
+        model = rewrite(_export(loaded, work), layers, fmt)
+        save_onnx(model, work / ONNX_FILE)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    record = {
+        "tool": {"name": "sslc-export", "version": __version__},
+        "format": fmt,
+        "source": {"checkpoint": str(checkpoint), "method": manifest["method"], "ratio": manifest["ratio"],
+                   "pattern": manifest["pattern"], "checkpoint_dense_sha256": manifest["files"]["dense.safetensors"]["sha256"]},
+        "compressed_layers": len(layers),
+        "export_seconds": round(time.perf_counter() - started, 1),
+    }
+    return _finish(work, out, record)
+
+
+def export_dense_model(source: str | None, out: Path, overwrite: bool = False) -> dict:
+    check_writable_target(out, overwrite)
+    loaded = load_model(source)
+    started = time.perf_counter()
+    work = _fresh_work_dir(out)
+    try:
+        save_onnx(_export(loaded, work), work / ONNX_FILE)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    record = {
+        "tool": {"name": "sslc-export", "version": __version__},
+        "format": "dense-baseline",
+        "source": loaded.identity,
+        "compressed_layers": 0,
+        "export_seconds": round(time.perf_counter() - started, 1),
+    }
+    return _finish(work, out, record)

@@ -1,0 +1,43 @@
+"""Dense export through optimum-onnx's exporter (task text-generation-with-past), so the
+graph is the one ORTModelForCausalLM and onnxruntime-genai already know how to drive.
+
+A compressed model is exported as its dense equivalent (each Linear's weight = S + U·V);
+the rewrite stage then replaces those MatMuls, checking weight identity as it goes.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sslc_export.layers import SparseLowRankLinear, replace_linear
+
+TASK = "text-generation-with-past"
+ONNX_FILE = "model.onnx"
+
+
+def dense_equivalent(model: PreTrainedModel) -> dict[str, SparseLowRankLinear]:
+    """Swap every SparseLowRankLinear for an nn.Linear holding S + U·V, in place; return the originals."""
+    originals = {name: module for name, module in model.named_modules() if isinstance(module, SparseLowRankLinear)}
+    for name, module in originals.items():
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(module.sparse + module.u @ module.v)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        replace_linear(model, name, linear)
+    return originals
+
+
+def export_dense(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path:
+    """Write model.onnx, config and tokenizer files into folder (which the caller makes atomic)."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    logging.getLogger("optimum").setLevel(logging.ERROR)
+    onnx_export_from_model(
+        model, folder, task=TASK, do_validation=False, preprocessors=[tokenizer], opset=None
+    )
+    return folder / ONNX_FILE

@@ -1,0 +1,74 @@
+"""The MatMul rewrite: each MatMul whose weight belongs to a compressed Linear becomes the
+sparse-plus-two-matmul subgraph of the chosen format.
+
+A MatMul is found by its node name (torch.onnx names it after the module path) and then
+checked by weight identity: its initializer must equal (S + U·V)ᵀ. Any layer not found or
+not matching is an error, never a silent skip.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from sslc_export.checkpoint import CompressedTensors
+from sslc_export.errors import UserError
+from sslc_export.onnx.formats import FORMATS
+
+# Which checkpoint patterns each format can express.
+FORMAT_PATTERNS = {"dense": ("unstructured", "nm", "structured"), "structured": ("structured",), "nm": ("nm",)}
+
+
+def onnx_matmul_name(linear_name: str) -> str:
+    """model.layers.3.self_attn.q_proj -> /model/layers.3/self_attn/q_proj/MatMul (torch.onnx's scope naming)."""
+    parts: list[str] = []
+    for part in linear_name.split("."):
+        if part.isdigit() and parts:
+            parts[-1] += f".{part}"
+        else:
+            parts.append(part)
+    return "/" + "/".join(parts) + "/MatMul"
+
+
+def check_pairing(fmt: str, pattern_kind: str) -> None:
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format '{fmt}': choose one of {', '.join(FORMATS)}")
+    if pattern_kind not in FORMAT_PATTERNS[fmt]:
+        needed = " or ".join(FORMAT_PATTERNS[fmt])
+        raise UserError(f"format {fmt} needs a checkpoint compressed with --pattern {needed}; this one is {pattern_kind}")
+
+
+def rewrite(model: onnx.ModelProto, layers: dict[str, CompressedTensors], fmt: str, rtol: float = 1e-4) -> onnx.ModelProto:
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    position = {node.name: i for i, node in enumerate(graph.node)}
+    replacements: dict[int, list[onnx.NodeProto]] = {}
+    retired: set[str] = set()
+    build = FORMATS[fmt]
+    for name, layer in layers.items():
+        node_name = onnx_matmul_name(name)
+        if node_name not in position:
+            raise UserError(f"rewrite found no MatMul named {node_name} for compressed layer {name}: the ONNX graph does not match the checkpoint")
+        node = graph.node[position[node_name]]
+        weight_name = node.input[1]
+        if weight_name not in initializers:
+            raise UserError(f"MatMul {node_name} has no constant weight: cannot rewrite layer {name}")
+        weight = numpy_helper.to_array(initializers[weight_name])
+        expected = (layer.sparse + layer.u @ layer.v).T.numpy()
+        scale = float(np.abs(expected).max()) or 1.0
+        if weight.shape != expected.shape or not np.allclose(weight, expected, rtol=0, atol=rtol * scale):
+            raise UserError(f"the weight of {node_name} is not S + U·V of layer {name}: ONNX model and checkpoint do not match")
+        subgraph = build(name, node.input[0], node.output[0], layer)
+        replacements[position[node_name]] = subgraph.nodes
+        graph.initializer.extend(subgraph.initializers)
+        retired.add(weight_name)
+    nodes = []
+    for i, node in enumerate(graph.node):
+        nodes.extend(replacements.get(i, [node]))
+    still_used = {name for node in nodes for name in node.input}
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [init for init in graph.initializer if init.name not in retired or init.name in still_used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return model
