@@ -77,9 +77,9 @@ def compress(
     method: str = typer.Option("sslc", help="sslc | wanda | sparsegpt | magnitude | svd."),
     ratio: float = typer.Option(0.5, help="Fraction of each compressed layer's parameters removed (0 < c < 1); U, V count inside."),
     rank_ratio: float = typer.Option(0.15, help="sslc: share of the kept budget spent on the low-rank pair."),
-    iters: int = typer.Option(40, help="sslc: maximum alternating iterations."),
+    iters: Optional[int] = typer.Option(None, help="sslc: maximum alternating iterations (default: 10 with --loss exact, 40 with diag)."),
     salient: float = typer.Option(0.01, help="sslc: fraction of weights (largest |W·D|) always kept in S."),
-    loss: str = typer.Option("diag", help="diag: activation-scaled (paper); exact: whitened SVD + OBS pruning on XᵀX."),
+    loss: Optional[str] = typer.Option(None, help="exact (default for sslc, svd): whitened SVD + OBS pruning on XᵀX; diag: activation-scaled, as in the paper."),
     tol: float = typer.Option(1e-4, help="sslc: stop when an iteration improves the loss by less than this fraction."),
     pattern: str = typer.Option("unstructured", help="Sparsity of S: unstructured | nm | structured."),
     nm: str = typer.Option("2:4", help="N:M for --pattern nm."),
@@ -193,18 +193,87 @@ def evaluate_command(
     write_json(json_path, result)
 
 
+@app.command("export")
+@handles_user_errors
+def export_command(
+    source: Optional[str] = typer.Argument(None, help="Checkpoint folder (or, with --dense, a model; default: bundled)."),
+    out_dir: Optional[Path] = typer.Argument(None, help="ONNX folder to create."),
+    fmt: str = typer.Option("dense", "--format", "-f", help="dense (S stored dense, the reference) | structured | nm."),
+    dense: bool = typer.Option(False, "--dense", help="Export an uncompressed model as the baseline (SOURCE is a model)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing folder (only once the new one is complete)."),
+    json_path: Optional[Path] = JsonOption,
+):
+    """Export to ONNX (task text-generation-with-past): optimum's dense export, then each
+    compressed MatMul rewritten as MatMul(x,Sᵀ) + MatMul(MatMul(x,Vᵀ),Uᵀ) in the chosen format.
+
+    Examples: `export runs/sslc-0.5 onnx/sslc-0.5`; `export --dense onnx/dense` (bundled model);
+    `export --dense path/to/model onnx/dense`."""
+    from sslc_export.onnx.build import export_checkpoint_dir, export_dense_model
+    from sslc_export.report import write_json
+
+    if out_dir is None:
+        if not dense or source is None:
+            raise UserError("missing OUT_DIR: `sslc-export export CHECKPOINT OUT_DIR` or `sslc-export export --dense [MODEL] OUT_DIR`")
+        source, out_dir = None, Path(source)
+    with console.status("exporting to ONNX"):
+        if dense:
+            record = export_dense_model(source, out_dir, overwrite)
+        else:
+            record = export_checkpoint_dir(Path(source), out_dir, fmt, overwrite)
+    out.print(f"{record['format']} ONNX written to {out_dir}: {record['onnx_bytes'] / 1e6:.1f} MB, "
+              f"{record['compressed_layers']} rewritten layers, {record['export_seconds']} s")
+    write_json(json_path, {k: v for k, v in record.items() if k != "files"})
+
+
+@app.command("validate")
+@handles_user_errors
+def validate_command(
+    onnx_dir: Path = typer.Argument(..., help="Folder written by `sslc-export export`."),
+    checkpoint: Optional[str] = typer.Argument(None, help="Checkpoint (or model, for a dense export) it came from; default: bundled model."),
+    decode_steps: int = typer.Option(8, help="Greedy decode steps compared after each prompt's prefill."),
+    rtol: float = typer.Option(1e-3, help="Tolerance on max |Δlogit| / max |logit|."),
+    json_path: Optional[Path] = JsonOption,
+):
+    """Compare ONNX logits with the PyTorch model on fixed prompts (prefill and decode);
+    exit 1 past tolerance or on any greedy-token disagreement."""
+    from sslc_export.atomic import verify_inventory
+    from sslc_export.checkpoint import load_model_or_checkpoint
+    from sslc_export.onnx.build import EXPORT_MANIFEST
+    from sslc_export.onnx.validate import validate
+    from sslc_export.report import write_json
+
+    record_path = onnx_dir / EXPORT_MANIFEST
+    if not record_path.is_file():
+        raise UserError(f"{onnx_dir} has no {EXPORT_MANIFEST}: pass a complete folder written by `sslc-export export`")
+    import json
+
+    verify_inventory(onnx_dir, json.loads(record_path.read_text())["files"])
+    reference = load_model_or_checkpoint(checkpoint)
+    with console.status("validating"):
+        report = validate(onnx_dir, reference, decode_steps, rtol)
+    table = Table(title=f"ONNX vs PyTorch ({report.steps} steps)")
+    for column in ("max abs error", "max rel error", "greedy agreement", "result"):
+        table.add_column(column)
+    table.add_row(f"{report.max_abs_error:.2e}", f"{report.max_relative_error:.2e}", f"{report.greedy_agreement:.0%}",
+                  "[green]pass[/]" if report.passed else "[red]FAIL[/]")
+    out.print(table)
+    write_json(json_path, report.as_dict())
+    if not report.passed:
+        raise typer.Exit(1)
+
+
 @app.command("compare")
 @handles_user_errors
 def compare_command(
     methods: str = typer.Option("sslc,wanda,sparsegpt,magnitude,svd", help="Comma-separated methods."),
     ratios: str = typer.Option("0.3,0.5", help="Comma-separated compression ratios."),
-    extra_losses: str = typer.Option("sslc:exact,svd:exact", help="Also run these method:loss pairs (default loss: diag)."),
+    extra_losses: str = typer.Option("sslc:diag,svd:diag", help="Also run these method:loss pairs (each method also runs at its default loss)."),
     model: Optional[str] = ModelOption,
     text: Optional[Path] = typer.Option(None, help="Held-out text for perplexity (default: bundled, never used for calibration)."),
     window: int = typer.Option(512, help="Perplexity window (stride = window)."),
     work_dir: Path = typer.Option(Path("runs/compare"), help="Where checkpoints go; finished ones are reused."),
     rank_ratio: float = typer.Option(0.15, help="sslc rank ratio."),
-    iters: int = typer.Option(40, help="sslc iterations."),
+    iters: Optional[int] = typer.Option(None, help="sslc iterations (default: 10 exact, 40 diag)."),
     nsamples: int = typer.Option(64, help="Calibration sequences."),
     seqlen: int = typer.Option(256, help="Tokens per calibration sequence."),
     report: Optional[Path] = typer.Option(None, help="Markdown file whose 'compression' section gets the table (e.g. docs/results.md)."),
@@ -257,7 +326,7 @@ def compare_command(
     body = (
         f"Measured by `{command}` on this machine ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads); "
         f"held-out text `{text_path.name}`, window {window}, stride {window}; calibration {nsamples} x {seqlen} tokens "
-        f"of the bundled calibration text; sslc rank ratio {rank_ratio}, at most {iters} iterations.\n\n"
+        f"of the bundled calibration text; sslc rank ratio {rank_ratio}, at most {iters or '10 (exact) / 40 (diag)'} iterations.\n\n"
         + markdown_table(headers, table_rows)
     )
     if report is not None:

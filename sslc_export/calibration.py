@@ -77,9 +77,12 @@ class InputStatistics:
     def column_norms(self) -> torch.Tensor:
         return self.gram.diagonal().clamp_min(0).sqrt()
 
-    def relative_error(self, weight: torch.Tensor, approximation: torch.Tensor) -> float:
-        """‖(W - Ŵ)X‖_F / ‖WX‖_F computed from the Gram matrix."""
-        error = weight - approximation
-        num = ((error @ self.gram) * error).sum()
-        den = ((weight @ self.gram) * weight).sum()
-        return float((num.clamp_min(0) / den.clamp_min(1e-30)).sqrt())
+    def error_energy(self, error: torch.Tensor) -> torch.Tensor:
+        """‖E X‖_F² = tr(E XᵀX Eᵀ)."""
+        return ((error @ self.gram) * error).sum().clamp_min(0)
+
+    def relative_error(self, weight: torch.Tensor, approximation: torch.Tensor, reference: torch.Tensor | None = None) -> float:
+        """‖(W - Ŵ)X‖_F / ‖WX‖_F; pass reference = error_energy(W) when calling repeatedly for one W."""
+        if reference is None:
+            reference = self.error_energy(weight)
+        return float((self.error_energy(weight - approximation) / reference.clamp_min(1e-30)).sqrt())

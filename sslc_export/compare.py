@@ -12,21 +12,22 @@ from sslc_export.checkpoint import MANIFEST, load_checkpoint
 from sslc_export.compress import CompressJob, compress
 from sslc_export.errors import UserError
 from sslc_export.evaluate import perplexity
+from sslc_export.methods import get_method
 
 
 @dataclass(frozen=True)
 class Variant:
     method: str
     ratio: float
-    loss: str = "diag"
+    loss: str | None = None  # None: the method's default
 
     @property
     def label(self) -> str:
-        return f"{self.method}-{self.loss}-r{self.ratio}"
+        return f"{self.method}-{self.loss or 'default'}-r{self.ratio}"
 
 
 def parse_variants(methods: str, ratios: str, losses: str) -> list[Variant]:
-    """methods × ratios; a method listed in `losses` as method:loss gets that loss as well."""
+    """methods × ratios at each method's default loss; `losses` (method:loss,...) adds variants."""
     try:
         ratio_values = [float(value) for value in ratios.split(",") if value]
     except ValueError:
@@ -77,9 +78,9 @@ def compare(
             out=work_dir / variant.label,
             method=variant.method,
             ratio=variant.ratio,
-            settings=replace(base_job.settings, loss=variant.loss),
             overwrite=True,
         )
+        job = replace(job, settings=get_method(variant.method).resolve(replace(base_job.settings, loss=variant.loss), job.pattern))
         if _reusable(job.out, job):
             loaded, manifest = load_checkpoint(job.out)
         else:
@@ -92,7 +93,7 @@ def compare(
                 "variant": variant.label,
                 "method": variant.method,
                 "ratio": variant.ratio,
-                "loss": variant.loss,
+                "loss": job.settings.loss,
                 "perplexity": ppl,
                 "perplexity_vs_dense": ppl / dense_ppl,
                 "params_kept": manifest["params_kept"],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -132,6 +132,7 @@ def compress(job: CompressJob, progress: ProgressCallback | None = None) -> Comp
     """Compress every decoder Linear of the model and write the checkpoint."""
     method = get_method(job.method)
     check_ratio(job.ratio)
+    job = replace(job, settings=method.resolve(job.settings, job.pattern))
     method.check(job.pattern, job.settings)
     if job.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {job.batch_size}")

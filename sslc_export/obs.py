@@ -40,14 +40,16 @@ class ObsPruner:
             scores = block.square() / diag.square()
             mask = select(scores, block_keep, pattern, None if forced is None else forced[:, start:end])
             keep_mask[:, start:end] = mask
-            errors = torch.zeros_like(block)
+            # Rows of the transposed block are columns of W: each update touches contiguous memory.
+            columns = block.T.contiguous()
+            errors = torch.empty_like(columns)
+            drop_scaled = (~mask).T.to(block.dtype) / diag[:, None]  # error_i = w_i * [pruned] / Hinv_ii
             for i in range(end - start):
-                column = block[:, i]
-                kept = column * mask[:, i]
-                error = (column - kept) / diag[i]
-                block[:, i:] -= error.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
-                block[:, i] = kept
-                errors[:, i] = error
-            work[:, start:end] = block
+                error = columns[i] * drop_scaled[i]
+                # Zeroes column i where pruned and pushes its error onto the later columns.
+                columns[i:].addr_(hinv_block[i, i:], error, alpha=-1)
+                errors[i] = error
+            work[:, start:end] = columns.T
+            errors = errors.T
             work[:, end:] -= errors @ hinv[start:end, end:]
         return work * keep_mask, keep_mask

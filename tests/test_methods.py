@@ -24,7 +24,7 @@ def planted():
 
 def decompose(name, weight, stats, ratio=0.5, pattern=Pattern(), **settings):
     method = METHODS[name]
-    settings = Settings(**{"rank_ratio": 0.15, **settings})
+    settings = method.resolve(Settings(**{"rank_ratio": 0.15, **settings}), pattern)
     budget = plan_budget(*weight.shape, ratio, method.rank_ratio(settings), pattern)
     method.check(pattern, settings)
     return method.decompose(weight, stats, budget, pattern, settings), budget
@@ -39,7 +39,7 @@ def test_statistics_accumulate_in_batches(planted):
 @pytest.mark.parametrize("loss", ["diag", "exact"])
 def test_sslc_recovers_planted_low_rank_plus_sparse(planted, loss):
     weight, stats = planted
-    result, budget = decompose("sslc", weight, stats, loss=loss)
+    result, budget = decompose("sslc", weight, stats, loss=loss, iters=100)
     assert result.rank == budget.rank >= TRUE_RANK
     assert int(result.mask.sum()) == budget.nnz
     assert stats.relative_error(weight, result.dense()) < 0.02

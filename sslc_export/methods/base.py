@@ -3,7 +3,7 @@ a low-rank pair plus a sparse matrix out. Methods never see the model or the blo
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -21,9 +21,9 @@ class Settings:
     """Knobs shared by all methods; each method reads the ones it needs."""
 
     rank_ratio: float = 0.15  # share of the kept budget spent on U, V (sslc)
-    iters: int = 40  # alternating iterations (sslc)
+    iters: int | None = None  # alternating iterations (sslc); None: the method's default for its loss
     salient_fraction: float = 0.01  # top |W·D| entries always kept in S (sslc)
-    loss: str = "diag"  # diag: activation-scaled W; exact: whitened by XᵀX with OBS pruning
+    loss: str | None = None  # diag: activation-scaled W; exact: whitened by XᵀX with OBS pruning; None: method's first
     tol: float = 1e-4  # stop when one iteration improves the loss by less than this fraction
     damp: float = 0.01  # Gram damping, as a fraction of its mean diagonal
     seed: int = 0
@@ -52,6 +52,14 @@ class Method(ABC):
     patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm", "structured")
     losses: ClassVar[tuple[str, ...]] = ("diag",)
 
+    default_iters: ClassVar[dict[str, int]] = {}
+
+    def resolve(self, settings: Settings, pattern: Pattern) -> Settings:
+        """Fill the settings left to the method (loss, iterations) so manifests record what ran."""
+        loss = settings.loss or self.losses[0]
+        iters = settings.iters if settings.iters is not None else self.default_iters.get(loss, 1)
+        return replace(settings, loss=loss, iters=iters)
+
     def rank_ratio(self, settings: Settings) -> float:
         """Share of the budget given to the low-rank pair: 0 for pruning-only methods."""
         return 0.0
@@ -59,6 +67,8 @@ class Method(ABC):
     def check(self, pattern: Pattern, settings: Settings) -> None:
         if pattern.kind not in self.patterns:
             raise UserError(f"method {self.name} does not support --pattern {pattern.kind}: use one of {', '.join(self.patterns)}")
+        if settings.loss is None:
+            return
         if settings.loss not in LOSSES:
             raise UserError(f"unknown --loss '{settings.loss}': choose one of {', '.join(LOSSES)}")
         if settings.loss not in self.losses:

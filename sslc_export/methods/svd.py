@@ -16,7 +16,7 @@ POWER_ITERS = 6  # a single decomposition: spend iterations on accuracy, not war
 class Svd(Method):
     name = "svd"
     patterns = ("unstructured",)
-    losses = ("diag", "exact")
+    losses = ("exact", "diag")
 
     def rank_ratio(self, settings):
         return 1.0

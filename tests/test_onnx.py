@@ -1,0 +1,133 @@
+"""Export every format from tiny random LLaMA and Qwen2 checkpoints, validate, and drive the
+result with optimum's ORTModelForCausalLM unmodified."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from sslc_export.checkpoint import load_checkpoint, read_block
+from sslc_export.compress import CompressJob, compress
+from sslc_export.errors import UserError
+from sslc_export.methods import Settings
+from sslc_export.onnx import build
+from sslc_export.onnx.build import export_checkpoint_dir
+from sslc_export.onnx.rewrite import rewrite
+from sslc_export.onnx.validate import validate
+from sslc_export.patterns import Pattern
+
+PATTERNS = {
+    "dense": Pattern(),
+    "structured": Pattern(kind="structured"),
+    "structured-rows": Pattern(kind="structured", axis="rows"),
+    "nm": Pattern(kind="nm"),
+}
+
+
+def checkpoint(model, folder, pattern):
+    job = CompressJob(out=folder, model=str(model), ratio=0.4, pattern=pattern, settings=Settings(iters=3),
+                      nsamples=4, seqlen=32, batch_size=4)
+    compress(job)
+    return folder
+
+
+@pytest.mark.parametrize("variant", list(PATTERNS))
+def test_every_format_validates(tiny_model, tmp_path, variant):
+    ckpt = checkpoint(tiny_model, tmp_path / "ckpt", PATTERNS[variant])
+    fmt = variant.split("-")[0]
+    record = export_checkpoint_dir(ckpt, tmp_path / "onnx", fmt)
+    assert record["compressed_layers"] == 14 and record["onnx_bytes"] > 0
+    report = validate(tmp_path / "onnx", load_checkpoint(ckpt)[0])
+    assert report.passed, report
+    assert report.max_relative_error < 1e-4
+
+
+def test_structured_format_is_smaller_than_dense(tiny_llama, tmp_path):
+    ckpt = checkpoint(tiny_llama, tmp_path / "ckpt", Pattern(kind="structured"))
+    dense = export_checkpoint_dir(ckpt, tmp_path / "dense", "dense")["onnx_bytes"]
+    structured = export_checkpoint_dir(ckpt, tmp_path / "structured", "structured")["onnx_bytes"]
+    assert structured < dense
+
+
+def test_optimum_loads_and_generates_like_pytorch(tiny_model, tmp_path):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    ckpt = checkpoint(tiny_model, tmp_path / "ckpt", Pattern())
+    export_checkpoint_dir(ckpt, tmp_path / "onnx", "dense")
+    reference, _ = load_checkpoint(ckpt)
+    ort_model = ORTModelForCausalLM.from_pretrained(tmp_path / "onnx")
+    prompt = reference.tokenizer("It is a truth universally", return_tensors="pt")
+    kwargs = dict(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask, max_new_tokens=8, do_sample=False)
+    expected = reference.model.generate(**kwargs)
+    assert torch.equal(ort_model.generate(**kwargs), expected)
+
+
+def test_unsupported_pairing_names_the_needed_pattern(tiny_llama, tmp_path):
+    ckpt = checkpoint(tiny_llama, tmp_path / "ckpt", Pattern())
+    with pytest.raises(UserError, match="needs a checkpoint compressed with --pattern structured"):
+        export_checkpoint_dir(ckpt, tmp_path / "onnx", "structured")
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_rewrite_fails_loudly_on_a_missing_or_mismatched_layer(tiny_llama, tmp_path):
+    ckpt = checkpoint(tiny_llama, tmp_path / "ckpt", Pattern())
+    export_checkpoint_dir(ckpt, tmp_path / "onnx", "dense")
+    layers = read_block(ckpt, 0)
+    name, layer = next(iter(layers.items()))
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    with pytest.raises(UserError, match="found no MatMul"):
+        rewrite(graph, {"model.layers.7.mlp.up_proj": layer}, "dense")
+    with pytest.raises(UserError, match="found no MatMul|not S \\+ U·V|no constant weight"):
+        rewrite(graph, {name: layer}, "dense")  # already rewritten: the original MatMul is gone
+
+
+def test_weight_identity_is_checked(tiny_llama, tmp_path):
+    from sslc_export.onnx.export import export_dense
+    from models.loading import load_model
+
+    ckpt = checkpoint(tiny_llama, tmp_path / "ckpt", Pattern())
+    dense = load_model(str(tiny_llama))  # the uncompressed graph: its weights are not S + U·V
+    (tmp_path / "raw").mkdir()
+    export_dense(dense.model, dense.tokenizer, tmp_path / "raw")
+    graph = onnx.load(str(tmp_path / "raw" / "model.onnx"))
+    with pytest.raises(UserError, match="not S \\+ U·V"):
+        rewrite(graph, read_block(ckpt, 0), "dense")
+
+
+def test_large_models_use_external_data(tiny_llama, tmp_path, monkeypatch):
+    ckpt = checkpoint(tiny_llama, tmp_path / "ckpt", Pattern())
+    monkeypatch.setattr(build, "PROTOBUF_LIMIT", 0)
+    record = export_checkpoint_dir(ckpt, tmp_path / "onnx", "dense")
+    assert "model.onnx.data" in record["files"]
+    assert validate(tmp_path / "onnx", load_checkpoint(ckpt)[0]).passed
+
+
+def test_cli_export_and_validate(tiny_llama, tmp_path):
+    runner = CliRunner()
+    ckpt = checkpoint(tiny_llama, tmp_path / "ckpt", Pattern())
+    result = runner.invoke(app, ["export", str(ckpt), str(tmp_path / "onnx"), "--json", str(tmp_path / "e.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "e.json").read_text())["format"] == "dense"
+    result = runner.invoke(app, ["validate", str(tmp_path / "onnx"), str(ckpt), "--json", str(tmp_path / "v.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "v.json").read_text())["passed"] is True
+    result = runner.invoke(app, ["export", "--dense", str(tiny_llama), str(tmp_path / "baseline")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["validate", str(tmp_path / "baseline"), str(tiny_llama)])
+    assert result.exit_code == 0, result.output
+    # An ONNX folder validated against the wrong reference fails with exit 1.
+    result = runner.invoke(app, ["validate", str(tmp_path / "baseline"), str(ckpt)])
+    assert result.exit_code == 1, result.output
+
+
+def test_validate_refuses_a_tampered_export(tiny_llama, tmp_path):
+    runner = CliRunner()
+    ckpt = checkpoint(tiny_llama, tmp_path / "ckpt", Pattern())
+    export_checkpoint_dir(ckpt, tmp_path / "onnx", "dense")
+    model_file = tmp_path / "onnx" / "model.onnx"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    result = runner.invoke(app, ["validate", str(tmp_path / "onnx"), str(ckpt)])
+    assert result.exit_code == 2 and "manifest hash" in " ".join(result.output.split())
