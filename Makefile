@@ -18,7 +18,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The main job on the bundled SmolLM2-135M: compress with SSLC at ratio 0.5, export dense
+# baseline and compressed model to ONNX, validate the compressed ONNX against PyTorch, and
+# print held-out perplexity of dense vs compressed (the compress step is reused if done).
 demo: $(STAMP)
+	$(BIN)/sslc-export compress --out $(RUNS)/sslc-default-r0.5 --method sslc --ratio 0.5 --overwrite
+	$(BIN)/sslc-export export $(RUNS)/sslc-default-r0.5 $(RUNS)/onnx-sslc-0.5 --format dense --overwrite
+	$(BIN)/sslc-export export --dense $(RUNS)/onnx-dense --overwrite
+	$(BIN)/sslc-export validate $(RUNS)/onnx-sslc-0.5 $(RUNS)/sslc-default-r0.5
 	$(BIN)/sslc-export compare --methods sslc --ratios 0.5 --extra-losses "" --work-dir $(RUNS) --json $(RUNS)/compare.json
 
 test: $(STAMP)

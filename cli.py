@@ -198,7 +198,7 @@ def evaluate_command(
 def export_command(
     source: Optional[str] = typer.Argument(None, help="Checkpoint folder (or, with --dense, a model; default: bundled)."),
     out_dir: Optional[Path] = typer.Argument(None, help="ONNX folder to create."),
-    fmt: str = typer.Option("dense", "--format", "-f", help="dense (S stored dense, the reference) | structured | nm."),
+    fmt: str = typer.Option("dense", "--format", "-f", help="dense (S stored dense, the reference) | structured | nm | int4 | int8 (MatMulNBits, block 32, accuracy_level 4)."),
     dense: bool = typer.Option(False, "--dense", help="Export an uncompressed model as the baseline (SOURCE is a model)."),
     overwrite: bool = typer.Option(False, help="Replace an existing folder (only once the new one is complete)."),
     json_path: Optional[Path] = JsonOption,
@@ -217,7 +217,7 @@ def export_command(
         source, out_dir = None, Path(source)
     with console.status("exporting to ONNX"):
         if dense:
-            record = export_dense_model(source, out_dir, overwrite)
+            record = export_dense_model(source, out_dir, fmt, overwrite)
         else:
             record = export_checkpoint_dir(Path(source), out_dir, fmt, overwrite)
     out.print(f"{record['format']} ONNX written to {out_dir}: {record['onnx_bytes'] / 1e6:.1f} MB, "
@@ -231,15 +231,15 @@ def validate_command(
     onnx_dir: Path = typer.Argument(..., help="Folder written by `sslc-export export`."),
     checkpoint: Optional[str] = typer.Argument(None, help="Checkpoint (or model, for a dense export) it came from; default: bundled model."),
     decode_steps: int = typer.Option(8, help="Greedy decode steps compared after each prompt's prefill."),
-    rtol: float = typer.Option(1e-3, help="Tolerance on max |Δlogit| / max |logit|."),
+    rtol: Optional[float] = typer.Option(None, help="Tolerance on max |Δlogit| / max |logit| (default: 1e-3 fp32, 2e-2 int8, 2e-1 int4)."),
     json_path: Optional[Path] = JsonOption,
 ):
     """Compare ONNX logits with the PyTorch model on fixed prompts (prefill and decode);
-    exit 1 past tolerance or on any greedy-token disagreement."""
+    exit 1 past tolerance or, for fp32 formats, on any greedy-token disagreement."""
     from sslc_export.atomic import verify_inventory
     from sslc_export.checkpoint import load_model_or_checkpoint
     from sslc_export.onnx.build import EXPORT_MANIFEST
-    from sslc_export.onnx.validate import validate
+    from sslc_export.onnx.validate import default_rtol, validate
     from sslc_export.report import write_json
 
     record_path = onnx_dir / EXPORT_MANIFEST
@@ -247,10 +247,13 @@ def validate_command(
         raise UserError(f"{onnx_dir} has no {EXPORT_MANIFEST}: pass a complete folder written by `sslc-export export`")
     import json
 
-    verify_inventory(onnx_dir, json.loads(record_path.read_text())["files"])
+    record = json.loads(record_path.read_text())
+    verify_inventory(onnx_dir, record["files"])
     reference = load_model_or_checkpoint(checkpoint)
+    quantized = record.get("quantization") is not None
     with console.status("validating"):
-        report = validate(onnx_dir, reference, decode_steps, rtol)
+        report = validate(onnx_dir, reference, decode_steps, rtol or default_rtol(record["format"]),
+                          require_same_tokens=not quantized)
     table = Table(title=f"ONNX vs PyTorch ({report.steps} steps)")
     for column in ("max abs error", "max rel error", "greedy agreement", "result"):
         table.add_column(column)
@@ -335,7 +338,10 @@ def compare_command(
 
 
 def main() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # No model hub at run time, and no library chatter between our own progress bars.
+    for name, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
+                        ("TRANSFORMERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(name, value)
     app()
 
 

@@ -131,3 +131,26 @@ def test_validate_refuses_a_tampered_export(tiny_llama, tmp_path):
     model_file.write_bytes(model_file.read_bytes()[:1000])
     result = runner.invoke(app, ["validate", str(tmp_path / "onnx"), str(ckpt)])
     assert result.exit_code == 2 and "manifest hash" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_formats_use_matmulnbits_and_stay_close(tiny_llama, tmp_path, fmt):
+    from sslc_export.onnx.validate import default_rtol
+
+    ckpt = checkpoint(tiny_llama, tmp_path / "ckpt", Pattern())
+    record = export_checkpoint_dir(ckpt, tmp_path / "onnx", fmt)
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    quantized = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    assert len(quantized) == 14 * 3  # S, V and U of every compressed layer
+    assert record["quantization"]["bits"] == int(fmt[-1])
+    report = validate(tmp_path / "onnx", load_checkpoint(ckpt)[0], rtol=default_rtol(fmt), require_same_tokens=False)
+    assert report.passed, report
+    assert report.max_relative_error > 1e-6  # it really is quantized
+
+
+def test_dense_int4_baseline(tiny_llama, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", "--dense", str(tiny_llama), str(tmp_path / "int4"), "--format", "int4"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["validate", str(tmp_path / "int4"), str(tiny_llama)])
+    assert result.exit_code == 0, result.output

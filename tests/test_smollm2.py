@@ -57,3 +57,37 @@ def test_compressed_model_still_writes_english(compressed):
     folder, outcome = compressed["sslc"]
     text = greedy_generate(outcome.loaded.model, outcome.loaded.tokenizer, "The capital of France is", 12)
     assert sum(ch.isalpha() for ch in text) > 10
+
+
+def test_sslc_checkpoint_exports_to_onnx_and_validates(compressed, tmp_path):
+    from sslc_export.onnx.build import export_checkpoint_dir
+    from sslc_export.onnx.validate import validate
+
+    folder, outcome = compressed["sslc"]
+    record = export_checkpoint_dir(folder, tmp_path / "onnx", "dense")
+    assert record["compressed_layers"] == 30 * 7
+    report = validate(tmp_path / "onnx", load_checkpoint(folder)[0], decode_steps=4)
+    assert report.passed, report
+
+
+def test_structured_checkpoint_exports_to_the_structured_format(tmp_path):
+    from sslc_export.onnx.build import export_checkpoint_dir
+    from sslc_export.onnx.validate import validate
+    from sslc_export.patterns import Pattern
+
+    job = CompressJob(out=tmp_path / "ckpt", method="sslc", ratio=0.3, pattern=Pattern(kind="structured"),
+                      settings=Settings(iters=4), nsamples=8, seqlen=128)
+    compress(job)
+    record = export_checkpoint_dir(job.out, tmp_path / "onnx", "structured")
+    assert record["format"] == "structured"
+    report = validate(tmp_path / "onnx", load_checkpoint(job.out)[0], decode_steps=4)
+    assert report.passed, report
+
+
+def test_dense_baseline_exports_and_validates(dense, tmp_path):
+    from sslc_export.onnx.build import export_dense_model
+    from sslc_export.onnx.validate import validate
+
+    record = export_dense_model(None, tmp_path / "onnx")
+    assert record["format"] == "dense-baseline"
+    assert validate(tmp_path / "onnx", dense, decode_steps=4).passed

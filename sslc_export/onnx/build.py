@@ -16,6 +16,8 @@ from sslc_export import __version__
 from sslc_export.atomic import check_writable_target, file_inventory, partial_path, publish_directory, write_json_atomic
 from sslc_export.checkpoint import CompressedTensors, load_checkpoint, read_block, read_manifest
 from sslc_export.onnx.export import ONNX_FILE, dense_equivalent, export_dense
+from sslc_export.errors import UserError
+from sslc_export.onnx.quantize import ACCURACY_LEVEL, BLOCK_SIZE, QUANTIZED_FORMATS, quantize_matmuls
 from sslc_export.onnx.rewrite import check_pairing, rewrite
 
 EXPORT_MANIFEST = "export.json"
@@ -70,8 +72,13 @@ def export_checkpoint_dir(checkpoint: Path, out: Path, fmt: str = "dense", overw
     dense_equivalent(loaded.model)
     started = time.perf_counter()
     work = _fresh_work_dir(out)
+    bits = QUANTIZED_FORMATS.get(fmt)
+    layout = fmt if bits is None else ("structured" if manifest["pattern"]["kind"] == "structured" else "dense")
     try:
-        model = rewrite(_export(loaded, work), layers, fmt)
+        model = rewrite(_export(loaded, work), layers, layout)
+        if bits is not None:  # U, V and the kept part of S; embeddings and lm_head stay fp32
+            ours = [node.name for node in model.graph.node if node.op_type == "MatMul" and node.name.split("/")[0] in layers]
+            model = quantize_matmuls(model, bits, ours)
         save_onnx(model, work / ONNX_FILE)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -79,6 +86,8 @@ def export_checkpoint_dir(checkpoint: Path, out: Path, fmt: str = "dense", overw
     record = {
         "tool": {"name": "sslc-export", "version": __version__},
         "format": fmt,
+        "layout": layout,
+        "quantization": None if bits is None else {"bits": bits, "block_size": BLOCK_SIZE, "accuracy_level": ACCURACY_LEVEL, "symmetric": True},
         "source": {"checkpoint": str(checkpoint), "method": manifest["method"], "ratio": manifest["ratio"],
                    "pattern": manifest["pattern"], "checkpoint_dense_sha256": manifest["files"]["dense.safetensors"]["sha256"]},
         "compressed_layers": len(layers),
@@ -87,19 +96,27 @@ def export_checkpoint_dir(checkpoint: Path, out: Path, fmt: str = "dense", overw
     return _finish(work, out, record)
 
 
-def export_dense_model(source: str | None, out: Path, overwrite: bool = False) -> dict:
+def export_dense_model(source: str | None, out: Path, fmt: str = "dense", overwrite: bool = False) -> dict:
+    """The uncompressed baseline; int4/int8 quantize every MatMul as onnxruntime's tool does by default."""
+    if fmt not in ("dense", *QUANTIZED_FORMATS):
+        raise UserError(f"a dense baseline can be exported as dense, {' or '.join(QUANTIZED_FORMATS)}, not {fmt}")
     check_writable_target(out, overwrite)
     loaded = load_model(source)
     started = time.perf_counter()
     work = _fresh_work_dir(out)
+    bits = QUANTIZED_FORMATS.get(fmt)
     try:
-        save_onnx(_export(loaded, work), work / ONNX_FILE)
+        model = _export(loaded, work)
+        if bits is not None:
+            model = quantize_matmuls(model, bits)
+        save_onnx(model, work / ONNX_FILE)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     record = {
         "tool": {"name": "sslc-export", "version": __version__},
-        "format": "dense-baseline",
+        "format": "dense-baseline" if bits is None else f"{fmt}-baseline",
+        "quantization": None if bits is None else {"bits": bits, "block_size": BLOCK_SIZE, "accuracy_level": ACCURACY_LEVEL, "symmetric": True},
         "source": loaded.identity,
         "compressed_layers": 0,
         "export_seconds": round(time.perf_counter() - started, 1),

@@ -16,7 +16,8 @@ from sslc_export.errors import UserError
 from sslc_export.onnx.formats import FORMATS
 
 # Which checkpoint patterns each format can express.
-FORMAT_PATTERNS = {"dense": ("unstructured", "nm", "structured"), "structured": ("structured",), "nm": ("nm",)}
+ANY_PATTERN = ("unstructured", "nm", "structured")
+FORMAT_PATTERNS = {"dense": ANY_PATTERN, "structured": ("structured",), "nm": ("nm",), "int4": ANY_PATTERN, "int8": ANY_PATTERN}
 
 
 def onnx_matmul_name(linear_name: str) -> str:
@@ -31,8 +32,8 @@ def onnx_matmul_name(linear_name: str) -> str:
 
 
 def check_pairing(fmt: str, pattern_kind: str) -> None:
-    if fmt not in FORMATS:
-        raise UserError(f"unknown format '{fmt}': choose one of {', '.join(FORMATS)}")
+    if fmt not in FORMAT_PATTERNS:
+        raise UserError(f"unknown format '{fmt}': choose one of {', '.join(FORMAT_PATTERNS)}")
     if pattern_kind not in FORMAT_PATTERNS[fmt]:
         needed = " or ".join(FORMAT_PATTERNS[fmt])
         raise UserError(f"format {fmt} needs a checkpoint compressed with --pattern {needed}; this one is {pattern_kind}")

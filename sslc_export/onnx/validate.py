@@ -18,6 +18,16 @@ PROMPTS = (
 )
 
 
+# fp32 formats must match PyTorch closely and pick identical greedy tokens; quantized ones
+# are judged on the size of their logit error (their tokens may legitimately differ).
+FP32_RTOL = 1e-3
+QUANTIZED_RTOL = {"int8": 2e-2, "int4": 2e-1}
+
+
+def default_rtol(fmt: str) -> float:
+    return QUANTIZED_RTOL.get(fmt.removesuffix("-baseline"), FP32_RTOL)
+
+
 @dataclass
 class ValidationReport:
     max_abs_error: float
@@ -25,17 +35,19 @@ class ValidationReport:
     greedy_agreement: float  # fraction of decode steps where both pick the same token
     steps: int
     rtol: float
+    require_same_tokens: bool = True
 
     @property
     def passed(self) -> bool:
-        return self.max_relative_error <= self.rtol and self.greedy_agreement == 1.0
+        tokens_ok = self.greedy_agreement == 1.0 or not self.require_same_tokens
+        return self.max_relative_error <= self.rtol and tokens_ok
 
     def as_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
 
 
-def validate(onnx_dir: Path, reference: LoadedModel, decode_steps: int = 8, rtol: float = 1e-3,
-             prompts: tuple[str, ...] = PROMPTS) -> ValidationReport:
+def validate(onnx_dir: Path, reference: LoadedModel, decode_steps: int = 8, rtol: float = FP32_RTOL,
+             prompts: tuple[str, ...] = PROMPTS, require_same_tokens: bool = True) -> ValidationReport:
     runtime = OnnxCausalLM(onnx_dir)
     abs_err = rel_err = 0.0
     agree = steps = 0
@@ -58,4 +70,4 @@ def validate(onnx_dir: Path, reference: LoadedModel, decode_steps: int = 8, rtol
             steps += 1
             torch_ids = torch.tensor([[torch_next]])
             onnx_ids = np.array([[torch_next]])  # both continue from the reference token, so errors do not compound
-    return ValidationReport(abs_err, rel_err, agree / steps, steps, rtol)
+    return ValidationReport(abs_err, rel_err, agree / steps, steps, rtol, require_same_tokens)
