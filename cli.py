@@ -265,6 +265,47 @@ def validate_command(
         raise typer.Exit(1)
 
 
+@app.command("sizes")
+@handles_user_errors
+def sizes_command(
+    onnx_dirs: list[Path] = typer.Argument(..., help="Folders written by `sslc-export export`; the first is the baseline."),
+    report: Optional[Path] = typer.Option(None, help="Markdown file whose 'onnx-sizes' section gets the table."),
+    json_path: Optional[Path] = JsonOption,
+):
+    """Tabulate the on-disk size of exported ONNX folders against the first one."""
+    import json
+
+    from sslc_export.onnx.build import EXPORT_MANIFEST
+    from sslc_export.report import markdown_table, update_markdown_section, write_json
+
+    records = []
+    for folder in onnx_dirs:
+        path = folder / EXPORT_MANIFEST
+        if not path.is_file():
+            raise UserError(f"{folder} has no {EXPORT_MANIFEST}: pass folders written by `sslc-export export`")
+        record = json.loads(path.read_text())
+        source = record["source"]
+        records.append({
+            "folder": folder.name,
+            "format": record["format"],
+            "model": f"{source['method']} r{source['ratio']} ({source['pattern']['kind']})" if "method" in source else "dense",
+            "onnx_bytes": record["onnx_bytes"],
+        })
+    base = records[0]["onnx_bytes"]
+    headers = ["folder", "model", "format", "ONNX MB", "vs first"]
+    rows = [[r["folder"], r["model"], r["format"], f"{r['onnx_bytes'] / 1e6:.1f}", f"{r['onnx_bytes'] / base:.2f}x"] for r in records]
+    table = Table(title="ONNX file sizes")
+    for header in headers:
+        table.add_column(header)
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+    if report is not None:
+        body = f"Measured by `sslc-export sizes {' '.join(str(d) for d in onnx_dirs)}` (model.onnx plus external data).\n\n"
+        update_markdown_section(report, "onnx-sizes", body + markdown_table(headers, rows))
+    write_json(json_path, {"rows": records})
+
+
 @app.command("compare")
 @handles_user_errors
 def compare_command(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import onnx
 
@@ -41,24 +42,36 @@ def _fits_size_query(model: onnx.ModelProto) -> bool:
         return False
 
 
-def _finish(work: Path, out: Path, record: dict) -> dict:
-    record = {**record, "files": file_inventory(work)}
-    record["onnx_bytes"] = sum(f["bytes"] for name, f in record["files"].items() if name.startswith(ONNX_FILE))
-    write_json_atomic(work / EXPORT_MANIFEST, record)
-    publish_directory(work, out)
-    return record
+def _quantization(bits: int | None) -> dict | None:
+    return None if bits is None else {"bits": bits, "block_size": BLOCK_SIZE, "accuracy_level": ACCURACY_LEVEL, "symmetric": True}
 
 
-def _fresh_work_dir(out: Path) -> Path:
+def _build(loaded: LoadedModel, out: Path, transform: Callable[[onnx.ModelProto], onnx.ModelProto], record: dict) -> dict:
+    """Dense export into `.OUT.partial`, transform, save, then publish with export.json last.
+    On any failure the partial folder is removed: nothing half-written is left behind."""
+    started = time.perf_counter()
     work = partial_path(out)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    return work
-
-
-def _export(loaded: LoadedModel, work: Path) -> onnx.ModelProto:
-    export_dense(loaded.model, loaded.tokenizer, work)
-    return onnx.load(str(work / ONNX_FILE))
+    try:
+        export_dense(loaded.model, loaded.tokenizer, work)
+        model = onnx.load(str(work / ONNX_FILE))  # pulls in optimum's external data, if it wrote any
+        for stale in work.glob(f"{ONNX_FILE}?*"):
+            stale.unlink()
+        save_onnx(transform(model), work / ONNX_FILE)
+        record = {
+            "tool": {"name": "sslc-export", "version": __version__},
+            **record,
+            "export_seconds": round(time.perf_counter() - started, 1),
+            "files": file_inventory(work),
+        }
+        record["onnx_bytes"] = sum(f["bytes"] for name, f in record["files"].items() if name.startswith(ONNX_FILE))
+        write_json_atomic(work / EXPORT_MANIFEST, record)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    publish_directory(work, out)
+    return record
 
 
 def export_checkpoint_dir(checkpoint: Path, out: Path, fmt: str = "dense", overwrite: bool = False) -> dict:
@@ -70,30 +83,25 @@ def export_checkpoint_dir(checkpoint: Path, out: Path, fmt: str = "dense", overw
     for index in range(manifest["num_blocks"]):
         layers.update(read_block(checkpoint, index))
     dense_equivalent(loaded.model)
-    started = time.perf_counter()
-    work = _fresh_work_dir(out)
     bits = QUANTIZED_FORMATS.get(fmt)
     layout = fmt if bits is None else ("structured" if manifest["pattern"]["kind"] == "structured" else "dense")
-    try:
-        model = rewrite(_export(loaded, work), layers, layout)
+
+    def transform(model: onnx.ModelProto) -> onnx.ModelProto:
+        model = rewrite(model, layers, layout)
         if bits is not None:  # U, V and the kept part of S; embeddings and lm_head stay fp32
             ours = [node.name for node in model.graph.node if node.op_type == "MatMul" and node.name.split("/")[0] in layers]
             model = quantize_matmuls(model, bits, ours)
-        save_onnx(model, work / ONNX_FILE)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        return model
+
     record = {
-        "tool": {"name": "sslc-export", "version": __version__},
         "format": fmt,
         "layout": layout,
-        "quantization": None if bits is None else {"bits": bits, "block_size": BLOCK_SIZE, "accuracy_level": ACCURACY_LEVEL, "symmetric": True},
+        "quantization": _quantization(bits),
         "source": {"checkpoint": str(checkpoint), "method": manifest["method"], "ratio": manifest["ratio"],
                    "pattern": manifest["pattern"], "checkpoint_dense_sha256": manifest["files"]["dense.safetensors"]["sha256"]},
         "compressed_layers": len(layers),
-        "export_seconds": round(time.perf_counter() - started, 1),
     }
-    return _finish(work, out, record)
+    return _build(loaded, out, transform, record)
 
 
 def export_dense_model(source: str | None, out: Path, fmt: str = "dense", overwrite: bool = False) -> dict:
@@ -102,23 +110,11 @@ def export_dense_model(source: str | None, out: Path, fmt: str = "dense", overwr
         raise UserError(f"a dense baseline can be exported as dense, {' or '.join(QUANTIZED_FORMATS)}, not {fmt}")
     check_writable_target(out, overwrite)
     loaded = load_model(source)
-    started = time.perf_counter()
-    work = _fresh_work_dir(out)
     bits = QUANTIZED_FORMATS.get(fmt)
-    try:
-        model = _export(loaded, work)
-        if bits is not None:
-            model = quantize_matmuls(model, bits)
-        save_onnx(model, work / ONNX_FILE)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     record = {
-        "tool": {"name": "sslc-export", "version": __version__},
         "format": "dense-baseline" if bits is None else f"{fmt}-baseline",
-        "quantization": None if bits is None else {"bits": bits, "block_size": BLOCK_SIZE, "accuracy_level": ACCURACY_LEVEL, "symmetric": True},
+        "quantization": _quantization(bits),
         "source": loaded.identity,
         "compressed_layers": 0,
-        "export_seconds": round(time.perf_counter() - started, 1),
     }
-    return _finish(work, out, record)
+    return _build(loaded, out, (lambda model: model) if bits is None else (lambda model: quantize_matmuls(model, bits)), record)
