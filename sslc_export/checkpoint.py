@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from models.architectures import architecture_for
-from models.loading import LoadedModel, fix_end_token
+from models.loading import LoadedModel, fix_end_token, load_model
 from sslc_export.atomic import file_inventory, partial_path, publish_directory, verify_inventory, write_file_atomic, write_json_atomic
 from sslc_export.errors import UserError
 from sslc_export.layers import SparseLowRankLinear, replace_linear
@@ -109,6 +109,10 @@ class CheckpointWriter:
         else:
             shutil.rmtree(self.work, ignore_errors=True)
             self.work.mkdir(parents=True)
+
+    def discard_if_empty(self) -> None:
+        if self.completed == 0:
+            shutil.rmtree(self.work, ignore_errors=True)
 
     def load_hidden(self) -> torch.Tensor:
         return _load_tensors(self.work / HIDDEN)["hidden"]
@@ -211,8 +215,6 @@ def load_checkpoint(folder: Path) -> tuple[LoadedModel, dict]:
 
 def load_model_or_checkpoint(path: str | None) -> LoadedModel:
     """A checkpoint folder (has a manifest, or is a partial run) or anything models.load_model takes."""
-    from models.loading import load_model
-
     if path is not None:
         folder = Path(path)
         if (folder / MANIFEST).exists() or (folder / PROGRESS).exists() or partial_path(folder).exists():

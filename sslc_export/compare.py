@@ -3,6 +3,7 @@ perplexity, return rows for a table. Finished checkpoints are reused, so an inte
 sweep picks up where it stopped."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -44,8 +45,6 @@ def parse_variants(methods: str, ratios: str, losses: str) -> list[Variant]:
 
 
 def _reusable(folder: Path, job: CompressJob) -> bool:
-    import json
-
     path = folder / MANIFEST
     if not path.is_file():
         return False

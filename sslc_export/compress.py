@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
+from models.architectures import Architecture
 from models.loading import LoadedModel, load_model, resolve_source
 from sslc_export import __version__
 from sslc_export.atomic import check_writable_target
@@ -25,7 +26,7 @@ from sslc_export.calibration import DEFAULT_CALIBRATION_TEXT, InputStatistics, r
 from sslc_export.errors import UserError
 from sslc_export.checkpoint import FORMAT_VERSION, CheckpointWriter, CompressedTensors
 from sslc_export.layers import SparseLowRankLinear, replace_linear
-from sslc_export.methods import Settings, get_method
+from sslc_export.methods import Method, Settings, get_method
 from sslc_export.patterns import Pattern
 
 ProgressCallback = Callable[[str], None]
@@ -152,50 +153,67 @@ def compress(job: CompressJob, progress: ProgressCallback | None = None) -> Comp
             plan_budget(*block.get_submodule(name).weight.shape, job.ratio, rank_ratio, job.pattern)
     writer = CheckpointWriter(job.out, fingerprint(job, loaded.identity, calib_text), job.resume)
     inputs = _block_inputs(loaded, tokens, writer.load_hidden() if writer.completed else None, job.batch_size)
-    compressed_names: set[str] = set()
-
-    for index, block in enumerate(blocks):
-        prefix = f"{architecture.blocks_path}.{index}"
-        compressed_names.update(f"{prefix}.{name}" for name in architecture.linear_names)
-        if index < writer.completed:  # finished before a resume: its outputs are the saved hidden states
-            for name, layer in writer.load_block(index).items():
-                replace_linear(loaded.model, name, SparseLowRankLinear(layer.sparse, layer.u, layer.v, layer.bias))
-            continue
-        layers: dict[str, CompressedTensors] = {}
-        reports: list[dict] = []
-        for group in architecture.input_groups:
-            stats = _gather_statistics(block, group[0], inputs)
-            for name in group:
-                if progress:
-                    progress(f"block {index} {name}")
-                linear = block.get_submodule(name)
-                weight = linear.weight.detach().float()
-                budget = plan_budget(*weight.shape, job.ratio, rank_ratio, job.pattern)
-                layer_start = time.perf_counter()
-                result = method.decompose(weight, stats, budget, job.pattern, job.settings)
-                bias = None if linear.bias is None else linear.bias.detach().float()
-                layers[f"{prefix}.{name}"] = CompressedTensors(result.u, result.v, result.sparse, result.mask, bias)
-                replace_linear(block, name, SparseLowRankLinear(result.sparse, result.u, result.v, bias))
-                nnz = int(result.mask.sum())
-                reports.append(
-                    {
-                        "name": f"{prefix}.{name}",
-                        "shape": list(weight.shape),
-                        "rank": result.rank,
-                        "nnz": nnz,
-                        "params_kept": result.rank * sum(weight.shape) + nnz,
-                        "params_total": weight.numel(),
-                        "params_allowed": budget.allowed,
-                        "relative_loss": stats.relative_error(weight, result.dense()),
-                        "iterations": len(result.loss_history),
-                        "seconds": round(time.perf_counter() - layer_start, 3),
-                    }
-                )
-        inputs.hidden = inputs.run(block)
-        writer.save_block(index, layers, reports, inputs.hidden)
+    compressed_names = {f"{architecture.blocks_path}.{i}.{name}" for i in range(len(blocks)) for name in architecture.linear_names}
+    try:
+        for index, block in enumerate(blocks):
+            if index < writer.completed:  # finished before a resume: its outputs are the saved hidden states
+                for name, layer in writer.load_block(index).items():
+                    replace_linear(loaded.model, name, SparseLowRankLinear(layer.sparse, layer.u, layer.v, layer.bias))
+                continue
+            _compress_block(job, method, architecture, index, block, inputs, writer, progress)
+    except UserError:
+        writer.discard_if_empty()  # a bad input found mid-way leaves nothing behind
+        raise
 
     manifest = _manifest(job, loaded, writer.layers, len(blocks), calib_path, time.perf_counter() - started)
     return CompressOutcome(writer.finish(loaded, compressed_names, manifest), loaded)
+
+
+def _compress_block(
+    job: CompressJob,
+    method: Method,
+    architecture: Architecture,
+    index: int,
+    block: nn.Module,
+    inputs: BlockInputs,
+    writer: CheckpointWriter,
+    progress: ProgressCallback | None,
+) -> None:
+    """Compress one block's Linears group by group, then advance the activations through it."""
+    prefix = f"{architecture.blocks_path}.{index}"
+    rank_ratio = method.rank_ratio(job.settings)
+    layers: dict[str, CompressedTensors] = {}
+    reports: list[dict] = []
+    for group in architecture.input_groups:
+        stats = _gather_statistics(block, group[0], inputs)
+        for name in group:
+            if progress:
+                progress(f"block {index} {name}")
+            linear = block.get_submodule(name)
+            weight = linear.weight.detach().float()
+            budget = plan_budget(*weight.shape, job.ratio, rank_ratio, job.pattern)
+            layer_start = time.perf_counter()
+            result = method.decompose(weight, stats, budget, job.pattern, job.settings)
+            bias = None if linear.bias is None else linear.bias.detach().float()
+            layers[f"{prefix}.{name}"] = CompressedTensors(result.u, result.v, result.sparse, result.mask, bias)
+            replace_linear(block, name, SparseLowRankLinear(result.sparse, result.u, result.v, bias))
+            nnz = int(result.mask.sum())
+            reports.append(
+                {
+                    "name": f"{prefix}.{name}",
+                    "shape": list(weight.shape),
+                    "rank": result.rank,
+                    "nnz": nnz,
+                    "params_kept": result.rank * sum(weight.shape) + nnz,
+                    "params_total": weight.numel(),
+                    "params_allowed": budget.allowed,
+                    "relative_loss": stats.relative_error(weight, result.dense()),
+                    "iterations": len(result.loss_history),
+                    "seconds": round(time.perf_counter() - layer_start, 3),
+                }
+            )
+    inputs.hidden = inputs.run(block)
+    writer.save_block(index, layers, reports, inputs.hidden)
 
 
 def _manifest(job: CompressJob, loaded: LoadedModel, layers: list[dict], num_blocks: int, calib: Path, seconds: float) -> dict:
