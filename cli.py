@@ -306,6 +306,21 @@ def sizes_command(
     write_json(json_path, {"rows": records})
 
 
+@app.command("providers")
+@handles_user_errors
+def providers_command():
+    """List the onnxruntime execution providers and whether each can run here (and why not)."""
+    from runtimes.providers import PROVIDERS
+
+    table = Table(title="execution providers")
+    for column in ("provider", "available", "why"):
+        table.add_column(column)
+    for name, provider in PROVIDERS.items():
+        state = provider.availability()
+        table.add_row(name, "[green]yes[/]" if state.available else "[red]no[/]", state.reason)
+    out.print(table)
+
+
 @app.command("compare")
 @handles_user_errors
 def compare_command(

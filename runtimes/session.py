@@ -6,25 +6,19 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
+from runtimes.providers import get_provider
 from sslc_export.errors import UserError
 
 ONNX_FILE = "model.onnx"
 
 
 class OnnxCausalLM:
-    def __init__(self, folder: Path, providers: list | None = None, threads: int | None = None):
+    def __init__(self, folder: Path, provider: str = "cpu", threads: int | None = None):
         path = Path(folder) / ONNX_FILE
         if not path.is_file():
             raise UserError(f"{folder} has no {ONNX_FILE}: pass a folder written by `sslc-export export`")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            raise UserError(f"onnxruntime could not load {path} ({type(exc).__name__}: {str(exc)[:200]})") from None
+        self.session = get_provider(provider).open_session(path, threads)
         config = json.loads((Path(folder) / "config.json").read_text())
         self.layers = config["num_hidden_layers"]
         self.kv_heads = config.get("num_key_value_heads", config["num_attention_heads"])

@@ -1,0 +1,6 @@
+from runtimes.providers.base import Provider
+
+
+class Cpu(Provider):
+    name = "cpu"
+    execution_provider = "CPUExecutionProvider"

@@ -1,0 +1,7 @@
+from runtimes.providers.base import Provider
+
+
+class Cuda(Provider):
+    name = "cuda"
+    execution_provider = "CUDAExecutionProvider"
+    needs = "install onnxruntime-gpu on a machine with an NVIDIA GPU"
