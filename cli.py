@@ -321,6 +321,36 @@ def providers_command():
     out.print(table)
 
 
+@app.command("run")
+@handles_user_errors
+def run_command(
+    onnx_dir: Path = typer.Argument(..., help="Folder written by `sslc-export export`."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+    provider: str = typer.Option("cpu", help="Execution provider (see `sslc-export providers`)."),
+    max_new_tokens: int = typer.Option(64, help="Stop after this many tokens (or at the end token)."),
+    temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (with --temperature > 0)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    chat: bool = typer.Option(False, help="Wrap the prompt in the tokenizer's chat template as a user turn."),
+    threads: Optional[int] = ThreadsOption,
+):
+    """Generate text with onnxruntime, streaming tokens as they come."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from models.loading import fix_end_token
+    from runtimes.generate import generate
+    from runtimes.session import OnnxCausalLM
+
+    runtime = OnnxCausalLM(onnx_dir, provider, threads)
+    tokenizer = AutoTokenizer.from_pretrained(onnx_dir)
+    fix_end_token(tokenizer, AutoConfig.from_pretrained(onnx_dir))
+    if chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    for _, piece in generate(runtime, tokenizer, prompt, max_new_tokens, temperature, top_p, seed):
+        out.print(piece, end="", highlight=False, markup=False, soft_wrap=True)
+    out.print()
+
+
 @app.command("compare")
 @handles_user_errors
 def compare_command(
