@@ -351,6 +351,66 @@ def run_command(
     out.print()
 
 
+@app.command("bench")
+@handles_user_errors
+def bench_command(
+    onnx_dirs: list[Path] = typer.Argument(..., help="Folders written by `sslc-export export`; the first is the baseline for ratios."),
+    provider: str = typer.Option("cpu", help="Comma-separated execution providers, all measured in this one run."),
+    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads (default: all cores)."),
+    text: Optional[Path] = typer.Option(None, help="Held-out text: token ids for timing and perplexity through the same session (default: bundled)."),
+    no_perplexity: bool = typer.Option(False, help="Skip perplexity (timing only)."),
+    prompt_lengths: str = typer.Option("32,128,512", help="Prompt lengths for prefill timing."),
+    decode_tokens: int = typer.Option(64, help="New tokens per decode run (batch 1)."),
+    repeats: int = typer.Option(5, help="Timed repeats after warm-up."),
+    out_dir: Path = typer.Option(Path("runs/bench"), help="Where bench.json, bench.md and bench.png go."),
+    report: Optional[Path] = typer.Option(None, help="Markdown file whose 'bench' section gets the table (e.g. docs/results.md)."),
+):
+    """Latency, throughput, memory, size and perplexity of ONNX models, side by side in one run."""
+    from runtimes.bench import COLUMNS, BenchConfig, bench, plot, table_rows
+    from sslc_export.atomic import write_file_atomic
+    from sslc_export.calibration import DEFAULT_HELDOUT_TEXT, read_text
+    from sslc_export.report import markdown_table, update_markdown_section, write_json
+
+    text_path = text or DEFAULT_HELDOUT_TEXT
+    try:
+        lengths = tuple(int(v) for v in prompt_lengths.split(",") if v)
+    except ValueError:
+        raise UserError(f"--prompt-lengths must be comma-separated integers, got '{prompt_lengths}'") from None
+    if decode_tokens < 1 or repeats < 1 or (threads is not None and threads < 1):
+        raise UserError("--decode-tokens, --repeats and --threads must be >= 1")
+    config = BenchConfig(prompt_lengths=lengths, decode_tokens=decode_tokens, repeats=repeats, threads=threads,
+                         text=read_text(text_path), measure_perplexity=not no_perplexity)
+    providers = [p for p in provider.split(",") if p]
+    from runtimes.providers import get_provider
+
+    for name in providers:
+        state = get_provider(name).availability()
+        if not state.available:
+            raise UserError(f"provider {name} is not available: {state.reason}")
+    with console.status(f"benchmarking {len(onnx_dirs)} model(s) on {', '.join(providers)}"):
+        result = bench(onnx_dirs, providers, config)
+    result["text"] = str(text_path)
+    rows = table_rows(result)
+    table = Table(title=f"{result['machine']['cpu']}, {result['machine']['cores']} cores, {result['threads']} threads")
+    for column in COLUMNS:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "bench.json", result)
+    command = "sslc-export bench " + " ".join(sys.argv[2:])
+    body = (f"Measured by `{command}` on {result['machine']['cpu']} ({result['machine']['cores']} cores, "
+            f"{result['threads']} onnxruntime threads, onnxruntime {result['machine']['onnxruntime']}); "
+            f"decode: {decode_tokens} new tokens after a {config.decode_prompt}-token prompt, batch 1; "
+            f"speed-up = baseline decode p50 / this decode p50, same run.\n\n" + markdown_table(COLUMNS, rows))
+    write_file_atomic(out_dir / "bench.md", lambda tmp: tmp.write_text(body))
+    plot(result, out_dir / "bench.png")
+    if report is not None:
+        update_markdown_section(report, "bench", body + f"\n![decode speed vs quality]({os.path.relpath(out_dir / 'bench.png', report.parent)})\n")
+    out.print(f"wrote {out_dir}/bench.json, bench.md, bench.png")
+
+
 @app.command("compare")
 @handles_user_errors
 def compare_command(

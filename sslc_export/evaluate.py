@@ -12,8 +12,12 @@ from sslc_export.errors import UserError
 DEFAULT_WINDOW = 512
 
 
+def torch_logits(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda chunk: model(chunk).logits[0]
+
+
 def perplexity(
-    model: PreTrainedModel,
+    model: PreTrainedModel | Callable[[torch.Tensor], torch.Tensor],
     tokenizer: PreTrainedTokenizerBase,
     text: str,
     window: int = DEFAULT_WINDOW,
@@ -21,7 +25,11 @@ def perplexity(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """exp(mean token NLL). Each window scores only the tokens not scored by the previous one,
-    so stride < window gives every scored token at least window - stride tokens of context."""
+    so stride < window gives every scored token at least window - stride tokens of context.
+
+    `model` is a torch model or any function from token ids (1 x L) to logits (L x vocab),
+    so an onnxruntime session is scored by exactly the same code."""
+    logits_of = model if not isinstance(model, torch.nn.Module) else torch_logits(model)
     stride = stride or window
     if window < 2 or not 0 < stride <= window:
         raise UserError(f"need --window >= 2 and 0 < --stride <= --window, got window {window}, stride {stride}")
@@ -34,7 +42,7 @@ def perplexity(
         for step, start in enumerate(starts):
             end = min(start + window, ids.numel())
             chunk = ids[start:end].unsqueeze(0)
-            logits = model(chunk).logits[0, :-1].float()
+            logits = logits_of(chunk)[:-1].float()
             targets = chunk[0, 1:]
             fresh = end - max(previous_end, start + 1)  # targets not scored before
             nll = torch.nn.functional.cross_entropy(logits[-fresh:], targets[-fresh:], reduction="sum")

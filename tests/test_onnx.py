@@ -176,3 +176,36 @@ def test_run_generation_matches_pytorch_greedy(tiny_llama, tmp_path):
     result = CliRunner().invoke(app, ["run", str(tmp_path / "onnx"), "--prompt", prompt, "--provider", "cuda"])
     if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
         assert result.exit_code == 2 and "not available" in result.output
+
+
+def test_bench_writes_json_markdown_and_a_real_png(tiny_llama, tmp_path):
+    ckpt = checkpoint(tiny_llama, tmp_path / "ckpt", Pattern(kind="structured"))
+    runner = CliRunner()
+    assert runner.invoke(app, ["export", "--dense", str(tiny_llama), str(tmp_path / "dense")]).exit_code == 0
+    assert runner.invoke(app, ["export", str(ckpt), str(tmp_path / "structured"), "--format", "structured"]).exit_code == 0
+    text = tmp_path / "text.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 60)
+    result = runner.invoke(app, ["bench", str(tmp_path / "dense"), str(tmp_path / "structured"), "--text", str(text),
+                                 "--prompt-lengths", "16,64", "--decode-tokens", "8", "--repeats", "2",
+                                 "--out-dir", str(tmp_path / "bench"), "--report", str(tmp_path / "results.md")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert [row["model"] for row in report["rows"]] == ["dense", "structured"]
+    for row in report["rows"]:
+        assert row["decode"]["p50_ms"] > 0 and row["decode"]["p90_ms"] >= row["decode"]["p50_ms"]
+        assert set(row["prefill"]) == {"16", "64"} and row["peak_rss_bytes"] > 0 and row["perplexity"] > 1
+    markdown = (tmp_path / "bench" / "bench.md").read_text()
+    assert "| dense | cpu |" in markdown and "1.00x" in markdown
+    png = (tmp_path / "bench" / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    from PIL import Image
+
+    with Image.open(tmp_path / "bench" / "bench.png") as image:
+        assert image.size[0] > 500 and len(set(image.convert("L").getdata())) > 10  # not a blank canvas
+    assert "<!-- BEGIN bench -->" in (tmp_path / "results.md").read_text()
+
+
+def test_bench_refuses_an_unavailable_provider(tiny_llama, tmp_path):
+    result = CliRunner().invoke(app, ["bench", str(tmp_path), "--provider", "tensorrt"])
+    if "TensorrtExecutionProvider" not in __import__("onnxruntime").get_available_providers():
+        assert result.exit_code == 2 and "not available" in result.output

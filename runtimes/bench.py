@@ -1,0 +1,192 @@
+"""The benchmark protocol (DESIGN.md): per model folder and provider, prompt processing at
+32/128/512 tokens and decode over >= 64 new tokens at batch 1, warm-up first, p50 and p90,
+peak RSS, file size, and perplexity through the same onnxruntime session.
+
+Each (model, provider) pair runs in its own child process so that its peak RSS is its own.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from models.loading import fix_end_token
+from runtimes.session import ONNX_FILE, OnnxCausalLM
+from sslc_export.errors import UserError
+from sslc_export.evaluate import perplexity
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    prompt_lengths: tuple[int, ...] = (32, 128, 512)
+    decode_tokens: int = 64
+    decode_prompt: int = 128
+    repeats: int = 5
+    warmup: int = 2
+    threads: int | None = None
+    text: str = ""  # token ids for timing come from it, and perplexity is measured on it
+    measure_perplexity: bool = True
+    window: int = 512
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime": __import__("onnxruntime").__version__}
+
+
+def _percentiles(samples: list[float]) -> dict:
+    return {"p50_ms": float(np.percentile(samples, 50) * 1e3), "p90_ms": float(np.percentile(samples, 90) * 1e3)}
+
+
+def _timed(run, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_model(folder: Path, provider: str, config: BenchConfig) -> dict:
+    runtime = OnnxCausalLM(folder, provider, config.threads)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    fix_end_token(tokenizer, AutoConfig.from_pretrained(folder))
+    ids = tokenizer(config.text, return_tensors="np", add_special_tokens=False).input_ids
+    longest = max(*config.prompt_lengths, config.decode_prompt)
+    if ids.shape[1] < longest:
+        raise UserError(f"the benchmark text has {ids.shape[1]} tokens; it needs at least {longest}")
+    result: dict = {"model": folder.name, "provider": provider, "prefill": {}}
+    for length in config.prompt_lengths:
+        prompt = ids[:, :length]
+        times = _timed(lambda: runtime.step(prompt, runtime.empty_past()), config.repeats, config.warmup)
+        stats = _percentiles(times)
+        stats["tokens_per_s"] = length / (stats["p50_ms"] / 1e3)
+        result["prefill"][str(length)] = stats
+
+    def decode_once() -> list[float]:
+        logits, past = runtime.step(ids[:, : config.decode_prompt], runtime.empty_past())
+        steps = []
+        for _ in range(config.decode_tokens):
+            token = np.array([[int(logits[0, -1].argmax())]], dtype=np.int64)
+            start = time.perf_counter()
+            logits, past = runtime.step(token, past)
+            steps.append(time.perf_counter() - start)
+        return steps
+
+    for _ in range(config.warmup):
+        decode_once()
+    per_token = [t for _ in range(max(1, config.repeats // 2)) for t in decode_once()]
+    result["decode"] = _percentiles(per_token)
+    result["decode"]["tokens_per_s"] = 1e3 / result["decode"]["p50_ms"]
+    if config.measure_perplexity:
+
+        def onnx_logits(chunk: torch.Tensor) -> torch.Tensor:
+            logits, _ = runtime.step(chunk.numpy(), runtime.empty_past())
+            return torch.from_numpy(logits[0])
+
+        result["perplexity"] = perplexity(onnx_logits, tokenizer, config.text, config.window)["perplexity"]
+    result["file_bytes"] = sum(p.stat().st_size for p in folder.glob(f"{ONNX_FILE}*"))
+    return result
+
+
+def _child(folder: str, provider: str, config: BenchConfig, queue) -> None:
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    try:
+        result = bench_model(Path(folder), provider, config)
+        result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        queue.put(("ok", result))
+    except UserError as exc:
+        queue.put(("error", str(exc)))
+    except Exception as exc:  # report, rather than hang the parent waiting for a result
+        queue.put(("error", f"benchmark of {folder} on {provider} failed: {type(exc).__name__}: {exc}"))
+
+
+def _wait(process, queue, folder: Path) -> tuple[str, object]:
+    import queue as queue_module
+
+    while True:
+        try:
+            return queue.get(timeout=1.0)
+        except queue_module.Empty:
+            if not process.is_alive():
+                return "error", f"the benchmark process for {folder} died (exit code {process.exitcode})"
+
+
+def bench(folders: list[Path], providers: list[str], config: BenchConfig) -> dict:
+    """One run over every folder and provider; ratios are taken against the first folder."""
+    for folder in folders:
+        if not (folder / ONNX_FILE).is_file():
+            raise UserError(f"{folder} has no {ONNX_FILE}: pass folders written by `sslc-export export`")
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for provider in providers:
+        for folder in folders:
+            queue = context.Queue()
+            process = context.Process(target=_child, args=(str(folder), provider, config, queue))
+            process.start()
+            status, payload = _wait(process, queue, folder)
+            process.join()
+            if status == "error":
+                raise UserError(payload)
+            rows.append(payload)
+    settings = {key: value for key, value in asdict(config).items() if key != "text"}
+    return {"machine": machine(), "threads": config.threads or os.cpu_count(), "config": settings, "rows": rows}
+
+
+COLUMNS = ["model", "provider", "size MB", "prefill 128 tok/s", "prefill 512 tok/s", "decode ms/tok p50", "decode p90",
+           "decode tok/s", "decode speed-up", "peak RSS MB", "perplexity"]
+
+
+def table_rows(report: dict) -> list[list[str]]:
+    rows = report["rows"]
+    base = {row["provider"]: row for row in rows if row["model"] == rows[0]["model"]}
+    out = []
+    for row in rows:
+        ref = base[row["provider"]]
+        out.append([
+            row["model"], row["provider"], f"{row['file_bytes'] / 1e6:.0f}",
+            f"{row['prefill'].get('128', {}).get('tokens_per_s', float('nan')):.0f}",
+            f"{row['prefill'].get('512', {}).get('tokens_per_s', float('nan')):.0f}",
+            f"{row['decode']['p50_ms']:.1f}", f"{row['decode']['p90_ms']:.1f}", f"{row['decode']['tokens_per_s']:.1f}",
+            f"{ref['decode']['p50_ms'] / row['decode']['p50_ms']:.2f}x",
+            f"{row['peak_rss_bytes'] / 1e6:.0f}",
+            f"{row['perplexity']:.2f}" if "perplexity" in row else "",
+        ])
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    """Decode speed against perplexity (or size, without --text): the trade-off users pick from."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    rows = report["rows"]
+    labels = [f"{r['model']} ({r['provider']})" for r in rows]
+    axes[0].barh(labels, [r["decode"]["tokens_per_s"] for r in rows], color="#4477aa")
+    axes[0].set_xlabel("decode tokens/s (batch 1, p50)")
+    axes[0].invert_yaxis()
+    y_key = "perplexity" if all("perplexity" in r for r in rows) else None
+    for row, label in zip(rows, labels):
+        y = row[y_key] if y_key else row["file_bytes"] / 1e6
+        axes[1].scatter(row["decode"]["tokens_per_s"], y)
+        axes[1].annotate(label, (row["decode"]["tokens_per_s"], y), fontsize=7)
+    axes[1].set_xlabel("decode tokens/s")
+    axes[1].set_ylabel("held-out perplexity" if y_key else "file size (MB)")
+    figure.suptitle(f"{report['machine']['cpu']}, {report['threads']} threads")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
