@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from models.architectures import Architecture, architecture_for
@@ -96,8 +97,8 @@ def load_model(source: str | Path | None = None) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=gguf, dtype=torch.float32, attn_implementation="sdpa"
         )
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise UserError(f"could not load model from {path} ({type(exc).__name__}: {exc})") from None
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        raise UserError(f"could not load model from {path} ({type(exc).__name__}: {str(exc)[:300]}): is it complete and valid?") from None
     model.eval()
     fix_end_token(tokenizer, model.config)
     weight_files = [path] if gguf else [p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES] + [path / "config.json"]
