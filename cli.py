@@ -91,6 +91,7 @@ def compress(
     seed: int = typer.Option(0, help="Seed for calibration sampling and randomized SVD."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last finished block."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder (only once the new one is complete)."),
+    streaming: bool = typer.Option(False, help="Hold one decoder block in memory at a time (safetensors model folders)."),
     threads: Optional[int] = ThreadsOption,
     json_path: Optional[Path] = JsonOption,
 ):
@@ -113,6 +114,7 @@ def compress(
         seqlen=seqlen,
         resume=resume,
         overwrite=overwrite,
+        streaming=streaming,
     )
     with progress_bar() as bar:
         task = bar.add_task("compressing", total=None)
@@ -151,6 +153,22 @@ def print_compress_summary(manifest: dict) -> None:
         f"({manifest['params_kept'] / manifest['params_total']:.1%}); mean relative loss {sum(losses) / len(losses):.4f}; "
         f"checkpoint {manifest['bytes']['total'] / 1e6:.1f} MB"
     )
+
+
+@app.command("convert")
+@handles_user_errors
+def convert_command(
+    out_dir: Path = typer.Argument(..., help="Hugging Face folder to create (safetensors, config, tokenizer)."),
+    model: Optional[str] = ModelOption,
+    overwrite: bool = typer.Option(False, help="Replace an existing folder (only once the new one is complete)."),
+):
+    """Write a model (e.g. a GGUF file, dequantized to float32) as a safetensors folder, which
+    `compress --streaming` can read one block at a time."""
+    from models.loading import save_model_folder
+
+    with console.status("converting"):
+        save_model_folder(model, out_dir, overwrite)
+    out.print(f"model written to {out_dir}")
 
 
 @app.command("eval")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from models.architectures import Architecture, architecture_for
+from models.streaming import BlockStreamer
 from sslc_export.atomic import sha256_file
 from sslc_export.errors import UserError
 
@@ -29,6 +31,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     architecture: Architecture
     identity: dict = field(default_factory=dict)  # source path, kind and content hash, for manifests
+    streamer: "BlockStreamer | None" = None  # set when blocks are loaded one at a time
 
 
 def default_model_path() -> Path:
@@ -87,20 +90,47 @@ def fix_end_token(tokenizer: PreTrainedTokenizerBase, config) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def load_model(source: str | Path | None = None) -> LoadedModel:
-    """Load in float32 with SDPA attention (causal masking without a mask tensor)."""
+def load_model(source: str | Path | None = None, streaming: bool = False) -> LoadedModel:
+    """Load in float32 with SDPA attention (causal masking without a mask tensor).
+
+    streaming: decoder blocks stay on the meta device until `streamer.load_block(i)`; only
+    a Hugging Face folder with safetensors can stream (a GGUF file is dequantized whole)."""
     path = resolve_source(source)
     architecture = architecture_for(model_type_of(path))
     folder, gguf = (path, None) if path.is_dir() else (path.parent, path.name)
+    if streaming and gguf:
+        raise UserError(f"{path} is a GGUF file, which transformers dequantizes whole: convert it with "
+                        "`sslc-export convert` to a safetensors folder to stream, or drop --streaming")
+    streamer = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=gguf, dtype=torch.float32, attn_implementation="sdpa"
-        )
+        if streaming:
+            streamer = BlockStreamer(folder, architecture)
+            model = streamer.model
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=gguf, dtype=torch.float32, attn_implementation="sdpa"
+            )
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         raise UserError(f"could not load model from {path} ({type(exc).__name__}: {str(exc)[:300]}): is it complete and valid?") from None
     model.eval()
     fix_end_token(tokenizer, model.config)
     weight_files = [path] if gguf else [p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES] + [path / "config.json"]
     identity = {"source": str(path), "kind": "gguf" if gguf else "huggingface", "sha256": _sha256(weight_files)}
-    return LoadedModel(model, tokenizer, architecture, identity)
+    return LoadedModel(model, tokenizer, architecture, identity, streamer)
+
+
+def save_model_folder(source: str | Path | None, out: Path, overwrite: bool = False) -> None:
+    """Any loadable model as a float32 safetensors folder, published atomically."""
+    from sslc_export.atomic import check_writable_target, partial_path, publish_directory
+
+    check_writable_target(out, overwrite)
+    loaded = load_model(source)
+    work = partial_path(out)
+    try:
+        loaded.model.save_pretrained(work, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    publish_directory(work, out)

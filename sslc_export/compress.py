@@ -8,6 +8,7 @@ sequential" order). Methods see only a weight, its statistics and a budget.
 from __future__ import annotations
 
 import hashlib
+import resource
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -46,12 +47,13 @@ class CompressJob:
     batch_size: int = 8  # calibration sequences per forward pass
     resume: bool = False
     overwrite: bool = False
+    streaming: bool = False  # one decoder block in memory at a time (safetensors folders)
 
 
 @dataclass
 class CompressOutcome:
     manifest: dict
-    loaded: LoadedModel  # the in-memory compressed model, as the checkpoint will reload it
+    loaded: LoadedModel | None  # the in-memory compressed model (None when streamed: reload the checkpoint)
 
 
 @dataclass
@@ -143,12 +145,12 @@ def compress(job: CompressJob, progress: ProgressCallback | None = None) -> Comp
     resolve_source(job.model)
 
     started = time.perf_counter()
-    loaded = load_model(job.model)
+    loaded = load_model(job.model, streaming=job.streaming)
     tokens = token_batches(loaded.tokenizer, calib_text, job.nsamples, job.seqlen, job.settings.seed, str(calib_path))
     architecture = loaded.architecture
     blocks = architecture.blocks(loaded.model)
     rank_ratio = method.rank_ratio(job.settings)
-    for block in blocks:  # every budget error surfaces before anything is written
+    for block in blocks:  # every budget error surfaces before anything is written (shapes work on meta too)
         for name in architecture.linear_names:
             plan_budget(*block.get_submodule(name).weight.shape, job.ratio, rank_ratio, job.pattern)
     writer = CheckpointWriter(job.out, fingerprint(job, loaded.identity, calib_text), job.resume)
@@ -157,16 +159,22 @@ def compress(job: CompressJob, progress: ProgressCallback | None = None) -> Comp
     try:
         for index, block in enumerate(blocks):
             if index < writer.completed:  # finished before a resume: its outputs are the saved hidden states
-                for name, layer in writer.load_block(index).items():
-                    replace_linear(loaded.model, name, SparseLowRankLinear(layer.sparse, layer.u, layer.v, layer.bias))
+                if not loaded.streamer:
+                    for name, layer in writer.load_block(index).items():
+                        replace_linear(loaded.model, name, SparseLowRankLinear(layer.sparse, layer.u, layer.v, layer.bias))
                 continue
+            if loaded.streamer:
+                loaded.streamer.load_block(index)
             _compress_block(job, method, architecture, index, block, inputs, writer, progress)
+            if loaded.streamer:  # written to the checkpoint: free it (the block's norms are tiny and stay)
+                for name in architecture.linear_names:
+                    loaded.streamer.release(block.get_submodule(name))
     except UserError:
         writer.discard_if_empty()  # a bad input found mid-way leaves nothing behind
         raise
 
     manifest = _manifest(job, loaded, writer.layers, len(blocks), calib_path, time.perf_counter() - started)
-    return CompressOutcome(writer.finish(loaded, compressed_names, manifest), loaded)
+    return CompressOutcome(writer.finish(loaded, compressed_names, manifest), None if loaded.streamer else loaded)
 
 
 def _compress_block(
@@ -234,6 +242,8 @@ def _manifest(job: CompressJob, loaded: LoadedModel, layers: list[dict], num_blo
         "params_kept": kept,
         "params_total": total,
         "compression_seconds": round(seconds, 1),
+        "streaming": job.streaming,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # whole process, so far
         "threads": torch.get_num_threads(),
         "layers": layers,
     }

@@ -98,3 +98,21 @@ def test_perplexity_windows_score_every_token_once(tiny_llama):
         result = perplexity(loaded.model, loaded.tokenizer, text, window=64, stride=stride)
         assert result["tokens"] == count - 1
         assert 1.0 < result["perplexity"] < 2 * loaded.model.config.vocab_size
+
+
+def test_streaming_gives_the_same_checkpoint(tiny_llama, tmp_path):
+    whole = compress(small_job(tiny_llama, tmp_path / "whole")).manifest
+    streamed_outcome = compress(small_job(tiny_llama, tmp_path / "streamed", streaming=True))
+    streamed = streamed_outcome.manifest
+    assert streamed_outcome.loaded is None and streamed["streaming"] is True
+    for name, entry in whole["files"].items():
+        if name.startswith("blocks/") or name == "dense.safetensors":
+            assert streamed["files"][name]["sha256"] == entry["sha256"], name
+
+
+def test_streaming_refuses_gguf(tmp_path):
+    from models.loading import default_model_path
+
+    with pytest.raises(UserError, match="GGUF file"):
+        compress(CompressJob(out=tmp_path / "out", model=str(default_model_path()), streaming=True))
+    assert not (tmp_path / "out").exists()
