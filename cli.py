@@ -151,7 +151,8 @@ def print_compress_summary(manifest: dict) -> None:
     out.print(
         f"kept {manifest['params_kept']:,} of {manifest['params_total']:,} compressed-layer parameters "
         f"({manifest['params_kept'] / manifest['params_total']:.1%}); mean relative loss {sum(losses) / len(losses):.4f}; "
-        f"checkpoint {manifest['bytes']['total'] / 1e6:.1f} MB"
+        f"checkpoint {manifest['bytes']['total'] / 1e6:.1f} MB; peak RSS {manifest['peak_rss_bytes'] / 1e6:.0f} MB"
+        f"{' (streaming)' if manifest['streaming'] else ''}; {manifest['threads']} threads"
     )
 
 
