@@ -119,8 +119,8 @@ def compress(
     with progress_bar() as bar:
         task = bar.add_task("compressing", total=None)
 
-        def advance(description: str) -> None:
-            bar.update(task, advance=1, description=description)
+        def advance(done: int, total: int, description: str) -> None:
+            bar.update(task, completed=done, total=total, description=description)
 
         try:
             manifest = run_compress(job, advance).manifest

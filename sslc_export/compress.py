@@ -30,7 +30,7 @@ from sslc_export.layers import SparseLowRankLinear, replace_linear
 from sslc_export.methods import Method, Settings, get_method
 from sslc_export.patterns import Pattern
 
-ProgressCallback = Callable[[str], None]
+ProgressCallback = Callable[[int, int, str], None]  # (layers done, layers in all, what is next)
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ def compress(job: CompressJob, progress: ProgressCallback | None = None) -> Comp
                 continue
             if loaded.streamer:
                 loaded.streamer.load_block(index)
-            _compress_block(job, method, architecture, index, block, inputs, writer, progress)
+            _compress_block(job, method, architecture, index, block, inputs, writer, progress, len(blocks))
             if loaded.streamer:  # written to the checkpoint: free it (the block's norms are tiny and stay)
                 for name in architecture.linear_names:
                     loaded.streamer.release(block.get_submodule(name))
@@ -186,6 +186,7 @@ def _compress_block(
     inputs: BlockInputs,
     writer: CheckpointWriter,
     progress: ProgressCallback | None,
+    num_blocks: int,
 ) -> None:
     """Compress one block's Linears group by group, then advance the activations through it."""
     prefix = f"{architecture.blocks_path}.{index}"
@@ -196,7 +197,8 @@ def _compress_block(
         stats = _gather_statistics(block, group[0], inputs)
         for name in group:
             if progress:
-                progress(f"block {index} {name}")
+                per_block = len(architecture.linear_names)
+                progress(index * per_block + len(reports), num_blocks * per_block, f"block {index} {name}")
             linear = block.get_submodule(name)
             weight = linear.weight.detach().float()
             budget = plan_budget(*weight.shape, job.ratio, rank_ratio, job.pattern)
