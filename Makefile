@@ -35,17 +35,18 @@ results: results-compression results-onnx results-streaming
 results-compression: $(STAMP)
 	$(BIN)/sslc-export compare --report docs/results.md --json docs/compare.json --work-dir runs/compare
 
+SIZES_DIRS = $(RES)/dense $(RES)/dense-int4 $(RES)/sslc-0.5-dense $(RES)/sslc-0.5-int8 $(RES)/sslc-0.5-int4
 results-onnx: $(STAMP)
-	$(BIN)/sslc-export compress --out $(RES)/sslc-structured-0.5 --pattern structured --ratio 0.5 --overwrite
 	$(BIN)/sslc-export export --dense $(RES)/dense --overwrite
 	$(BIN)/sslc-export export --dense $(RES)/dense-int4 --format int4 --overwrite
 	for fmt in dense int8 int4; do \
 	  $(BIN)/sslc-export export runs/compare/sslc-default-r0.5 $(RES)/sslc-0.5-$$fmt --format $$fmt --overwrite || exit 1; \
 	  $(BIN)/sslc-export validate $(RES)/sslc-0.5-$$fmt runs/compare/sslc-default-r0.5 || exit 1; done
+	$(BIN)/sslc-export sizes $(SIZES_DIRS) --report docs/results.md
+	$(BIN)/sslc-export compress --out $(RES)/sslc-structured-0.5 --pattern structured --ratio 0.5 --overwrite
 	$(BIN)/sslc-export export $(RES)/sslc-structured-0.5 $(RES)/sslc-structured-0.5-structured --format structured --overwrite
 	$(BIN)/sslc-export validate $(RES)/sslc-structured-0.5-structured $(RES)/sslc-structured-0.5
-	$(BIN)/sslc-export sizes $(RES)/dense $(RES)/dense-int4 $(RES)/sslc-0.5-dense $(RES)/sslc-0.5-int8 $(RES)/sslc-0.5-int4 \
-	  $(RES)/sslc-structured-0.5-structured --report docs/results.md
+	$(BIN)/sslc-export sizes $(SIZES_DIRS) $(RES)/sslc-structured-0.5-structured --report docs/results.md
 	$(BIN)/sslc-export bench $(RES)/dense $(RES)/dense-int4 $(RES)/sslc-0.5-dense $(RES)/sslc-0.5-int4 \
 	  $(RES)/sslc-structured-0.5-structured --threads 2 --out-dir docs/bench --report docs/results.md
 
