@@ -7,6 +7,7 @@ the rewrite stage then replaces those MatMuls, checking weight identity as it go
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ def export_dense(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fol
     from optimum.exporters.onnx import onnx_export_from_model
 
     logging.getLogger("optimum").setLevel(logging.ERROR)
-    onnx_export_from_model(
-        model, folder, task=TASK, do_validation=False, preprocessors=[tokenizer], opset=None
-    )
+    with warnings.catch_warnings():  # tracer chatter about data-dependent branches that optimum's config handles
+        warnings.simplefilter("ignore")
+        onnx_export_from_model(model, folder, task=TASK, do_validation=False, preprocessors=[tokenizer])
     return folder / ONNX_FILE
