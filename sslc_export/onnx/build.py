@@ -55,6 +55,7 @@ def _build(loaded: LoadedModel, out: Path, transform: Callable[[onnx.ModelProto]
     work.mkdir(parents=True)
     try:
         export_dense(loaded.model, loaded.tokenizer, work)
+        loaded.tokenizer.save_pretrained(work)  # optimum skips it for some sources (a GGUF-loaded model); runtimes need it
         model = onnx.load(str(work / ONNX_FILE))  # pulls in optimum's external data, if it wrote any
         for stale in work.glob(f"{ONNX_FILE}?*"):
             stale.unlink()
