@@ -24,8 +24,9 @@ def perplexity(
     stride: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """exp(mean token NLL). Each window scores only the tokens not scored by the previous one,
-    so stride < window gives every scored token at least window - stride tokens of context.
+    """exp(mean token NLL) over every token but the first, each scored exactly once.
+    Windows advance by `stride`, so stride < window gives every scored token at least
+    window - stride tokens of context (stride = window: non-overlapping windows).
 
     `model` is a torch model or any function from token ids (1 x L) to logits (L x vocab),
     so an onnxruntime session is scored by exactly the same code."""
@@ -36,23 +37,22 @@ def perplexity(
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     if ids.numel() < 2:
         raise UserError("the evaluation text has fewer than 2 tokens: pass a longer --text")
-    total_nll, scored, previous_end = 0.0, 0, 0
-    starts = list(range(0, max(ids.numel() - 1, 1), stride))
+    # Each step scores the targets [first, last) with up to `window` tokens of context; a step of
+    # at most window - 1 keeps one token of context for the first target, so none is skipped.
+    step = min(stride, window - 1)
+    firsts = range(1, ids.numel(), step)
+    total_nll, scored = 0.0, 0
     with torch.no_grad():
-        for step, start in enumerate(starts):
-            end = min(start + window, ids.numel())
-            chunk = ids[start:end].unsqueeze(0)
+        for index, first in enumerate(firsts):
+            last = min(first + step, ids.numel())
+            chunk = ids[max(0, last - window) : last].unsqueeze(0)
+            fresh = last - first
             logits = logits_of(chunk)[:-1].float()
-            targets = chunk[0, 1:]
-            fresh = end - max(previous_end, start + 1)  # targets not scored before
-            nll = torch.nn.functional.cross_entropy(logits[-fresh:], targets[-fresh:], reduction="sum")
+            nll = torch.nn.functional.cross_entropy(logits[-fresh:], chunk[0, -fresh:], reduction="sum")
             total_nll += float(nll)
             scored += fresh
-            previous_end = end
             if progress:
-                progress(step + 1, len(starts))
-            if end == ids.numel():
-                break
+                progress(index + 1, len(firsts))
     return {"perplexity": math.exp(total_nll / scored), "tokens": scored, "window": window, "stride": stride}
 
 
