@@ -39,6 +39,13 @@ def handles_user_errors(command):
         except UserError as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except (MemoryError, RuntimeError) as exc:
+            if not isinstance(exc, MemoryError) and "allocate memory" not in str(exc):
+                raise
+            console.print("[bold red]error:[/] out of memory: for compression pass --streaming (one decoder block in "
+                          "memory at a time; needs a safetensors folder) or lower --nsamples / --batch-size",
+                          highlight=False, soft_wrap=True)
+            raise typer.Exit(3) from None
 
     return wrapper
 
@@ -69,6 +76,15 @@ ThreadsOption = typer.Option(None, help="Torch CPU threads (default: all cores).
 JsonOption = typer.Option(None, "--json", help="Also write the reported figures to this JSON file.")
 
 
+def print_table(title: str, headers: list[str], rows: list[list]) -> None:
+    table = Table(title=title)
+    for header in headers:
+        table.add_column(header)
+    for row in rows:
+        table.add_row(*map(str, row))
+    out.print(table)
+
+
 @app.command()
 @handles_user_errors
 def compress(
@@ -77,7 +93,7 @@ def compress(
     method: str = typer.Option("sslc", help="sslc | wanda | sparsegpt | magnitude | svd."),
     ratio: float = typer.Option(0.5, help="Fraction of each compressed layer's parameters removed (0 < c < 1); U, V count inside."),
     rank_ratio: float = typer.Option(0.15, help="sslc: share of the kept budget spent on the low-rank pair."),
-    iters: Optional[int] = typer.Option(None, help="sslc: maximum alternating iterations (default: 10 with --loss exact, 40 with diag)."),
+    iters: Optional[int] = typer.Option(None, help="sslc: maximum alternating iterations (default: 16 with --loss exact, 40 with diag)."),
     salient: float = typer.Option(0.01, help="sslc: fraction of weights (largest |W·D|) always kept in S."),
     loss: Optional[str] = typer.Option(None, help="exact (default for sslc, svd): whitened SVD + OBS pruning on XᵀX; diag: activation-scaled, as in the paper."),
     tol: float = typer.Option(1e-4, help="sslc: stop when an iteration improves the loss by less than this fraction."),
@@ -273,12 +289,9 @@ def validate_command(
     with console.status("validating"):
         report = validate(onnx_dir, reference, decode_steps, rtol or default_rtol(record["format"]),
                           require_same_tokens=not quantized)
-    table = Table(title=f"ONNX vs PyTorch ({report.steps} steps)")
-    for column in ("max abs error", "max rel error", "greedy agreement", "result"):
-        table.add_column(column)
-    table.add_row(f"{report.max_abs_error:.2e}", f"{report.max_relative_error:.2e}", f"{report.greedy_agreement:.0%}",
-                  "[green]pass[/]" if report.passed else "[red]FAIL[/]")
-    out.print(table)
+    print_table(f"ONNX vs PyTorch ({report.steps} steps)", ["max abs error", "max rel error", "greedy agreement", "result"],
+                [[f"{report.max_abs_error:.2e}", f"{report.max_relative_error:.2e}", f"{report.greedy_agreement:.0%}",
+                  "[green]pass[/]" if report.passed else "[red]FAIL[/]"]])
     write_json(json_path, report.as_dict())
     if not report.passed:
         raise typer.Exit(1)
@@ -313,16 +326,47 @@ def sizes_command(
     base = records[0]["onnx_bytes"]
     headers = ["folder", "model", "format", "ONNX MB", "vs first"]
     rows = [[r["folder"], r["model"], r["format"], f"{r['onnx_bytes'] / 1e6:.1f}", f"{r['onnx_bytes'] / base:.2f}x"] for r in records]
-    table = Table(title="ONNX file sizes")
-    for header in headers:
-        table.add_column(header)
-    for row in rows:
-        table.add_row(*row)
-    out.print(table)
+    print_table("ONNX file sizes", headers, rows)
     if report is not None:
         body = f"Measured by `sslc-export sizes {' '.join(str(d) for d in onnx_dirs)}` (model.onnx plus external data).\n\n"
         update_markdown_section(report, "onnx-sizes", body + markdown_table(headers, rows))
     write_json(json_path, {"rows": records})
+
+
+@app.command("checkpoints")
+@handles_user_errors
+def checkpoints_command(
+    checkpoints: list[Path] = typer.Argument(..., help="Checkpoint folders written by `sslc-export compress`."),
+    report: Optional[Path] = typer.Option(None, help="Markdown file that gets the table in the section named by --section."),
+    section: str = typer.Option("checkpoints", help="Section of --report to replace."),
+    json_path: Optional[Path] = JsonOption,
+):
+    """Tabulate how checkpoints were made: method, ratio, streaming, wall time, peak memory, size.
+
+    The figures come from each checkpoint's manifest, recorded by the run that wrote it."""
+    from sslc_export.checkpoint import read_manifest
+    from sslc_export.report import markdown_table, update_markdown_section, write_json
+
+    manifests = [read_manifest(folder) for folder in checkpoints]
+    headers = ["checkpoint", "model", "method", "ratio", "streaming", "threads", "compress s", "peak RSS MB",
+               "address-space cap MB", "checkpoint MB"]
+
+    def megabytes(value: int | None, missing: str) -> str:
+        return missing if value is None else f"{value / 1e6:.0f}"
+
+    rows = [
+        [folder.name, Path(m["source_model"]["source"]).name, m["method"], m["ratio"], "yes" if m.get("streaming") else "no",
+         m["threads"], m["compression_seconds"], megabytes(m.get("peak_rss_bytes"), "not recorded"),
+         megabytes(m.get("address_space_limit_bytes"), "none"), f"{m['bytes']['total'] / 1e6:.1f}"]
+        for folder, m in zip(checkpoints, manifests)
+    ]
+    print_table("checkpoints", headers, rows)
+    if report is not None:
+        body = (f"Measured by the runs that wrote each checkpoint (peak RSS of the whole process, from its manifest); "
+                f"tabulated by `sslc-export checkpoints {' '.join(str(c) for c in checkpoints)}`.\n\n")
+        update_markdown_section(report, section, body + markdown_table(headers, rows))
+    summaries = [{k: v for k, v in m.items() if k not in ("layers", "files")} for m in manifests]
+    write_json(json_path, {"rows": [{"folder": str(f), **summary} for f, summary in zip(checkpoints, summaries)]})
 
 
 @app.command("providers")
@@ -331,13 +375,9 @@ def providers_command():
     """List the onnxruntime execution providers and whether each can run here (and why not)."""
     from runtimes.providers import PROVIDERS
 
-    table = Table(title="execution providers")
-    for column in ("provider", "available", "why"):
-        table.add_column(column)
-    for name, provider in PROVIDERS.items():
-        state = provider.availability()
-        table.add_row(name, "[green]yes[/]" if state.available else "[red]no[/]", state.reason)
-    out.print(table)
+    states = {name: provider.availability() for name, provider in PROVIDERS.items()}
+    print_table("execution providers", ["provider", "available", "why"],
+                [[name, "[green]yes[/]" if state.available else "[red]no[/]", state.reason] for name, state in states.items()])
 
 
 @app.command("run")
@@ -410,12 +450,7 @@ def bench_command(
         result = bench(onnx_dirs, providers, config)
     result["text"] = str(text_path)
     rows = table_rows(result)
-    table = Table(title=f"{result['machine']['cpu']}, {result['machine']['cores']} cores, {result['threads']} threads")
-    for column in COLUMNS:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row)
-    out.print(table)
+    print_table(f"{result['machine']['cpu']}, {result['machine']['cores']} cores, {result['threads']} threads", COLUMNS, rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "bench.json", result)
     command = "sslc-export bench " + " ".join(sys.argv[2:])
@@ -441,7 +476,7 @@ def compare_command(
     window: int = typer.Option(512, help="Perplexity window (stride = window)."),
     work_dir: Path = typer.Option(Path("runs/compare"), help="Where checkpoints go; finished ones are reused."),
     rank_ratio: float = typer.Option(0.15, help="sslc rank ratio."),
-    iters: Optional[int] = typer.Option(None, help="sslc iterations (default: 10 exact, 40 diag)."),
+    iters: Optional[int] = typer.Option(None, help="sslc iterations (default: 16 exact, 40 diag)."),
     nsamples: int = typer.Option(64, help="Calibration sequences."),
     seqlen: int = typer.Option(256, help="Tokens per calibration sequence."),
     report: Optional[Path] = typer.Option(None, help="Markdown file whose 'compression' section gets the table (e.g. docs/results.md)."),
@@ -482,19 +517,14 @@ def compare_command(
         ]
         for row in rows
     ]
-    table = Table(title=f"held-out perplexity ({text_path.name}, window {window})")
-    for header in headers:
-        table.add_column(header)
-    for row in table_rows:
-        table.add_row(*map(str, row))
-    out.print(table)
+    print_table(f"held-out perplexity ({text_path.name}, window {window})", headers, table_rows)
     import torch
 
     command = "sslc-export compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "sslc-export compare"
     body = (
         f"Measured by `{command}` on this machine ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads); "
         f"held-out text `{text_path.name}`, window {window}, stride {window}; calibration {nsamples} x {seqlen} tokens "
-        f"of the bundled calibration text; sslc rank ratio {rank_ratio}, at most {iters or '10 (exact) / 40 (diag)'} iterations.\n\n"
+        f"of the bundled calibration text; sslc rank ratio {rank_ratio}, at most {iters or '16 (exact) / 40 (diag)'} iterations.\n\n"
         + markdown_table(headers, table_rows)
     )
     if report is not None:

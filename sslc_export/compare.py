@@ -4,7 +4,7 @@ sweep picks up where it stopped."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -52,8 +52,10 @@ def _reusable(folder: Path, job: CompressJob) -> bool:
     return (
         manifest.get("method") == job.method
         and manifest.get("ratio") == job.ratio
-        and manifest.get("settings", {}).get("loss") == job.settings.loss
+        and manifest.get("settings") == asdict(job.settings)  # resolved: loss and iterations included
+        and manifest.get("pattern") == asdict(job.pattern)
         and manifest.get("calibration", {}).get("nsamples") == job.nsamples
+        and manifest.get("calibration", {}).get("seqlen") == job.seqlen
     )
 
 

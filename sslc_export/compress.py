@@ -226,6 +226,12 @@ def _compress_block(
     writer.save_block(index, layers, reports, inputs.hidden)
 
 
+def _address_space_limit() -> int | None:
+    """The RLIMIT_AS the run had (e.g. set by `prlimit --as`), so memory figures state their budget."""
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return None if limit == resource.RLIM_INFINITY else limit
+
+
 def _manifest(job: CompressJob, loaded: LoadedModel, layers: list[dict], num_blocks: int, calib: Path, seconds: float) -> dict:
     kept = sum(layer["params_kept"] for layer in layers)
     total = sum(layer["params_total"] for layer in layers)
@@ -246,6 +252,7 @@ def _manifest(job: CompressJob, loaded: LoadedModel, layers: list[dict], num_blo
         "compression_seconds": round(seconds, 1),
         "streaming": job.streaming,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # whole process, so far
+        "address_space_limit_bytes": _address_space_limit(),
         "threads": torch.get_num_threads(),
         "layers": layers,
     }

@@ -48,3 +48,13 @@ class Whitening:
         u, v_white, basis = randomized_svd(target @ self.factor, rank, warm_start, power_iters=power_iters)
         v = torch.linalg.solve_triangular(self.factor, v_white, upper=False, left=False)
         return u, v, basis
+
+
+def balance(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale each rank-1 term so U's column and V's row have equal norms; U·V is unchanged.
+
+    The SVD step leaves the singular values in U, so one row of U spans σ_1..σ_r; block-wise
+    quantization (MatMulNBits) then rounds the small-σ terms to zero. Balanced, each factor
+    spans only √(σ_1/σ_r)."""
+    scale = (v.norm(dim=1) / u.norm(dim=0).clamp_min(1e-30)).clamp_min(1e-30).sqrt()
+    return u * scale, v / scale[:, None]

@@ -44,11 +44,12 @@ class ObsPruner:
             columns = block.T.contiguous()
             errors = torch.empty_like(columns)
             drop_scaled = (~mask).T.to(block.dtype) / diag[:, None]  # error_i = w_i * [pruned] / Hinv_ii
+            # Views made once: in this loop per-call overhead, not arithmetic, is the cost.
+            column, error, drop, hinv_row = columns.unbind(0), errors.unbind(0), drop_scaled.unbind(0), hinv_block.unbind(0)
             for i in range(end - start):
-                error = columns[i] * drop_scaled[i]
-                # Zeroes column i where pruned and pushes its error onto the later columns.
-                columns[i:].addr_(hinv_block[i, i:], error, alpha=-1)
-                errors[i] = error
+                torch.mul(column[i], drop[i], out=error[i])
+                # Zeroes column i where pruned and pushes its error onto the later columns (hinv_row[i] is 0 before i).
+                columns.addr_(hinv_row[i], error[i], alpha=-1)
             work[:, start:end] = columns.T
             errors = errors.T
             work[:, end:] -= errors @ hinv[start:end, end:]

@@ -107,3 +107,16 @@ def test_salient_weights_survive(planted):
     top = scaled.flatten().topk(int(0.01 * weight.numel())).indices
     result, _ = decompose("sslc", weight, stats, iters=5)
     assert result.mask.flatten()[top].all()
+
+
+def test_balanced_factors_keep_the_product_and_equalise_norms():
+    from sslc_export.lowrank import balance
+
+    torch.manual_seed(0)
+    u = torch.randn(40, 6) * torch.tensor([100.0, 30.0, 10.0, 3.0, 1.0, 0.1])  # singular values in U, as the SVD step leaves them
+    v = torch.linalg.qr(torch.randn(30, 6)).Q.T
+    balanced_u, balanced_v = balance(u, v)
+    torch.testing.assert_close(balanced_u @ balanced_v, u @ v, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(balanced_u.norm(dim=0), balanced_v.norm(dim=1))
+    spread = balanced_u.norm(dim=0).max() / balanced_u.norm(dim=0).min()
+    assert spread < (u.norm(dim=0).max() / u.norm(dim=0).min()).sqrt() * 1.5

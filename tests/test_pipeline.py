@@ -1,5 +1,6 @@
 """Tiny random LLaMA and Qwen2 through compress -> checkpoint -> reload -> eval."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +117,24 @@ def test_streaming_refuses_gguf(tmp_path):
     with pytest.raises(UserError, match="GGUF file"):
         compress(CompressJob(out=tmp_path / "out", model=str(default_model_path()), streaming=True))
     assert not (tmp_path / "out").exists()
+
+
+def test_streaming_peak_memory_is_one_block_not_the_model(tmp_path):
+    """Each run in its own process, so peak RSS (recorded in the manifest) is that run's alone."""
+    import subprocess
+    import sys
+
+    from models.synthetic import build_random_model
+
+    model = build_random_model(tmp_path / "model", hidden_size=768, intermediate_size=3072, num_hidden_layers=8,
+                               num_attention_heads=12, num_key_value_heads=12)
+    model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    peaks = {}
+    for streaming in (False, True):
+        out = tmp_path / f"ckpt-{streaming}"
+        command = [sys.executable, "-m", "cli", "compress", "--model", str(model), "--method", "wanda", "--out", str(out),
+                   "--nsamples", "4", "--seqlen", "32", "--json", str(tmp_path / "m.json")] + ["--streaming"] * streaming
+        subprocess.run(command, check=True, capture_output=True, cwd=Path(__file__).parents[1])
+        peaks[streaming] = json.loads((out / "manifest.json").read_text())["peak_rss_bytes"]
+    assert model_bytes > 250e6
+    assert peaks[True] < peaks[False] - 0.5 * model_bytes, (peaks, model_bytes)

@@ -14,6 +14,7 @@ from onnx import helper, numpy_helper
 
 from sslc_export.checkpoint import CompressedTensors
 from sslc_export.errors import UserError
+from sslc_export.lowrank import balance
 
 
 @dataclass
@@ -30,11 +31,18 @@ class Subgraph:
         return output
 
 
+def _factors_t(layer: CompressedTensors) -> tuple[np.ndarray, np.ndarray]:
+    """(Vᵀ, Uᵀ), balanced so that quantized formats keep every rank-1 term."""
+    u, v = balance(layer.u, layer.v)
+    return v.T.numpy(), u.T.numpy()
+
+
 def _low_rank(graph: Subgraph, prefix: str, x: str, layer: CompressedTensors) -> str | None:
     if layer.u.shape[1] == 0:
         return None
-    v_t = graph.constant(f"{prefix}.V_T", layer.v.T.numpy())
-    u_t = graph.constant(f"{prefix}.U_T", layer.u.T.numpy())
+    v_t_array, u_t_array = _factors_t(layer)
+    v_t = graph.constant(f"{prefix}.V_T", v_t_array)
+    u_t = graph.constant(f"{prefix}.U_T", u_t_array)
     hidden = graph.op("MatMul", [x, v_t], f"{prefix}/low_rank_in")
     return graph.op("MatMul", [hidden, u_t], f"{prefix}/low_rank_out")
 
@@ -90,10 +98,11 @@ def structured_format(prefix: str, x: str, output: str, layer: CompressedTensors
             weight = graph.constant(f"{prefix}.S_kept_T", sparse[:, kept].T)
             graph.op("MatMul", [x_kept, weight], output)
             return graph
-        v_t = graph.constant(f"{prefix}.V_T", layer.v.T.numpy())
+        v_t_array, u_t = _factors_t(layer)
+        v_t = graph.constant(f"{prefix}.V_T", v_t_array)
         projected = graph.op("MatMul", [x, v_t], f"{prefix}/low_rank_in")
         joined = graph.op("Concat", [x_kept, projected], f"{prefix}/joined", axis=-1)
-        stacked = graph.constant(f"{prefix}.SU_T", np.concatenate([sparse[:, kept].T, layer.u.T.numpy()], axis=0))
+        stacked = graph.constant(f"{prefix}.SU_T", np.concatenate([sparse[:, kept].T, u_t], axis=0))
         graph.op("MatMul", [joined, stacked], output)
         return graph
     weight = graph.constant(f"{prefix}.S_rows_T", sparse[kept].T)

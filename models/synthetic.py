@@ -1,0 +1,63 @@
+"""Random models with a small trained tokenizer: the tiny ones the tests run on, and large
+ones (several GB on disk) that show block streaming compresses a model bigger than the RAM
+a run is given.
+
+    python -m models.synthetic OUT_DIR --hidden 1536 --intermediate 6144 --layers 20
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import typer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+from sslc_export.calibration import DEFAULT_CALIBRATION_TEXT
+
+TINY_DIMS = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+
+
+def small_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on the bundled calibration text, with the chat end token."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator([DEFAULT_CALIBRATION_TEXT.read_text()[:60000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", bos_token="<|endoftext|>")
+
+
+def build_random_model(folder: Path, model_type: str = "llama", seed: int = 0, **dims: int) -> Path:
+    """A randomly initialised model folder (safetensors shards of at most 1 GB, config, tokenizer)."""
+    tokenizer = small_tokenizer()
+    config = CONFIGS[model_type](
+        vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        max_position_embeddings=256, tie_word_embeddings=True, **{**TINY_DIMS, **dims},
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder, max_shard_size="1GB")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def main(
+    out: Path = typer.Argument(..., help="Folder to write."),
+    model_type: str = typer.Option("llama", help="llama or qwen2."),
+    hidden: int = typer.Option(1536, help="hidden_size"),
+    intermediate: int = typer.Option(6144, help="intermediate_size"),
+    layers: int = typer.Option(20, help="num_hidden_layers"),
+    heads: int = typer.Option(12, help="num_attention_heads (= key/value heads)"),
+) -> None:
+    build_random_model(out, model_type, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"wrote {out}: {size / 1e9:.2f} GB of weights")
+
+
+if __name__ == "__main__":
+    typer.run(main)
