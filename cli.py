@@ -418,6 +418,7 @@ def bench_command(
     threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads (default: all cores)."),
     text: Optional[Path] = typer.Option(None, help="Held-out text: token ids for timing and perplexity through the same session (default: bundled)."),
     no_perplexity: bool = typer.Option(False, help="Skip perplexity (timing only)."),
+    genai: bool = typer.Option(False, help="Also decode through onnxruntime-genai (CPU) and report its speed and whether it picks our greedy tokens."),
     prompt_lengths: str = typer.Option("32,128,512", help="Prompt lengths for prefill timing."),
     decode_tokens: int = typer.Option(64, help="New tokens per decode run (batch 1)."),
     repeats: int = typer.Option(5, help="Timed repeats after warm-up."),
@@ -425,7 +426,7 @@ def bench_command(
     report: Optional[Path] = typer.Option(None, help="Markdown file whose 'bench' section gets the table (e.g. docs/results.md)."),
 ):
     """Latency, throughput, memory, size and perplexity of ONNX models, side by side in one run."""
-    from runtimes.bench import COLUMNS, BenchConfig, bench, plot, table_rows
+    from runtimes.bench import BenchConfig, bench, columns, plot, table_rows
     from sslc_export.atomic import write_file_atomic
     from sslc_export.calibration import DEFAULT_HELDOUT_TEXT, read_text
     from sslc_export.report import markdown_table, update_markdown_section, write_json
@@ -438,7 +439,7 @@ def bench_command(
     if decode_tokens < 1 or repeats < 1 or (threads is not None and threads < 1):
         raise UserError("--decode-tokens, --repeats and --threads must be >= 1")
     config = BenchConfig(prompt_lengths=lengths, decode_tokens=decode_tokens, repeats=repeats, threads=threads,
-                         text=read_text(text_path), measure_perplexity=not no_perplexity)
+                         text=read_text(text_path), measure_perplexity=not no_perplexity, genai=genai)
     providers = [p for p in provider.split(",") if p]
     from runtimes.providers import get_provider
 
@@ -450,14 +451,14 @@ def bench_command(
         result = bench(onnx_dirs, providers, config)
     result["text"] = str(text_path)
     rows = table_rows(result)
-    print_table(f"{result['machine']['cpu']}, {result['machine']['cores']} cores, {result['threads']} threads", COLUMNS, rows)
+    print_table(f"{result['machine']['cpu']}, {result['machine']['cores']} cores, {result['threads']} threads", columns(result), rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "bench.json", result)
     command = "sslc-export bench " + " ".join(sys.argv[2:])
     body = (f"Measured by `{command}` on {result['machine']['cpu']} ({result['machine']['cores']} cores, "
             f"{result['threads']} onnxruntime threads, onnxruntime {result['machine']['onnxruntime']}); "
             f"decode: {decode_tokens} new tokens after a {config.decode_prompt}-token prompt, batch 1; "
-            f"speed-up = baseline decode p50 / this decode p50, same run.\n\n" + markdown_table(COLUMNS, rows))
+            f"speed-up = baseline decode p50 / this decode p50, same run.\n\n" + markdown_table(columns(result), rows))
     write_file_atomic(out_dir / "bench.md", lambda tmp: tmp.write_text(body))
     plot(result, out_dir / "bench.png")
     if report is not None:

@@ -36,6 +36,7 @@ class BenchConfig:
     text: str = ""  # token ids for timing come from it, and perplexity is measured on it
     measure_perplexity: bool = True
     window: int = 512
+    genai: bool = False  # also decode through onnxruntime-genai and compare its greedy tokens with ours
 
 
 def machine() -> dict:
@@ -74,13 +75,16 @@ def bench_model(folder: Path, provider: str, config: BenchConfig) -> dict:
         stats["tokens_per_s"] = length / (stats["p50_ms"] / 1e3)
         result["prefill"][str(length)] = stats
 
+    greedy: list[int] = []
+
     def decode_once() -> list[float]:
         logits, past = runtime.step(ids[:, : config.decode_prompt], runtime.empty_past())
+        greedy.clear()
         steps = []
         for _ in range(config.decode_tokens):
-            token = np.array([[int(logits[0, -1].argmax())]], dtype=np.int64)
+            greedy.append(int(logits[0, -1].argmax()))
             start = time.perf_counter()
-            logits, past = runtime.step(token, past)
+            logits, past = runtime.step(np.array([greedy[-1:]], dtype=np.int64), past)
             steps.append(time.perf_counter() - start)
         return steps
 
@@ -89,6 +93,8 @@ def bench_model(folder: Path, provider: str, config: BenchConfig) -> dict:
     per_token = [t for _ in range(max(1, config.repeats // 2)) for t in decode_once()]
     result["decode"] = _percentiles(per_token)
     result["decode"]["tokens_per_s"] = 1e3 / result["decode"]["p50_ms"]
+    if config.genai:
+        result["genai"] = _genai_decode(folder, ids[0, : config.decode_prompt].tolist(), greedy, config)
     if config.measure_perplexity:
 
         def onnx_logits(chunk: torch.Tensor) -> torch.Tensor:
@@ -98,6 +104,22 @@ def bench_model(folder: Path, provider: str, config: BenchConfig) -> dict:
         result["perplexity"] = perplexity(onnx_logits, tokenizer, config.text, config.window)["perplexity"]
     result["file_bytes"] = sum(p.stat().st_size for p in folder.glob(f"{ONNX_FILE}*"))
     return result
+
+
+def _genai_decode(folder: Path, prompt: list[int], ours: list[int], config: BenchConfig) -> dict:
+    """The same decode through onnxruntime-genai: its step times and whether it picks our greedy tokens."""
+    from runtimes.genai import GenaiCausalLM
+
+    engine = GenaiCausalLM(folder, config.threads)
+    for _ in range(config.warmup):
+        engine.greedy(prompt, config.decode_tokens)
+    tokens, seconds = [], []
+    for _ in range(max(1, config.repeats // 2)):
+        tokens, run = engine.greedy(prompt, config.decode_tokens)
+        seconds += run[1:]  # the first call only picks the token the prefill already scored
+    same = sum(a == b for a, b in zip(tokens, ours))
+    stats = _percentiles(seconds)
+    return {"decode": {**stats, "tokens_per_s": 1e3 / stats["p50_ms"]}, "greedy_agreement": same / max(len(ours), 1)}
 
 
 def _child(folder: str, provider: str, config: BenchConfig, queue) -> None:
@@ -146,6 +168,11 @@ def bench(folders: list[Path], providers: list[str], config: BenchConfig) -> dic
 
 COLUMNS = ["model", "provider", "size MB", "prefill 128 tok/s", "prefill 512 tok/s", "decode ms/tok p50", "decode p90",
            "decode tok/s", "decode speed-up", "peak RSS MB", "perplexity"]
+GENAI_COLUMNS = ["genai decode ms/tok p50", "genai greedy = ours"]
+
+
+def columns(report: dict) -> list[str]:
+    return COLUMNS + GENAI_COLUMNS * any("genai" in row for row in report["rows"])
 
 
 def table_rows(report: dict) -> list[list[str]]:
@@ -162,7 +189,7 @@ def table_rows(report: dict) -> list[list[str]]:
             f"{ref['decode']['p50_ms'] / row['decode']['p50_ms']:.2f}x",
             f"{row['peak_rss_bytes'] / 1e6:.0f}",
             f"{row['perplexity']:.2f}" if "perplexity" in row else "",
-        ])
+        ] + ([f"{row['genai']['decode']['p50_ms']:.1f}", f"{row['genai']['greedy_agreement']:.0%}"] if "genai" in row else []))
     return out
 
 

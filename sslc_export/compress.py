@@ -218,7 +218,7 @@ def _compress_block(
                     "params_total": weight.numel(),
                     "params_allowed": budget.allowed,
                     "relative_loss": stats.relative_error(weight, result.dense()),
-                    "iterations": len(result.loss_history),
+                    "iterations": result.iterations,
                     "seconds": round(time.perf_counter() - layer_start, 3),
                 }
             )

@@ -50,8 +50,8 @@ def test_sslc_loss_decreases_over_iterations(planted, loss):
     weight, stats = planted
     result, _ = decompose("sslc", weight, stats, loss=loss, iters=15, tol=0.0)
     history = result.loss_history
-    assert len(history) == 15
-    assert history[-1] < 0.5 * history[0]
+    assert result.iterations == 15 and len(history) == 4  # checked after iterations 4, 8, 12 and the last
+    assert history[-1] < 0.8 * history[0]
     assert all(later <= earlier * 1.001 for earlier, later in zip(history, history[1:]))
 
 

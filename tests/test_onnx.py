@@ -65,6 +65,25 @@ def test_optimum_loads_and_generates_like_pytorch(tiny_model, tmp_path):
     assert torch.equal(ort_model.generate(**kwargs), expected)
 
 
+def test_onnxruntime_genai_runs_the_folder_unmodified(tiny_model, tmp_path):
+    from runtimes.genai import GenaiCausalLM
+    from runtimes.session import OnnxCausalLM
+
+    ckpt = checkpoint(tiny_model, tmp_path / "ckpt", Pattern())
+    export_checkpoint_dir(ckpt, tmp_path / "onnx", "dense")
+    reference, _ = load_checkpoint(ckpt)
+    ids = reference.tokenizer("It is a truth universally", return_tensors="np").input_ids
+    runtime = OnnxCausalLM(tmp_path / "onnx")
+    ours, past, step_ids = [], runtime.empty_past(), ids
+    for _ in range(8):
+        logits, past = runtime.step(step_ids, past)
+        ours.append(int(logits[0, -1].argmax()))
+        step_ids = np.array([[ours[-1]]])
+    tokens, seconds = GenaiCausalLM(tmp_path / "onnx", threads=1).greedy(ids[0].tolist(), 8)
+    assert len(tokens) > 0 and len(seconds) == len(tokens)
+    assert tokens == ours[: len(tokens)]  # genai stops early only at the end token
+
+
 def test_unsupported_pairing_names_the_needed_pattern(tiny_llama, tmp_path):
     ckpt = checkpoint(tiny_llama, tmp_path / "ckpt", Pattern())
     with pytest.raises(UserError, match="needs a checkpoint compressed with --pattern structured"):
@@ -186,7 +205,7 @@ def test_bench_writes_json_markdown_and_a_real_png(tiny_llama, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 60)
     result = runner.invoke(app, ["bench", str(tmp_path / "dense"), str(tmp_path / "structured"), "--text", str(text),
-                                 "--prompt-lengths", "16,64", "--decode-tokens", "8", "--repeats", "2",
+                                 "--prompt-lengths", "16,64", "--decode-tokens", "8", "--repeats", "2", "--genai",
                                  "--out-dir", str(tmp_path / "bench"), "--report", str(tmp_path / "results.md")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "bench" / "bench.json").read_text())
@@ -194,6 +213,7 @@ def test_bench_writes_json_markdown_and_a_real_png(tiny_llama, tmp_path):
     for row in report["rows"]:
         assert row["decode"]["p50_ms"] > 0 and row["decode"]["p90_ms"] >= row["decode"]["p50_ms"]
         assert set(row["prefill"]) == {"16", "64"} and row["peak_rss_bytes"] > 0 and row["perplexity"] > 1
+        assert row["genai"]["decode"]["p50_ms"] > 0 and 0 <= row["genai"]["greedy_agreement"] <= 1
     markdown = (tmp_path / "bench" / "bench.md").read_text()
     assert "| dense | cpu |" in markdown and "1.00x" in markdown
     png = (tmp_path / "bench" / "bench.png").read_bytes()

@@ -37,7 +37,8 @@ class Decomposition:
     v: torch.Tensor  # r x n
     sparse: torch.Tensor  # m x n
     mask: torch.Tensor  # m x n bool
-    loss_history: list[float] = field(default_factory=list)
+    loss_history: list[float] = field(default_factory=list)  # the method's objective, where it checked it
+    iterations: int = 1
 
     @property
     def rank(self) -> int:

@@ -24,6 +24,9 @@ LowRankStep = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor
 SparseStep = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+LOSS_CHECK_EVERY = 4  # the exact loss costs m·n² per check: measured 7 % of a SmolLM2 run when checked every iteration
+
+
 def alternate(
     target: torch.Tensor,
     low_rank_step: LowRankStep,
@@ -35,17 +38,21 @@ def alternate(
     """The SSLC loop, independent of which loss the two steps minimise.
 
     Starting from S_0 = the pruned target (rather than S_0 = 0) gave a lower final loss on
-    every SmolLM2 layer tried, for both losses, at no extra cost."""
-    sparse, _ = sparse_step(target)  # S_0 = pruned target: measured better than S_0 = 0 for both losses
+    every SmolLM2 layer tried, for both losses, at no extra cost. The loss is checked every
+    LOSS_CHECK_EVERY iterations (and after the last); the loop stops when a check improves on
+    the previous one by less than tol per iteration."""
+    sparse, _ = sparse_step(target)
     warm = None
     history: list[float] = []
-    for _ in range(iters):
+    for step in range(1, iters + 1):
         u, v, warm = low_rank_step(target - sparse, warm)
         sparse, mask = sparse_step(target - u @ v)
+        if step % LOSS_CHECK_EVERY and step < iters:
+            continue
         history.append(loss(u @ v + sparse))
-        if len(history) > 1 and history[-2] - history[-1] < tol * history[-2]:
+        if len(history) > 1 and history[-2] - history[-1] < tol * LOSS_CHECK_EVERY * history[-2]:
             break
-    return Decomposition(u, v, sparse, mask, history)
+    return Decomposition(u, v, sparse, mask, history, iterations=step)
 
 
 class Sslc(Method):

@@ -18,6 +18,7 @@ from sslc_export.atomic import check_writable_target, file_inventory, partial_pa
 from sslc_export.checkpoint import CompressedTensors, load_checkpoint, read_block, read_manifest
 from sslc_export.onnx.export import ONNX_FILE, dense_equivalent, export_dense
 from sslc_export.errors import UserError
+from sslc_export.onnx.genai import GENAI_CONFIG, genai_config
 from sslc_export.onnx.quantize import ACCURACY_LEVEL, BLOCK_SIZE, QUANTIZED_FORMATS, quantize_matmuls
 from sslc_export.onnx.rewrite import check_pairing, rewrite
 
@@ -56,6 +57,7 @@ def _build(loaded: LoadedModel, out: Path, transform: Callable[[onnx.ModelProto]
     try:
         export_dense(loaded.model, loaded.tokenizer, work)
         loaded.tokenizer.save_pretrained(work)  # optimum skips it for some sources (a GGUF-loaded model); runtimes need it
+        write_json_atomic(work / GENAI_CONFIG, genai_config(loaded.model.config, loaded.tokenizer, ONNX_FILE))
         model = onnx.load(str(work / ONNX_FILE))  # pulls in optimum's external data, if it wrote any
         for stale in work.glob(f"{ONNX_FILE}?*"):
             stale.unlink()
