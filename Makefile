@@ -54,17 +54,21 @@ results-onnx: $(STAMP)
 
 # Peak RSS of compression with and without block streaming (wanda: the decomposition is cheap,
 # so the figures show the memory of the block walk itself), then a random LLaMA with ~3 GB of
-# weights compressed under a 2.5 GB address-space cap: it fits only when streamed.
+# weights compressed inside a 2.5 GB memory cgroup (v1; needs root): it fits only when streamed.
+# (An address-space cap such as prlimit --as does not fit the case: safetensors maps whole
+# shards into the address space without reading them into RAM.)
 BIG_CAP = 2500000000
+CGROUP = /sys/fs/cgroup/memory/sslc-export-results
+IN_CAP = sh -c 'echo $$$$ > $(CGROUP)/cgroup.procs && exec "$$@"' in-cap
+BIG_JOB = compress --model $(RES)/big-random --method wanda --nsamples 16 --seqlen 128 --overwrite
 results-streaming: $(STAMP)
 	$(BIN)/sslc-export convert $(RES)/smollm2-hf --overwrite
-	$(BIN)/sslc-export compress --model $(RES)/smollm2-hf --method wanda --out $(RES)/stream-off --overwrite | tail -n 3
-	$(BIN)/sslc-export compress --model $(RES)/smollm2-hf --method wanda --out $(RES)/stream-on --streaming --overwrite | tail -n 3
+	$(BIN)/sslc-export compress --model $(RES)/smollm2-hf --method wanda --out $(RES)/stream-off --overwrite
+	$(BIN)/sslc-export compress --model $(RES)/smollm2-hf --method wanda --out $(RES)/stream-on --streaming --overwrite
 	test -f $(RES)/big-random/config.json || $(BIN)/python -m models.synthetic $(RES)/big-random --hidden 1536 --intermediate 6144 --layers 20
-	prlimit --as=$(BIG_CAP) $(BIN)/sslc-export compress --model $(RES)/big-random --method wanda --nsamples 16 --seqlen 128 \
-	  --streaming --out $(RES)/big-stream-on --overwrite | tail -n 3
-	! prlimit --as=$(BIG_CAP) $(BIN)/sslc-export compress --model $(RES)/big-random --method wanda --nsamples 16 --seqlen 128 \
-	  --out $(RES)/big-stream-off --overwrite
+	mkdir -p $(CGROUP) && echo $(BIG_CAP) > $(CGROUP)/memory.limit_in_bytes && echo 0 > $(CGROUP)/memory.swappiness
+	$(IN_CAP) $(BIN)/sslc-export $(BIG_JOB) --streaming --out $(RES)/big-stream-on
+	! $(IN_CAP) $(BIN)/sslc-export $(BIG_JOB) --out $(RES)/big-stream-off
 	$(BIN)/sslc-export checkpoints $(RES)/stream-off $(RES)/stream-on $(RES)/big-stream-on --report docs/results.md --section streaming
 
 test: $(STAMP)

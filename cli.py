@@ -42,9 +42,9 @@ def handles_user_errors(command):
         except (MemoryError, RuntimeError) as exc:
             if not isinstance(exc, MemoryError) and "allocate memory" not in str(exc):
                 raise
-            console.print("[bold red]error:[/] out of memory: for compression pass --streaming (one decoder block in "
-                          "memory at a time; needs a safetensors folder) or lower --nsamples / --batch-size",
-                          highlight=False, soft_wrap=True)
+            console.print("[bold red]error:[/] out of memory: free memory or raise the limit; for compress, --streaming "
+                          "keeps one decoder block in memory (safetensors folder) and lower --nsamples / --batch-size "
+                          "shrink the activations", highlight=False, soft_wrap=True)
             raise typer.Exit(3) from None
 
     return wrapper
@@ -349,15 +349,19 @@ def checkpoints_command(
 
     manifests = [read_manifest(folder) for folder in checkpoints]
     headers = ["checkpoint", "model", "method", "ratio", "streaming", "threads", "compress s", "peak RSS MB",
-               "address-space cap MB", "checkpoint MB"]
+               "memory cap MB", "checkpoint MB"]
 
     def megabytes(value: int | None, missing: str) -> str:
         return missing if value is None else f"{value / 1e6:.0f}"
 
+    def cap(manifest: dict) -> int | None:
+        limits = manifest.get("memory_limits") or {}
+        return min(limits.values()) if limits else None
+
     rows = [
         [folder.name, Path(m["source_model"]["source"]).name, m["method"], m["ratio"], "yes" if m.get("streaming") else "no",
          m["threads"], m["compression_seconds"], megabytes(m.get("peak_rss_bytes"), "not recorded"),
-         megabytes(m.get("address_space_limit_bytes"), "none"), f"{m['bytes']['total'] / 1e6:.1f}"]
+         megabytes(cap(m), "none"), f"{m['bytes']['total'] / 1e6:.1f}"]
         for folder, m in zip(checkpoints, manifests)
     ]
     print_table("checkpoints", headers, rows)

@@ -7,6 +7,7 @@ one block plus the calibration activations, not the whole model.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 from pathlib import Path
 
@@ -42,8 +43,21 @@ def shard_map(folder: Path) -> dict[str, Path]:
         raise UserError(f"could not read {single} ({exc}): is it complete and valid?") from None
 
 
+def return_freed_memory_to_the_os() -> None:
+    """glibc raises its mmap threshold after large frees, so later block-sized temporaries come
+    from the heap and are never given back: measured +110 MB of RSS per streamed block on a
+    3 GB model. A fixed threshold (1 MiB) keeps peak memory at one block."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: nothing to tune
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+
+
 class BlockStreamer:
     def __init__(self, folder: Path, architecture: Architecture):
+        return_freed_memory_to_the_os()
         self.files = shard_map(folder)
         self.prefix = architecture.blocks_path + "."
         config = AutoConfig.from_pretrained(folder)
@@ -66,7 +80,8 @@ class BlockStreamer:
             try:
                 with safe_open(str(file), framework="pt") as handle:
                     for name in file_names:
-                        set_module_tensor_to_device(self.model, name, "cpu", value=handle.get_tensor(name).float())
+                        # A copy, so the tensor does not pin the shard's memory map after the block is released.
+                        set_module_tensor_to_device(self.model, name, "cpu", value=handle.get_tensor(name).float().clone())
             except (SafetensorError, OSError) as exc:
                 raise UserError(f"could not read {file} ({exc}): is it complete and valid?") from None
 

@@ -226,10 +226,28 @@ def _compress_block(
     writer.save_block(index, layers, reports, inputs.hidden)
 
 
-def _address_space_limit() -> int | None:
-    """The RLIMIT_AS the run had (e.g. set by `prlimit --as`), so memory figures state their budget."""
-    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
-    return None if limit == resource.RLIM_INFINITY else limit
+def _memory_limits() -> dict:
+    """The memory budget the run had, so its peak-memory figure states what it fitted in:
+    RLIMIT_AS (prlimit --as, ulimit -v) and a cgroup memory limit (v1 or v2), where set."""
+    limits = {}
+    address_space = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if address_space != resource.RLIM_INFINITY:
+        limits["address_space_bytes"] = address_space
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, group = line.split(":", 2)
+            if controllers == "memory":
+                limit_file = Path("/sys/fs/cgroup/memory") / group.lstrip("/") / "memory.limit_in_bytes"
+            elif controllers == "":
+                limit_file = Path("/sys/fs/cgroup") / group.lstrip("/") / "memory.max"
+            else:
+                continue
+            value = limit_file.read_text().strip() if limit_file.is_file() else "max"
+            if value != "max" and int(value) < 1 << 60:
+                limits["cgroup_bytes"] = int(value)
+    except (OSError, ValueError):
+        pass  # not Linux, or no readable cgroup: no limit to record
+    return limits
 
 
 def _manifest(job: CompressJob, loaded: LoadedModel, layers: list[dict], num_blocks: int, calib: Path, seconds: float) -> dict:
@@ -252,7 +270,7 @@ def _manifest(job: CompressJob, loaded: LoadedModel, layers: list[dict], num_blo
         "compression_seconds": round(seconds, 1),
         "streaming": job.streaming,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # whole process, so far
-        "address_space_limit_bytes": _address_space_limit(),
+        "memory_limits": _memory_limits(),
         "threads": torch.get_num_threads(),
         "layers": layers,
     }
