@@ -21,9 +21,11 @@ PROMPTS = (
 # fp32 formats must match PyTorch closely and pick identical greedy tokens. Quantized ones
 # differ by construction (MatMulNBits at accuracy_level 4 also quantizes activations): their
 # bound only catches a broken graph; their quality is judged by perplexity (`bench --text`).
-# Measured on SmolLM2 sslc 0.5, int8: max relative logit error 7.2e-2, 89 % greedy agreement.
+# Measured on SmolLM2 (docs/results.md): sslc 0.5 int8 6.7e-2; sslc 0.5 int4 5.8e-1, and
+# onnxruntime's own int4 of the *dense* model 6.1e-1 against dense PyTorch, so an int4 bound
+# must admit ~0.6; a broken graph is far beyond it.
 FP32_RTOL = 1e-3
-QUANTIZED_RTOL = {"int8": 1.5e-1, "int4": 3e-1}
+QUANTIZED_RTOL = {"int8": 1.5e-1, "int4": 8e-1}
 
 
 def default_rtol(fmt: str) -> float:
