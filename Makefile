@@ -50,7 +50,7 @@ results-onnx: $(STAMP)
 	$(BIN)/sslc-export validate $(RES)/sslc-structured-0.5-structured $(RES)/sslc-structured-0.5
 	$(BIN)/sslc-export sizes $(SIZES_DIRS) $(RES)/sslc-structured-0.5-structured --report docs/results.md
 	$(BIN)/sslc-export bench $(RES)/dense $(RES)/dense-int4 $(RES)/sslc-0.5-dense $(RES)/sslc-0.5-int8 $(RES)/sslc-0.5-int4 \
-	  $(RES)/sslc-structured-0.5-structured --threads 2 --genai --out-dir docs/bench --report docs/results.md
+	  $(RES)/sslc-structured-0.5-structured --threads 2 --repeats 3 --genai --out-dir docs/bench --report docs/results.md
 
 # Peak RSS of compression with and without block streaming (wanda: the decomposition is cheap,
 # so the figures show the memory of the block walk itself), then a random LLaMA with ~3 GB of
