@@ -45,8 +45,8 @@ def shard_map(folder: Path) -> dict[str, Path]:
 
 def return_freed_memory_to_the_os() -> None:
     """glibc raises its mmap threshold after large frees, so later block-sized temporaries come
-    from the heap and are never given back: measured +110 MB of RSS per streamed block on a
-    3 GB model. A fixed threshold (1 MiB) keeps peak memory at one block."""
+    from the heap and are never given back: RSS then grows with every streamed block. A fixed
+    threshold (1 MiB) keeps peak memory at one block."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
