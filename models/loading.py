@@ -152,9 +152,7 @@ def cached_default(gguf: Path, sha256: str) -> Path | None:
         return folder
     work = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
     try:
-        loaded = _load(gguf, streaming=False)
-        loaded.model.save_pretrained(work, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(work)
+        _write_folder(_load(gguf, streaming=False), work)
         os.replace(work, folder)
     except OSError:  # unwritable cache, or another process published the folder first
         return folder if (folder / "config.json").is_file() else None
@@ -171,9 +169,13 @@ def save_model_folder(source: str | Path | None, out: Path, overwrite: bool = Fa
     loaded = load_model(source)
     work = partial_path(out)
     try:
-        loaded.model.save_pretrained(work, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(work)
+        _write_folder(loaded, work)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     publish_directory(work, out)
+
+
+def _write_folder(loaded: LoadedModel, folder: Path) -> None:
+    loaded.model.save_pretrained(folder, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(folder)
