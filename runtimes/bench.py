@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from models.loading import fix_end_token
+from runtimes.providers import get_provider
 from runtimes.session import ONNX_FILE, OnnxCausalLM
 from sslc_export.errors import UserError
 from sslc_export.evaluate import perplexity
@@ -127,6 +128,7 @@ def _child(folder: str, provider: str, config: BenchConfig, queue) -> None:
     try:
         result = bench_model(Path(folder), provider, config)
         result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result["device_memory_bytes"] = get_provider(provider).device_memory_bytes()
         queue.put(("ok", result))
     except UserError as exc:
         queue.put(("error", str(exc)))
@@ -168,20 +170,26 @@ def bench(folders: list[Path], providers: list[str], config: BenchConfig) -> dic
 
 COLUMNS = ["model", "provider", "size MB", "prefill 128 tok/s", "prefill 512 tok/s", "decode ms/tok p50", "decode p90",
            "decode tok/s", "decode speed-up", "peak RSS MB", "perplexity"]
+GPU_COLUMNS = ["GPU memory MB"]
 GENAI_COLUMNS = ["genai decode ms/tok p50", "genai greedy = ours"]
 
 
+def _on_gpu(report: dict) -> bool:
+    return any(row.get("device_memory_bytes") for row in report["rows"])
+
+
 def columns(report: dict) -> list[str]:
-    return COLUMNS + GENAI_COLUMNS * any("genai" in row for row in report["rows"])
+    return COLUMNS + GPU_COLUMNS * _on_gpu(report) + GENAI_COLUMNS * any("genai" in row for row in report["rows"])
 
 
 def table_rows(report: dict) -> list[list[str]]:
     rows = report["rows"]
     base = {row["provider"]: row for row in rows if row["model"] == rows[0]["model"]}
+    on_gpu = _on_gpu(report)
     out = []
     for row in rows:
         ref = base[row["provider"]]
-        out.append([
+        cells = [
             row["model"], row["provider"], f"{row['file_bytes'] / 1e6:.0f}",
             f"{row['prefill'].get('128', {}).get('tokens_per_s', float('nan')):.0f}",
             f"{row['prefill'].get('512', {}).get('tokens_per_s', float('nan')):.0f}",
@@ -189,7 +197,12 @@ def table_rows(report: dict) -> list[list[str]]:
             f"{ref['decode']['p50_ms'] / row['decode']['p50_ms']:.2f}x",
             f"{row['peak_rss_bytes'] / 1e6:.0f}",
             f"{row['perplexity']:.2f}" if "perplexity" in row else "",
-        ] + ([f"{row['genai']['decode']['p50_ms']:.1f}", f"{row['genai']['greedy_agreement']:.0%}"] if "genai" in row else []))
+        ]
+        if on_gpu:
+            cells.append(f"{(row.get('device_memory_bytes') or 0) / 1e6:.0f}")
+        if "genai" in row:
+            cells += [f"{row['genai']['decode']['p50_ms']:.1f}", f"{row['genai']['greedy_agreement']:.0%}"]
+        out.append(cells)
     return out
 
 

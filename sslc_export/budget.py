@@ -2,7 +2,7 @@
 
 A layer W (m x n) compressed at ratio c may keep floor((1 - c) * m * n) parameters.
 A rank-r pair U (m x r), V (r x n) costs r * (m + n); S gets what is left, shaped by the
-pattern (N:M fixes S's size; structured S is whole columns or rows).
+pattern (N:M fixes S's size and U, V get the rest; structured S is whole columns or rows).
 """
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ def plan_budget(out_features: int, in_features: int, ratio: float, rank_ratio: f
                 f"--ratio {ratio} keeps {allowed / (m * n):.0%} of each layer but an {pattern.n}:{pattern.m} S alone keeps "
                 f"{pattern.n / pattern.m:.0%}: use --ratio <= {1 - pattern.n / pattern.m:.2f} or a sparser N:M"
             )
-        rank = min(rank, (allowed - nnz) // (m + n)) if rank_ratio > 0 else 0
+        # N:M fixes S's size, so whatever it leaves goes to U, V (rank_ratio only switches the low-rank part on).
+        rank = min((allowed - nnz) // (m + n), m, n) if rank_ratio > 0 else 0
         return Budget(m, n, rank, nnz, allowed)
     if rank_ratio == 1.0:
         return Budget(m, n, rank, 0, allowed)  # low-rank only: the rounding remainder stays unused

@@ -64,8 +64,8 @@ class InputStatistics:
     the exact loss ‖(W - Ŵ)X‖ and the OBS Hessian.
     """
 
-    def __init__(self, in_features: int):
-        self.gram = torch.zeros(in_features, in_features)
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.gram = torch.zeros(in_features, in_features, device=device)
         self.tokens = 0
 
     def add_batch(self, inputs: torch.Tensor) -> None:

@@ -3,7 +3,8 @@
 Block i is calibrated on the outputs of the already-compressed blocks 0..i-1. Inside a
 block, input groups are compressed in order (q/k/v, o, gate/up, down), each group's
 statistics gathered with the earlier groups already compressed (SparseGPT's "true
-sequential" order). Methods see only a weight, its statistics and a budget.
+sequential" order; the walk itself is sslc_export/blockwalk.py). Methods see only a weight,
+its statistics and a budget.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from models.architectures import Architecture
 from models.loading import LoadedModel, load_model, resolve_source
 from sslc_export import __version__
 from sslc_export.atomic import check_writable_target
+from sslc_export.blockwalk import BlockInputs, walk_block
 from sslc_export.budget import check_ratio, plan_budget
 from sslc_export.calibration import DEFAULT_CALIBRATION_TEXT, InputStatistics, read_text, token_batches
 from sslc_export.errors import UserError
@@ -48,6 +50,7 @@ class CompressJob:
     resume: bool = False
     overwrite: bool = False
     streaming: bool = False  # one decoder block in memory at a time (safetensors folders)
+    device: str = "cpu"  # where calibration passes and decompositions run; the model itself stays in host memory
 
 
 @dataclass
@@ -56,65 +59,45 @@ class CompressOutcome:
     loaded: LoadedModel | None  # the in-memory compressed model (None when streamed: reload the checkpoint)
 
 
-@dataclass
-class BlockInputs:
-    """Everything a decoder block's forward needs besides its weights."""
-
-    hidden: torch.Tensor  # nsamples x seqlen x hidden
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
-    attention_mask: torch.Tensor | None
-    batch_size: int
-
-    def forward(self, block: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            out = block(batch, attention_mask=self.attention_mask, position_embeddings=self.position_embeddings)
-        return out[0] if isinstance(out, tuple) else out
-
-    def run(self, block: nn.Module) -> torch.Tensor:
-        return torch.cat([self.forward(block, batch) for batch in self.hidden.split(self.batch_size)])
-
-
-class _InputCaptured(Exception):
-    """Raised by the statistics hook: the rest of the block's forward is not needed."""
+def compute_device(name: str) -> torch.device:
+    """The torch device named by --device, checked before any work starts."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device '{name}': use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu, or install a CUDA build of torch on a GPU machine"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name} is not supported: use cpu or cuda")
+    return device
 
 
-def _block_inputs(loaded: LoadedModel, tokens: torch.Tensor, hidden: torch.Tensor | None, batch_size: int) -> BlockInputs:
+def _block_inputs(
+    loaded: LoadedModel, tokens: torch.Tensor, hidden: torch.Tensor | None, batch_size: int, device: torch.device
+) -> BlockInputs:
+    """Embeddings, rotary tables and mask are computed in host memory, then moved to `device` with the activations."""
     inner = loaded.model.get_submodule(loaded.architecture.blocks_path.rpartition(".")[0])
     with torch.no_grad():
         if hidden is None:
             hidden = inner.embed_tokens(tokens)
         positions = torch.arange(tokens.shape[1]).unsqueeze(0)
-        batch = hidden[:batch_size]
-        position_embeddings = inner.rotary_emb(batch, positions)
+        one = hidden[:1]  # mask and rotary tables for one sequence broadcast over any batch
+        position_embeddings = inner.rotary_emb(one, positions)
         mask = create_causal_mask(
             config=loaded.model.config,
-            input_embeds=batch,
+            input_embeds=one,
             attention_mask=None,
             cache_position=positions[0],
             past_key_values=None,
             position_ids=positions,
         )
-    return BlockInputs(hidden, position_embeddings, mask, batch_size)
-
-
-def _gather_statistics(block: nn.Module, linear_name: str, inputs: BlockInputs) -> InputStatistics:
-    linear = block.get_submodule(linear_name)
-    stats = InputStatistics(linear.in_features)
-
-    def capture(_module: nn.Module, args: tuple) -> None:
-        stats.add_batch(args[0])
-        raise _InputCaptured
-
-    handle = linear.register_forward_pre_hook(capture)
-    try:
-        for batch in inputs.hidden.split(inputs.batch_size):
-            try:
-                inputs.forward(block, batch)
-            except _InputCaptured:
-                pass
-    finally:
-        handle.remove()
-    return stats
+    position_embeddings = tuple(table.to(device) for table in position_embeddings)
+    return BlockInputs(hidden.to(device), position_embeddings, None if mask is None else mask.to(device), batch_size)
 
 
 def fingerprint(job: CompressJob, model_identity: dict, calib_text: str) -> dict:
@@ -139,6 +122,7 @@ def compress(job: CompressJob, progress: ProgressCallback | None = None) -> Comp
     method.check(job.pattern, job.settings)
     if job.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {job.batch_size}")
+    device = compute_device(job.device)
     check_writable_target(job.out, job.overwrite)
     calib_path = job.calib or DEFAULT_CALIBRATION_TEXT
     calib_text = read_text(calib_path)
@@ -154,7 +138,7 @@ def compress(job: CompressJob, progress: ProgressCallback | None = None) -> Comp
         for name in architecture.linear_names:
             plan_budget(*block.get_submodule(name).weight.shape, job.ratio, rank_ratio, job.pattern)
     writer = CheckpointWriter(job.out, fingerprint(job, loaded.identity, calib_text), job.resume)
-    inputs = _block_inputs(loaded, tokens, writer.load_hidden() if writer.completed else None, job.batch_size)
+    inputs = _block_inputs(loaded, tokens, writer.load_hidden() if writer.completed else None, job.batch_size, device)
     compressed_names = {f"{architecture.blocks_path}.{i}.{name}" for i in range(len(blocks)) for name in architecture.linear_names}
     try:
         for index, block in enumerate(blocks):
@@ -165,7 +149,9 @@ def compress(job: CompressJob, progress: ProgressCallback | None = None) -> Comp
                 continue
             if loaded.streamer:
                 loaded.streamer.load_block(index)
+            block.to(device)
             _compress_block(job, method, architecture, index, block, inputs, writer, progress, len(blocks))
+            block.to("cpu")  # the compressed block rejoins the model in host memory; the device holds one block at a time
             if loaded.streamer:  # written to the checkpoint: free it (the block's norms are tiny and stay)
                 for name in architecture.linear_names:
                     loaded.streamer.release(block.get_submodule(name))
@@ -193,9 +179,9 @@ def _compress_block(
     rank_ratio = method.rank_ratio(job.settings)
     layers: dict[str, CompressedTensors] = {}
     reports: list[dict] = []
-    for group in architecture.input_groups:
-        stats = _gather_statistics(block, group[0], inputs)
-        for name in group:
+
+    def compress_group(names: tuple[str, ...], stats: InputStatistics) -> None:
+        for name in names:
             if progress:
                 per_block = len(architecture.linear_names)
                 progress(index * per_block + len(reports), num_blocks * per_block, f"block {index} {name}")
@@ -205,7 +191,9 @@ def _compress_block(
             layer_start = time.perf_counter()
             result = method.decompose(weight, stats, budget, job.pattern, job.settings)
             bias = None if linear.bias is None else linear.bias.detach().float()
-            layers[f"{prefix}.{name}"] = CompressedTensors(result.u, result.v, result.sparse, result.mask, bias)
+            layers[f"{prefix}.{name}"] = CompressedTensors(
+                result.u.cpu(), result.v.cpu(), result.sparse.cpu(), result.mask.cpu(), None if bias is None else bias.cpu()
+            )
             replace_linear(block, name, SparseLowRankLinear(result.sparse, result.u, result.v, bias))
             nnz = int(result.mask.sum())
             reports.append(
@@ -222,8 +210,9 @@ def _compress_block(
                     "seconds": round(time.perf_counter() - layer_start, 3),
                 }
             )
-    inputs.hidden = inputs.run(block)
-    writer.save_block(index, layers, reports, inputs.hidden)
+
+    inputs.hidden = walk_block(block, architecture, inputs, compress_group)
+    writer.save_block(index, layers, reports, inputs.hidden.cpu())
 
 
 def _memory_limits() -> dict:
@@ -269,6 +258,8 @@ def _manifest(job: CompressJob, loaded: LoadedModel, layers: list[dict], num_blo
         "params_total": total,
         "compression_seconds": round(seconds, 1),
         "streaming": job.streaming,
+        "device": job.device,
+        "peak_device_bytes": torch.cuda.max_memory_allocated() if job.device.startswith("cuda") else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # whole process, so far
         "memory_limits": _memory_limits(),
         "threads": torch.get_num_threads(),

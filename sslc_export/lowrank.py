@@ -15,7 +15,7 @@ def randomized_svd(
     rows, cols = matrix.shape
     width = min(rank + oversample, rows, cols)
     if warm_start is None:
-        probe = torch.randn(cols, width, dtype=matrix.dtype)
+        probe = torch.randn(cols, width, dtype=matrix.dtype, device=matrix.device)
     else:
         probe, power_iters = warm_start, 1
     basis = torch.linalg.qr(matrix @ probe).Q
@@ -26,8 +26,10 @@ def randomized_svd(
     return u, right_t[:rank], right_t.T.contiguous()
 
 
-def empty_factors(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.zeros(rows, 0), torch.zeros(0, cols)
+def empty_factors(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-0 factors for a matrix shaped and placed like `like`."""
+    rows, cols = like.shape
+    return like.new_zeros(rows, 0), like.new_zeros(0, cols)
 
 
 class Whitening:
@@ -38,7 +40,7 @@ class Whitening:
     """
 
     def __init__(self, gram: torch.Tensor, damp: float):
-        damped = gram + damp * gram.diagonal().mean().clamp_min(1e-8) * torch.eye(gram.shape[0])
+        damped = gram + damp * gram.diagonal().mean().clamp_min(1e-8) * torch.eye(gram.shape[0], device=gram.device)
         self.factor = torch.linalg.cholesky(damped)
 
     def low_rank(

@@ -16,7 +16,7 @@ class ObsPruner:
         hessian = gram.clone()
         self.dead = hessian.diagonal() == 0  # inputs that never fire carry no information
         hessian[self.dead, self.dead] = 1.0
-        hessian += damp * hessian.diagonal().mean() * torch.eye(hessian.shape[0])
+        hessian += damp * hessian.diagonal().mean() * torch.eye(hessian.shape[0], device=hessian.device)
         inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
         self.inverse_factor = torch.linalg.cholesky(inverse, upper=True)
         self.blocksize = blocksize

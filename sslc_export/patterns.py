@@ -61,7 +61,7 @@ def _top_per_row(scores: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def _top_overall(scores: torch.Tensor, count: int) -> torch.Tensor:
-    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     mask[torch.topk(scores.flatten(), count).indices] = True
     return mask.view_as(scores)
 

@@ -61,7 +61,8 @@ def test_nm_budget_and_mask():
     pattern = Pattern(kind="nm", n=2, m=4)
     budget = plan_budget(16, 32, 0.4, 0.15, pattern)
     assert budget.nnz == 16 * 32 // 2
-    assert budget.params_kept <= budget.allowed
+    assert budget.params_kept <= budget.allowed < budget.params_kept + 16 + 32  # the low-rank pair takes the rest
+    assert plan_budget(16, 32, 0.4, 0.0, pattern).rank == 0  # pruning-only methods get no U, V
     mask = select(torch.rand(16, 32), budget.nnz, pattern)
     assert (mask.reshape(16, 8, 4).sum(-1) == 2).all()
 

@@ -229,3 +229,21 @@ def test_bench_refuses_an_unavailable_provider(tiny_llama, tmp_path):
     result = CliRunner().invoke(app, ["bench", str(tmp_path), "--provider", "tensorrt"])
     if "TensorrtExecutionProvider" not in __import__("onnxruntime").get_available_providers():
         assert result.exit_code == 2 and "not available" in result.output
+
+
+def test_io_binding_path_matches_plain_run(tiny_llama, tmp_path):
+    """The GPU providers keep the KV cache on the device through IO binding; the same code path,
+    bound to host memory, must reproduce the plain run's logits step for step."""
+    from runtimes.session import OnnxCausalLM
+
+    ckpt = checkpoint(tiny_llama, tmp_path / "ckpt", Pattern())
+    export_checkpoint_dir(ckpt, tmp_path / "onnx", "dense")
+    plain, bound = OnnxCausalLM(tmp_path / "onnx"), OnnxCausalLM(tmp_path / "onnx", io_binding=True)
+    ids = np.array([[5, 17, 42, 7, 99]])
+    plain_past, bound_past = plain.empty_past(), bound.empty_past()
+    for _ in range(4):
+        plain_logits, plain_past = plain.step(ids, plain_past)
+        bound_logits, bound_past = bound.step(ids, bound_past)
+        np.testing.assert_allclose(bound_logits, plain_logits, rtol=1e-5, atol=1e-5)
+        ids = np.array([[int(plain_logits[0, -1].argmax())]])
+    assert bound_past[0].shape()[2] == plain_past[0].shape[2] == 8

@@ -138,3 +138,47 @@ def test_streaming_peak_memory_is_one_block_not_the_model(tmp_path):
         peaks[streaming] = json.loads((out / "manifest.json").read_text())["peak_rss_bytes"]
     assert model_bytes > 250e6
     assert peaks[True] < peaks[False] - 0.5 * model_bytes, (peaks, model_bytes)
+
+
+@pytest.mark.parametrize("device", ["cuda", "tpu", "cuda:banana"])
+def test_unusable_device_is_a_clear_error_before_any_work(tiny_llama, tmp_path, device):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: the no-GPU error cannot be shown here")
+    with pytest.raises(UserError, match="--device"):
+        compress(small_job(tiny_llama, tmp_path / "out", device=device))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine: the --device cuda run is checked on a GPU machine")
+def test_compress_on_cuda_matches_cpu_quality(tiny_llama, tmp_path):
+    """The GPU path computes the same decomposition up to float rounding and its own random SVD probes."""
+    on_cpu = compress(small_job(tiny_llama, tmp_path / "cpu")).manifest
+    on_gpu = compress(small_job(tiny_llama, tmp_path / "gpu", device="cuda")).manifest
+    assert on_gpu["device"] == "cuda" and on_gpu["peak_device_bytes"] > 0
+    for cpu_layer, gpu_layer in zip(on_cpu["layers"], on_gpu["layers"]):
+        assert gpu_layer["nnz"] == cpu_layer["nnz"] and gpu_layer["rank"] == cpu_layer["rank"]
+        assert gpu_layer["relative_loss"] == pytest.approx(cpu_layer["relative_loss"], rel=0.05, abs=1e-3)
+    reloaded, _ = load_checkpoint(tmp_path / "gpu")
+    assert next(reloaded.model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_block_walk_reproduces_the_block_forward(tiny_model, attention):
+    """The walk computes each branch as h + output(captured input): it must equal the block's own forward,
+    including a last calibration batch smaller than the others (the mask broadcasts)."""
+    from models.loading import load_model
+    from sslc_export.blockwalk import walk_block
+    from sslc_export.compress import _block_inputs
+
+    loaded = load_model(str(tiny_model))
+    loaded.model.config._attn_implementation = attention
+    tokens = torch.randint(0, loaded.model.config.vocab_size, (5, 16))
+    inputs = _block_inputs(loaded, tokens, None, batch_size=2, device=torch.device("cpu"))
+    block = loaded.architecture.blocks(loaded.model)[0]
+    with torch.no_grad():
+        expected = block(inputs.hidden, attention_mask=inputs.attention_mask, position_embeddings=inputs.position_embeddings)
+    expected = expected[0] if isinstance(expected, tuple) else expected
+    groups = []
+    actual = walk_block(block, loaded.architecture, inputs, lambda names, stats: groups.append((names, stats.tokens)))
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert groups == [(group, 5 * 16) for group in loaded.architecture.input_groups]

@@ -2,6 +2,8 @@
 to open an onnxruntime session on it. Adding a provider is one file and a registry line."""
 from __future__ import annotations
 
+import os
+import subprocess
 from abc import ABC
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +24,26 @@ class Provider(ABC):
     name: ClassVar[str]
     execution_provider: ClassVar[str]
     needs: ClassVar[str] = ""  # what to install or have when it is missing
+    device_type: ClassVar[str] = "cpu"  # where its inputs, outputs and KV cache live (OrtValue device names)
 
     def availability(self) -> Availability:
         if self.execution_provider in ort.get_available_providers():
             return Availability(True, f"{self.execution_provider} is in this onnxruntime build")
         return Availability(False, f"{self.execution_provider} is not in this onnxruntime build ({ort.__version__}); {self.needs}")
+
+    def device_memory_bytes(self) -> int | None:
+        """GPU memory this process holds (onnxruntime's arena keeps its peak), from nvidia-smi; None off-GPU."""
+        if self.device_type != "cuda":
+            return None
+        try:
+            listing = subprocess.run(
+                ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                capture_output=True, text=True, timeout=30, check=True,
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        used = [int(mib) for pid, mib in (line.split(", ") for line in listing.splitlines() if ", " in line) if int(pid) == os.getpid()]
+        return used[0] * 1024 * 1024 if used else None
 
     def provider_options(self) -> dict:
         return {}

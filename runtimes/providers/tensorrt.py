@@ -7,6 +7,7 @@ class TensorRt(Provider):
 
     name = "tensorrt"
     execution_provider = "TensorrtExecutionProvider"
+    device_type = "cuda"
     needs = "install onnxruntime-gpu and TensorRT on a machine with an NVIDIA GPU"
 
     def provider_options(self) -> dict:

@@ -11,6 +11,7 @@ import torch
 from sslc_export.budget import Budget
 from sslc_export.calibration import InputStatistics
 from sslc_export.errors import UserError
+from sslc_export.lowrank import empty_factors
 from sslc_export.patterns import Pattern
 
 LOSSES = ("diag", "exact")
@@ -20,7 +21,7 @@ LOSSES = ("diag", "exact")
 class Settings:
     """Knobs shared by all methods; each method reads the ones it needs."""
 
-    rank_ratio: float = 0.15  # share of the kept budget spent on U, V (sslc)
+    rank_ratio: float = 0.10  # share of the kept budget spent on U, V (sslc); measured best on SmolLM2 (docs/results.md)
     iters: int | None = None  # alternating iterations (sslc); None: the method's default for its loss
     salient_fraction: float = 0.01  # top |W·D| entries always kept in S (sslc)
     loss: str | None = None  # diag: activation-scaled W; exact: whitened by XᵀX with OBS pruning; None: method's first
@@ -82,8 +83,7 @@ class Method(ABC):
 
 
 def sparse_only(sparse: torch.Tensor, mask: torch.Tensor) -> Decomposition:
-    rows, cols = sparse.shape
-    return Decomposition(torch.zeros(rows, 0), torch.zeros(0, cols), sparse, mask)
+    return Decomposition(*empty_factors(sparse), sparse, mask)
 
 
 def activation_scale(stats: InputStatistics) -> torch.Tensor:

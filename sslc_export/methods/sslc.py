@@ -96,7 +96,7 @@ class Sslc(Method):
         iters = settings.iters if budget.rank else 1  # a layer too small for rank 1 is pruned once
 
         def no_low_rank(_residual: torch.Tensor, _warm: torch.Tensor | None):
-            return *empty_factors(rows, cols), None
+            return *empty_factors(weight), None
 
         if settings.loss == "exact":
             whitening = Whitening(stats.gram, settings.damp)
