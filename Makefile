@@ -48,9 +48,13 @@ results-onnx: $(STAMP)
 	$(BIN)/sslc-export compress --out $(RES)/sslc-structured-0.5 --pattern structured --ratio 0.5 --overwrite
 	$(BIN)/sslc-export export $(RES)/sslc-structured-0.5 $(RES)/sslc-structured-0.5-structured --format structured --overwrite
 	$(BIN)/sslc-export validate $(RES)/sslc-structured-0.5-structured $(RES)/sslc-structured-0.5
-	$(BIN)/sslc-export sizes $(SIZES_DIRS) $(RES)/sslc-structured-0.5-structured --report docs/results.md
+	# 2:4 S plus U, V (ratio 0.4: 2:4 keeps half of each layer, the low-rank pair gets the other tenth)
+	$(BIN)/sslc-export compress --out $(RES)/sslc-nm-0.4 --pattern nm --nm 2:4 --ratio 0.4 --overwrite
+	$(BIN)/sslc-export export $(RES)/sslc-nm-0.4 $(RES)/sslc-nm-0.4-nm --format nm --overwrite
+	$(BIN)/sslc-export validate $(RES)/sslc-nm-0.4-nm $(RES)/sslc-nm-0.4
+	$(BIN)/sslc-export sizes $(SIZES_DIRS) $(RES)/sslc-structured-0.5-structured $(RES)/sslc-nm-0.4-nm --report docs/results.md
 	$(BIN)/sslc-export bench $(RES)/dense $(RES)/dense-int4 $(RES)/sslc-0.5-dense $(RES)/sslc-0.5-int8 $(RES)/sslc-0.5-int4 \
-	  $(RES)/sslc-structured-0.5-structured --threads 2 --repeats 3 --genai --out-dir docs/bench --report docs/results.md
+	  $(RES)/sslc-structured-0.5-structured $(RES)/sslc-nm-0.4-nm --threads 2 --repeats 3 --genai --out-dir docs/bench --report docs/results.md
 
 # Peak RSS of compression with and without block streaming (wanda: the decomposition is cheap,
 # so the figures show the memory of the block walk itself), then a random LLaMA with ~3 GB of
