@@ -170,7 +170,8 @@ def print_compress_summary(manifest: dict) -> None:
         f"kept {manifest['params_kept']:,} of {manifest['params_total']:,} compressed-layer parameters "
         f"({manifest['params_kept'] / manifest['params_total']:.1%}); mean relative loss {sum(losses) / len(losses):.4f}; "
         f"checkpoint {manifest['bytes']['total'] / 1e6:.1f} MB; peak RSS {manifest['peak_rss_bytes'] / 1e6:.0f} MB"
-        f"{' (streaming)' if manifest['streaming'] else ''}; {manifest['threads']} threads"
+        f"{' (streaming)' if manifest['streaming'] else ''}; {manifest['threads']} threads on {manifest.get('device', 'cpu')}"
+        + (f", {manifest['peak_device_bytes'] / 1e6:.0f} MB peak GPU memory" if manifest.get("peak_device_bytes") else "")
     )
 
 
@@ -343,15 +344,16 @@ def checkpoints_command(
     section: str = typer.Option("checkpoints", help="Section of --report to replace."),
     json_path: Optional[Path] = JsonOption,
 ):
-    """Tabulate how checkpoints were made: method, ratio, streaming, wall time, peak memory, size.
+    """Tabulate how checkpoints were made: method, ratio, device, wall time (and the part spent in
+    the methods' decompositions), peak memory, size.
 
     The figures come from each checkpoint's manifest, recorded by the run that wrote it."""
     from sslc_export.checkpoint import read_manifest
     from sslc_export.report import markdown_table, update_markdown_section, write_json
 
     manifests = [read_manifest(folder) for folder in checkpoints]
-    headers = ["checkpoint", "model", "method", "ratio", "streaming", "threads", "compress s", "peak RSS MB",
-               "memory cap MB", "checkpoint MB"]
+    headers = ["checkpoint", "model", "method", "ratio", "streaming", "device", "threads", "compress s", "decompose s",
+               "peak RSS MB", "memory cap MB", "checkpoint MB"]
 
     def megabytes(value: int | None, missing: str) -> str:
         return missing if value is None else f"{value / 1e6:.0f}"
@@ -362,7 +364,8 @@ def checkpoints_command(
 
     rows = [
         [folder.name, Path(m["source_model"]["source"]).name, m["method"], m["ratio"], "yes" if m.get("streaming") else "no",
-         m["threads"], m["compression_seconds"], megabytes(m.get("peak_rss_bytes"), "not recorded"),
+         m.get("device", "cpu"), m["threads"], m["compression_seconds"], f"{sum(layer['seconds'] for layer in m['layers']):.1f}",
+         megabytes(m.get("peak_rss_bytes"), "not recorded"),
          megabytes(cap(m), "none"), f"{m['bytes']['total'] / 1e6:.1f}"]
         for folder, m in zip(checkpoints, manifests)
     ]

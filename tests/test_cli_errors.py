@@ -49,6 +49,7 @@ def test_bad_ratio(tiny_llama, tmp_path, ratio):
         (["--loss", "exact", "--pattern", "structured"], "--loss exact has no structured"),
         (["--iters", "0"], "--iters must be >= 1"),
         (["--pattern", "nm", "--ratio", "0.7"], "use --ratio <= 0.50"),
+        (["--device", "quantum"], "--device"),
     ],
 )
 def test_bad_method_settings(tiny_llama, tmp_path, flags, expected):
@@ -152,3 +153,11 @@ def test_compress_and_eval_write_json(tiny_llama, tmp_path, calib_file):
     result = run("eval", out, "--text", calib_file, "--window", 64, "--max-new-tokens", 4, "--json", evaluation)
     assert result.exit_code == 0, result.output
     assert json.loads(evaluation.read_text())["perplexity"] > 1
+    report = tmp_path / "report.md"
+    report.write_text("<!-- BEGIN timing -->\n<!-- END timing -->\n")
+    result = run("checkpoints", out, "--report", report, "--section", "timing")
+    assert result.exit_code == 0, result.output
+    row = report.read_text().splitlines()[-2]  # the table's only row, above the END marker
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[0] == "ckpt" and cells[5] == "cpu"
+    assert 0 < float(cells[8]) <= float(cells[7]) == manifest["compression_seconds"]  # decompositions inside the wall time
