@@ -37,11 +37,11 @@ results: results-compression results-onnx results-streaming
 results-compression: $(STAMP)
 	$(BIN)/sslc-export compare --report docs/results.md --json docs/compare.json --work-dir runs/compare
 
-SIZES_DIRS = $(RES)/dense $(RES)/dense-int4 $(RES)/sslc-0.5-dense $(RES)/sslc-0.5-int8 $(RES)/sslc-0.5-int4
+SIZES_DIRS = $(RES)/dense $(RES)/dense-int4 $(RES)/sslc-0.5-dense $(RES)/sslc-0.5-joined $(RES)/sslc-0.5-int8 $(RES)/sslc-0.5-int4
 results-onnx: $(STAMP)
 	$(BIN)/sslc-export export --dense $(RES)/dense --overwrite
 	$(BIN)/sslc-export export --dense $(RES)/dense-int4 --format int4 --overwrite
-	for fmt in dense int8 int4; do \
+	for fmt in dense joined int8 int4; do \
 	  $(BIN)/sslc-export export runs/compare/sslc-default-r0.5 $(RES)/sslc-0.5-$$fmt --format $$fmt --overwrite || exit 1; \
 	  $(BIN)/sslc-export validate $(RES)/sslc-0.5-$$fmt runs/compare/sslc-default-r0.5 || echo "validation of $$fmt failed (see docs/results.md)"; done
 	$(BIN)/sslc-export validate $(RES)/dense-int4 || echo "validation of the dense int4 baseline failed (see docs/results.md)"
@@ -53,7 +53,7 @@ results-onnx: $(STAMP)
 	$(BIN)/sslc-export export $(RES)/sslc-nm-0.4 $(RES)/sslc-nm-0.4-nm --format nm --overwrite
 	$(BIN)/sslc-export validate $(RES)/sslc-nm-0.4-nm $(RES)/sslc-nm-0.4
 	$(BIN)/sslc-export sizes $(SIZES_DIRS) $(RES)/sslc-structured-0.5-structured $(RES)/sslc-nm-0.4-nm --report docs/results.md
-	$(BIN)/sslc-export bench $(RES)/dense $(RES)/dense-int4 $(RES)/sslc-0.5-dense $(RES)/sslc-0.5-int8 $(RES)/sslc-0.5-int4 \
+	$(BIN)/sslc-export bench $(RES)/dense $(RES)/dense-int4 $(RES)/sslc-0.5-dense $(RES)/sslc-0.5-joined $(RES)/sslc-0.5-int8 $(RES)/sslc-0.5-int4 \
 	  $(RES)/sslc-structured-0.5-structured $(RES)/sslc-nm-0.4-nm --threads 2 --repeats 3 --genai --out-dir docs/bench --report docs/results.md
 
 # Peak RSS of compression with and without block streaming (wanda: the decomposition is cheap,

@@ -236,7 +236,7 @@ def evaluate_command(
 def export_command(
     source: Optional[str] = typer.Argument(None, help="Checkpoint folder (or, with --dense, a model; default: bundled)."),
     out_dir: Optional[Path] = typer.Argument(None, help="ONNX folder to create."),
-    fmt: str = typer.Option("dense", "--format", "-f", help="dense (S stored dense, the reference) | structured | nm | int4 | int8 (MatMulNBits, block 32, accuracy_level 4)."),
+    fmt: str = typer.Option("dense", "--format", "-f", help="dense (S stored dense, the reference) | joined (one MatMul on [x, x·Vᵀ] for S and U) | structured | nm | int4 | int8 (MatMulNBits, block 32, accuracy_level 4, joined layout)."),
     dense: bool = typer.Option(False, "--dense", help="Export an uncompressed model as the baseline (SOURCE is a model)."),
     overwrite: bool = typer.Option(False, help="Replace an existing folder (only once the new one is complete)."),
     json_path: Optional[Path] = JsonOption,

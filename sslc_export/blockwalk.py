@@ -62,23 +62,38 @@ def _capture_input(body: nn.Module, output: nn.Module, batch: torch.Tensor, kwar
     return captured[0]
 
 
-def _branch(block: nn.Module, branch: ResidualBranch, hidden: torch.Tensor, inputs: BlockInputs, compress_group: CompressGroup) -> torch.Tensor:
+def _map(function: Callable[[torch.Tensor], torch.Tensor], activations: torch.Tensor, size: int) -> torch.Tensor:
+    """`function` over batches, written into one preallocated result: a list then torch.cat would hold it twice."""
+    result = None
+    for start in range(0, activations.shape[0], size):
+        out = function(activations[start : start + size])
+        if result is None:
+            result = out.new_empty((activations.shape[0], *out.shape[1:]))
+        result[start : start + out.shape[0]] = out
+    return result
+
+
+def _branch(block: nn.Module, branch: ResidualBranch, hidden: torch.Tensor, inputs: BlockInputs, compress_group: CompressGroup) -> None:
     size = inputs.batch_size
-    normed = torch.cat([block.get_submodule(branch.norm)(batch) for batch in hidden.split(size)])
+    normed = _map(block.get_submodule(branch.norm), hidden, size)
     compress_group(branch.first, _statistics(normed, size))
     kwargs = {"attention_mask": inputs.attention_mask, "position_embeddings": inputs.position_embeddings} if branch.attention else {}
-    body = block.get_submodule(branch.body)
-    captured = torch.cat([_capture_input(body, block.get_submodule(branch.output), batch, kwargs) for batch in normed.split(size)])
+    body, output_name = block.get_submodule(branch.body), branch.output
+    captured = _map(lambda batch: _capture_input(body, block.get_submodule(output_name), batch, kwargs), normed, size)
     del normed
     compress_group((branch.output,), _statistics(captured, size))
     output = block.get_submodule(branch.output)  # the compressed Linear now
-    return torch.cat([h + output(x) for h, x in zip(hidden.split(size), captured.split(size))])
+    for start in range(0, hidden.shape[0], size):
+        hidden[start : start + size] += output(captured[start : start + size])
 
 
 def walk_block(block: nn.Module, architecture: Architecture, inputs: BlockInputs, compress_group: CompressGroup) -> torch.Tensor:
-    """Compress the block's Linears in input-group order; return its output on the calibration activations."""
+    """Compress the block's Linears in input-group order; return its output on the calibration activations.
+
+    The activations are advanced in place (inputs.hidden is the block's output afterwards): calibration
+    activations are the walk's largest tensors, and no caller needs the block's input again."""
     hidden = inputs.hidden
     with torch.no_grad():
         for branch in architecture.branches:
-            hidden = _branch(block, branch, hidden, inputs, compress_group)
+            _branch(block, branch, hidden, inputs, compress_group)
     return hidden

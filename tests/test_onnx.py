@@ -21,6 +21,7 @@ from sslc_export.patterns import Pattern
 
 PATTERNS = {
     "dense": Pattern(),
+    "joined": Pattern(),
     "structured": Pattern(kind="structured"),
     "structured-rows": Pattern(kind="structured", axis="rows"),
     "nm": Pattern(kind="nm"),
@@ -160,7 +161,7 @@ def test_quantized_formats_use_matmulnbits_and_stay_close(tiny_llama, tmp_path, 
     record = export_checkpoint_dir(ckpt, tmp_path / "onnx", fmt)
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
     quantized = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
-    assert len(quantized) == 14 * 3  # S, V and U of every compressed layer
+    assert len(quantized) == 14 * 2  # V and the joined [Sᵀ; Uᵀ] of every compressed layer
     assert record["quantization"]["bits"] == int(fmt[-1])
     report = validate(tmp_path / "onnx", load_checkpoint(ckpt)[0], rtol=default_rtol(fmt), require_same_tokens=False)
     assert report.passed, report

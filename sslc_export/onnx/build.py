@@ -87,7 +87,7 @@ def export_checkpoint_dir(checkpoint: Path, out: Path, fmt: str = "dense", overw
         layers.update(read_block(checkpoint, index))
     dense_equivalent(loaded.model)
     bits = QUANTIZED_FORMATS.get(fmt)
-    layout = fmt if bits is None else ("structured" if manifest["pattern"]["kind"] == "structured" else "dense")
+    layout = fmt if bits is None else ("structured" if manifest["pattern"]["kind"] == "structured" else "joined")
 
     def transform(model: onnx.ModelProto) -> onnx.ModelProto:
         model = rewrite(model, layers, layout)

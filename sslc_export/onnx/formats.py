@@ -67,6 +67,25 @@ def dense_format(prefix: str, x: str, output: str, layer: CompressedTensors) -> 
     return graph
 
 
+def _joined(graph: Subgraph, prefix: str, x: str, x_sparse: str, s_t: "np.ndarray", layer: CompressedTensors, output: str) -> None:
+    """One MatMul for both branches: Concat[x_sparse, x·Vᵀ] @ [Sᵀ; Uᵀ]. Per Linear that is two MatMuls and a Concat
+    instead of three MatMuls and an Add: at batch-1 decode a node costs about as much as its bytes."""
+    if layer.u.shape[1] == 0:
+        graph.op("MatMul", [x_sparse, graph.constant(f"{prefix}.S_T", s_t)], output)
+        return
+    v_t_array, u_t = _factors_t(layer)
+    projected = graph.op("MatMul", [x, graph.constant(f"{prefix}.V_T", v_t_array)], f"{prefix}/low_rank_in")
+    joined = graph.op("Concat", [x_sparse, projected], f"{prefix}/joined", axis=-1)
+    graph.op("MatMul", [joined, graph.constant(f"{prefix}.SU_T", np.concatenate([s_t, u_t], axis=0))], output)
+
+
+def joined_format(prefix: str, x: str, output: str, layer: CompressedTensors) -> Subgraph:
+    """S stored dense like `dense`, but sharing one MatMul with Uᵀ (see _joined)."""
+    graph = Subgraph()
+    _joined(graph, prefix, x, x, layer.sparse.T.numpy(), layer, output)
+    return graph
+
+
 def nm_format(prefix: str, x: str, output: str, layer: CompressedTensors) -> Subgraph:
     """Same nodes as dense; S is N:M along the reduction axis, which TensorRT's sparse
     tensor cores pick up with trt_sparsity_enable. onnxruntime's own kernels see a dense MatMul."""
@@ -94,16 +113,7 @@ def structured_format(prefix: str, x: str, output: str, layer: CompressedTensors
     if axis == "columns":
         indices = graph.constant(f"{prefix}.kept_columns", kept.astype(np.int64))
         x_kept = graph.op("Gather", [x, indices], f"{prefix}/x_kept", axis=-1)
-        if layer.u.shape[1] == 0:
-            weight = graph.constant(f"{prefix}.S_kept_T", sparse[:, kept].T)
-            graph.op("MatMul", [x_kept, weight], output)
-            return graph
-        v_t_array, u_t = _factors_t(layer)
-        v_t = graph.constant(f"{prefix}.V_T", v_t_array)
-        projected = graph.op("MatMul", [x, v_t], f"{prefix}/low_rank_in")
-        joined = graph.op("Concat", [x_kept, projected], f"{prefix}/joined", axis=-1)
-        stacked = graph.constant(f"{prefix}.SU_T", np.concatenate([sparse[:, kept].T, u_t], axis=0))
-        graph.op("MatMul", [joined, stacked], output)
+        _joined(graph, prefix, x, x_kept, sparse[:, kept].T, layer, output)
         return graph
     weight = graph.constant(f"{prefix}.S_rows_T", sparse[kept].T)
     partial = graph.op("MatMul", [x, weight], f"{prefix}/sparse_rows")
@@ -121,6 +131,7 @@ def structured_format(prefix: str, x: str, output: str, layer: CompressedTensors
 
 FORMATS: dict[str, Callable[[str, str, str, CompressedTensors], Subgraph]] = {
     "dense": dense_format,
+    "joined": joined_format,
     "structured": structured_format,
     "nm": nm_format,
 }

@@ -17,7 +17,7 @@ from sslc_export.onnx.formats import FORMATS
 
 # Which checkpoint patterns each format can express.
 ANY_PATTERN = ("unstructured", "nm", "structured")
-FORMAT_PATTERNS = {"dense": ANY_PATTERN, "structured": ("structured",), "nm": ("nm",), "int4": ANY_PATTERN, "int8": ANY_PATTERN}
+FORMAT_PATTERNS = {"dense": ANY_PATTERN, "joined": ANY_PATTERN, "structured": ("structured",), "nm": ("nm",), "int4": ANY_PATTERN, "int8": ANY_PATTERN}
 
 
 def onnx_matmul_name(linear_name: str) -> str:
