@@ -19,28 +19,11 @@ from sslc_export.checkpoint import CompressedTensors, load_checkpoint, read_bloc
 from sslc_export.onnx.export import ONNX_FILE, dense_equivalent, export_dense
 from sslc_export.errors import UserError
 from sslc_export.onnx.genai import GENAI_CONFIG, genai_config
+from sslc_export.onnx.onnx_io import PROTOBUF_LIMIT, save_onnx  # noqa: F401 (PROTOBUF_LIMIT: old import path)
 from sslc_export.onnx.quantize import ACCURACY_LEVEL, BLOCK_SIZE, QUANTIZED_FORMATS, quantize_matmuls
 from sslc_export.onnx.rewrite import check_pairing, rewrite
 
 EXPORT_MANIFEST = "export.json"
-PROTOBUF_LIMIT = 2 * 1024**3  # protobuf cannot serialise a model past 2 GB: weights go to external data
-
-
-def save_onnx(model: onnx.ModelProto, path: Path) -> None:
-    external = model.ByteSize() >= PROTOBUF_LIMIT if _fits_size_query(model) else True
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-
-
-def _fits_size_query(model: onnx.ModelProto) -> bool:
-    try:
-        model.ByteSize()
-        return True
-    except ValueError:  # protobuf refuses to size messages over 2 GB
-        return False
 
 
 def _quantization(bits: int | None) -> dict | None:
