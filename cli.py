@@ -16,7 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from sslc_export.errors import UserError
+from sslc_export.atomic import check_output_path
+from sslc_export.errors import UserError, describe_os_error
 
 app = typer.Typer(
     help=__doc__.split("\n")[0]
@@ -29,17 +30,27 @@ console = Console(stderr=True)
 out = Console()
 
 
+OUTPUT_PARAMETERS = ("out_dir", "json_path", "report", "work_dir")  # commands' parameters naming something they write
+
+
 def handles_user_errors(command):
     """Print a UserError as one line and exit 2: no traceback for mistakes a user can fix."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
+            for name in OUTPUT_PARAMETERS:  # fail before any work when an output path cannot be created
+                if isinstance(kwargs.get(name), Path):
+                    check_output_path(kwargs[name])
             return command(*args, **kwargs)
         except UserError as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except (MemoryError, RuntimeError) as exc:
+        except (MemoryError, OSError, RuntimeError) as exc:
+            named = describe_os_error(exc)  # a full disk, a read-only file system: one line too
+            if named is not None:
+                console.print(f"[bold red]error:[/] {named}", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
             if not isinstance(exc, MemoryError) and "allocate memory" not in str(exc):
                 raise
             console.print("[bold red]error:[/] out of memory: free memory or raise the limit; for compress, --streaming "
@@ -304,7 +315,8 @@ def validate_command(
 @handles_user_errors
 def sizes_command(
     onnx_dirs: list[Path] = typer.Argument(..., help="Folders written by `sslc-export export`; the first is the baseline."),
-    report: Optional[Path] = typer.Option(None, help="Markdown file whose 'onnx-sizes' section gets the table."),
+    report: Optional[Path] = typer.Option(None, help="Markdown file whose 'onnx-sizes' section (or --section) gets the table."),
+    section: str = typer.Option("onnx-sizes", help="Section of --report to replace."),
     json_path: Optional[Path] = JsonOption,
 ):
     """Tabulate the on-disk size of exported ONNX folders against the first one."""
@@ -332,7 +344,7 @@ def sizes_command(
     print_table("ONNX file sizes", headers, rows)
     if report is not None:
         body = f"Measured by `sslc-export sizes {' '.join(str(d) for d in onnx_dirs)}` (model.onnx plus external data).\n\n"
-        update_markdown_section(report, "onnx-sizes", body + markdown_table(headers, rows))
+        update_markdown_section(report, section, body + markdown_table(headers, rows))
     write_json(json_path, {"rows": records})
 
 
@@ -432,7 +444,8 @@ def bench_command(
     decode_tokens: int = typer.Option(64, help="New tokens per decode run (batch 1)."),
     repeats: int = typer.Option(5, help="Timed repeats after warm-up."),
     out_dir: Path = typer.Option(Path("runs/bench"), help="Where bench.json, bench.md and bench.png go."),
-    report: Optional[Path] = typer.Option(None, help="Markdown file whose 'bench' section gets the table (e.g. docs/results.md)."),
+    report: Optional[Path] = typer.Option(None, help="Markdown file whose 'bench' section (or --section) gets the table (e.g. docs/results.md)."),
+    section: str = typer.Option("bench", help="Section of --report to replace."),
 ):
     """Latency, throughput, memory, size and perplexity of ONNX models, side by side in one run."""
     from runtimes.bench import BenchConfig, bench, columns, plot, table_rows
@@ -471,7 +484,7 @@ def bench_command(
     write_file_atomic(out_dir / "bench.md", lambda tmp: tmp.write_text(body))
     plot(result, out_dir / "bench.png")
     if report is not None:
-        update_markdown_section(report, "bench", body + f"\n![decode speed vs quality]({os.path.relpath(out_dir / 'bench.png', report.parent)})\n")
+        update_markdown_section(report, section, body + f"\n![decode speed vs quality]({os.path.relpath(out_dir / 'bench.png', report.parent)})\n")
     out.print(f"wrote {out_dir}/bench.json, bench.md, bench.png")
 
 

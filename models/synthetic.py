@@ -3,6 +3,8 @@ ones (several GB on disk) that show block streaming compresses a model bigger th
 a run is given.
 
     python -m models.synthetic OUT_DIR --hidden 1536 --intermediate 6144 --layers 20
+    python -m models.synthetic OUT_DIR --model-type qwen2 --hidden 896 --intermediate 4864 --layers 24 \
+        --heads 14 --kv-heads 2 --vocab 151936 --max-positions 32768       # Qwen2-0.5B's shape
 """
 from __future__ import annotations
 
@@ -32,11 +34,12 @@ def small_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
 
 
 def build_random_model(folder: Path, model_type: str = "llama", seed: int = 0, **dims: int) -> Path:
-    """A randomly initialised model folder (safetensors shards of at most 1 GB, config, tokenizer)."""
+    """A randomly initialised model folder (safetensors shards of at most 1 GB, config, tokenizer).
+    A vocab_size above the tokenizer's pads the embedding with rows no token maps to (a real model's shape)."""
     tokenizer = small_tokenizer()
     config = CONFIGS[model_type](
-        vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-        max_position_embeddings=256, tie_word_embeddings=True, **{**TINY_DIMS, **dims},
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        **{"vocab_size": len(tokenizer), "max_position_embeddings": 256, "tie_word_embeddings": True, **TINY_DIMS, **dims},
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
@@ -51,10 +54,15 @@ def main(
     hidden: int = typer.Option(1536, help="hidden_size"),
     intermediate: int = typer.Option(6144, help="intermediate_size"),
     layers: int = typer.Option(20, help="num_hidden_layers"),
-    heads: int = typer.Option(12, help="num_attention_heads (= key/value heads)"),
+    heads: int = typer.Option(12, help="num_attention_heads"),
+    kv_heads: int = typer.Option(None, help="num_key_value_heads (default: = heads)"),
+    vocab: int = typer.Option(None, help="vocab_size (default: the small tokenizer's 384; larger pads the embedding)"),
+    max_positions: int = typer.Option(256, help="max_position_embeddings"),
 ) -> None:
+    extra = {} if vocab is None else {"vocab_size": vocab}
     build_random_model(out, model_type, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=heads)
+                       num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                       max_position_embeddings=max_positions, **extra)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"wrote {out}: {size / 1e9:.2f} GB of weights")
 

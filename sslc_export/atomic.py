@@ -20,12 +20,25 @@ def check_writable_target(path: Path, overwrite: bool) -> None:
     """Fail before any work if the output cannot be created."""
     if path.exists() and not overwrite:
         raise UserError(f"output {path} already exists: pass --overwrite to replace it or choose another path")
+    check_output_path(path)
+
+
+def check_output_path(path: Path) -> None:
+    """Fail before any work if path (a file or folder to create, or to replace) cannot be written:
+    its nearest existing ancestor must be a folder in which an entry can really be made. The probe
+    creates and removes a hidden folder, so a read-only file system, /proc or a missing permission
+    is caught even for root, for whom os.access says yes."""
     parent = path.parent if path.parent != Path("") else Path(".")
     probe = parent
-    while not probe.exists():
+    while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise UserError(f"cannot write to {parent}: choose an output path in a writable folder")
+    if not probe.is_dir():
+        raise UserError(f"cannot write to {parent}: {probe} is not a folder; choose an output path in a writable folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".sslc-export-probe-"))
+    except OSError as exc:
+        raise UserError(f"cannot write to {parent}: nothing can be created in {probe} ({exc.strerror}); "
+                        f"choose an output path in a writable folder") from None
 
 
 def partial_path(final: Path) -> Path:

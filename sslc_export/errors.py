@@ -3,3 +3,28 @@
 
 class UserError(Exception):
     """Bad input: the message says what is wrong and how to fix it."""
+
+
+# Failures of the machine rather than of the input that a command can still name in one line.
+_SPACE = "free space or choose an output folder on a disk with room"
+_ACCESS = "check the path and its permissions"
+_NAMED_OS_ERRORS = {
+    28: ("no space left on device", _SPACE),  # ENOSPC
+    122: ("disk quota exceeded", _SPACE),  # EDQUOT
+    27: ("file too large for this file system", _SPACE),  # EFBIG
+    30: ("read-only file system", _ACCESS),  # EROFS
+    13: ("permission denied", _ACCESS),  # EACCES
+    1: ("operation not permitted", _ACCESS),  # EPERM
+    36: ("file name too long", "choose a shorter path"),  # ENAMETOOLONG
+}
+
+
+def describe_os_error(exc: BaseException) -> str | None:
+    """One line for an OSError (or a RuntimeError wrapping ENOSPC, as C++ writers raise) that a user
+    can act on; None for anything else, which stays a traceback (a bug to report)."""
+    if isinstance(exc, OSError) and exc.errno in _NAMED_OS_ERRORS:
+        what, advice = _NAMED_OS_ERRORS[exc.errno]
+        return f"{what}{f' ({exc.filename})' if exc.filename else ''}: {advice}"
+    if isinstance(exc, RuntimeError) and "No space left on device" in str(exc):
+        return f"no space left on device: {_SPACE}"
+    return None
