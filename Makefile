@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUNS := runs/demo
 
-.PHONY: demo test setup clean results results-compression results-onnx results-streaming results-large
+.PHONY: demo test setup clean kernels kernels-or-skip results results-compression results-onnx results-streaming results-large
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,23 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The ai.sslc operator library (runtimes/kernels): g++ and cmake from the distribution,
+# onnxruntime's headers from $$ORT_INCLUDE_DIR or Debian's libonnxruntime-dev (see build.sh).
+KERNELS := build/kernels/libsslc_kernels.so
+kernels: $(KERNELS)
+$(KERNELS): runtimes/kernels/CMakeLists.txt runtimes/kernels/build.sh $(wildcard runtimes/kernels/src/*)
+	runtimes/kernels/build.sh
+
+# demo and test go on without the library outside CI (its tests skip and say why); in CI
+# ($$CI set) a library that does not build fails the run.
+kernels-or-skip:
+	@$(MAKE) --no-print-directory kernels || [ -z "$$CI" ]
+
 # The main job on the bundled SmolLM2-135M: compress with SSLC at ratio 0.5, export dense
 # baseline and compressed model to ONNX, validate the compressed ONNX against PyTorch, and
 # print held-out perplexity of dense vs compressed (the checkpoint is reused by compare), then
 # the speed table of both ONNX models on this CPU.
-demo: $(STAMP)
+demo: $(STAMP) kernels-or-skip
 	$(BIN)/sslc-export compress --out $(RUNS)/sslc-default-r0.5 --method sslc --ratio 0.5 --overwrite
 	$(BIN)/sslc-export export $(RUNS)/sslc-default-r0.5 $(RUNS)/onnx-sslc-0.5 --format dense --overwrite
 	$(BIN)/sslc-export export --dense $(RUNS)/onnx-dense --overwrite
@@ -106,7 +118,7 @@ results-large: $(STAMP)
 	  --repeats 1 --prompt-lengths 32,128 --decode-tokens 16 --text $(LARGE_TEXT) --out-dir docs/bench-large --report docs/results.md --section large-bench
 	cat $(LARGE)/times.txt
 
-test: $(STAMP)
+test: $(STAMP) kernels-or-skip
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -1,0 +1,179 @@
+// The kernels, written once over an ISA "traits" type and instantiated by each kernels_<isa>.cc
+// (compiled with that ISA's flags). The traits types live in anonymous namespaces, so every
+// instantiation has internal linkage and the linker can never hand the AVX-512 copy of a
+// function to the scalar path. For the same reason this header uses no std:: templates.
+//
+// An ISA type provides: W (lanes, 8 or 16: one or two mask bytes per step), Vec, Zero, Load,
+// Store, Set1, Mul, Fma(a, b, c) = a*b + c, Hsum, the expanders ExpandF32/I8/I4 (kept values at
+// the cursor -> W lanes, zeros where the mask bit is 0; they advance the cursor), and the GEMM
+// register tile kGemmNR (rows of W) x 2W (rows of the input).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include <emmintrin.h>
+
+#include "dispatch.h"
+
+namespace sslc {
+
+// 16 int4 values starting at `nibble` as 16 bytes q+8, in order (low nibble first). Reads 9
+// bytes at most: within the kReadPad slack of every row. (A template only for linkage, see above.)
+template <class Isa>
+inline __m128i Nibbles16(const uint8_t* base, size_t nibble) {
+  uint64_t word;
+  memcpy(&word, base + nibble / 2, sizeof(word));
+  if (nibble & 1) word = (word >> 4) | (uint64_t{base[nibble / 2 + 8]} << 60);
+  const __m128i bytes = _mm_cvtsi64_si128(static_cast<long long>(word));
+  const __m128i low = _mm_set1_epi8(0x0F);
+  return _mm_unpacklo_epi8(_mm_and_si128(bytes, low), _mm_and_si128(_mm_srli_epi16(bytes, 4), low));
+}
+
+// Walks one packed row: the kept values at the cursor, with int4 group alignment.
+template <class Isa, ValueType T>
+struct Cursor;
+
+template <class Isa>
+struct Cursor<Isa, ValueType::kF32> {
+  const float* p;
+  explicit Cursor(const uint8_t* row) : p(reinterpret_cast<const float*>(row)) {}
+  void AlignGroup() {}
+  typename Isa::Vec Next(unsigned bits) { return Isa::ExpandF32(p, bits); }
+};
+
+template <class Isa>
+struct Cursor<Isa, ValueType::kI8> {
+  const int8_t* p;
+  explicit Cursor(const uint8_t* row) : p(reinterpret_cast<const int8_t*>(row)) {}
+  void AlignGroup() {}
+  typename Isa::Vec Next(unsigned bits) { return Isa::ExpandI8(p, bits); }
+};
+
+template <class Isa>
+struct Cursor<Isa, ValueType::kI4> {
+  const uint8_t* base;
+  size_t nibble = 0;
+  explicit Cursor(const uint8_t* row) : base(row) {}
+  void AlignGroup() { nibble = (nibble + 1) & ~size_t{1}; }  // groups start on a byte
+  typename Isa::Vec Next(unsigned bits) { return Isa::ExpandI4(base, nibble, bits); }
+};
+
+// Calls f(column, vec) for every step of W columns of row n (dequantized, scaled); steps whose
+// mask bits are all zero are skipped unless kVisitZeros.
+template <class Isa, ValueType T, bool kVisitZeros, class F>
+inline void WalkRow(const RowsView& w, size_t n, F&& f) {
+  constexpr size_t kStepBytes = Isa::W / 8;
+  const uint8_t* mask = w.mask + n * w.row_bytes;
+  Cursor<Isa, T> cursor(w.row_values[n]);
+  const float* scales = T == ValueType::kF32 ? nullptr : w.scales + n * w.groups;
+  const size_t group_bytes = w.group_size / 8;
+  size_t next_group = 0;
+  typename Isa::Vec scale = Isa::Set1(1.0f);
+  for (size_t b = 0; b < w.row_bytes; b += kStepBytes) {
+    if (T != ValueType::kF32 && b == next_group) {
+      cursor.AlignGroup();
+      scale = Isa::Set1(*scales++);
+      next_group += group_bytes;
+    }
+    unsigned bits = mask[b];
+    if (kStepBytes == 2 && b + 1 < w.row_bytes) bits |= unsigned{mask[b + 1]} << 8;
+    if (bits == 0) {
+      if (kVisitZeros) f(b * 8, Isa::Zero());
+      continue;
+    }
+    typename Isa::Vec v = cursor.Next(bits);
+    if (T != ValueType::kF32) v = Isa::Mul(v, scale);
+    f(b * 8, v);
+  }
+}
+
+// kRows rows of the input against rows [n0, n1) of W: each step of W is expanded once and
+// multiplied into every input row (decode: weights dominate the bytes moved).
+template <class Isa, ValueType T, size_t kRows>
+void GemvBlock(const RowsView& w, const float* in, size_t ld_in, float* out, size_t ld_out, size_t n0, size_t n1) {
+  for (size_t n = n0; n < n1; ++n) {
+    typename Isa::Vec acc[kRows];
+    for (size_t m = 0; m < kRows; ++m) acc[m] = Isa::Zero();
+    WalkRow<Isa, T, false>(w, n, [&](size_t c, typename Isa::Vec v) {
+      for (size_t m = 0; m < kRows; ++m) acc[m] = Isa::Fma(v, Isa::Load(in + m * ld_in + c), acc[m]);
+    });
+    for (size_t m = 0; m < kRows; ++m) out[m * ld_out + n] = Isa::Hsum(acc[m]);
+  }
+}
+
+template <class Isa, ValueType T>
+void Gemv(const RowsView& w, const float* in, size_t ld_in, size_t count, float* out, size_t ld_out, size_t n0,
+          size_t n1) {
+  size_t m = 0;
+  for (; m + 4 <= count; m += 4) GemvBlock<Isa, T, 4>(w, in + m * ld_in, ld_in, out + m * ld_out, ld_out, n0, n1);
+  switch (count - m) {
+    case 3: GemvBlock<Isa, T, 3>(w, in + m * ld_in, ld_in, out + m * ld_out, ld_out, n0, n1); break;
+    case 2: GemvBlock<Isa, T, 2>(w, in + m * ld_in, ld_in, out + m * ld_out, ld_out, n0, n1); break;
+    case 1: GemvBlock<Isa, T, 1>(w, in + m * ld_in, ld_in, out + m * ld_out, ld_out, n0, n1); break;
+    default: break;
+  }
+}
+
+// Register tile: kGemmNR dense rows of W (row stride ld_panel) times one packed block of 2W
+// input rows, over `cols` columns; the products land in tile[kGemmNR][2W].
+template <class Isa>
+inline void MicroKernel(const float* panel, size_t ld_panel, const float* block, size_t cols, float* tile) {
+  constexpr size_t kNR = Isa::kGemmNR, kW = Isa::W;
+  typename Isa::Vec acc[kNR][2];
+  for (size_t j = 0; j < kNR; ++j) acc[j][0] = acc[j][1] = Isa::Zero();
+  for (size_t c = 0; c < cols; ++c, block += 2 * kW) {
+    const typename Isa::Vec b0 = Isa::Load(block), b1 = Isa::Load(block + kW);
+#pragma GCC unroll 16
+    for (size_t j = 0; j < kNR; ++j) {
+      const typename Isa::Vec a = Isa::Set1(panel[j * ld_panel + c]);
+      acc[j][0] = Isa::Fma(a, b0, acc[j][0]);
+      acc[j][1] = Isa::Fma(a, b1, acc[j][1]);
+    }
+  }
+  for (size_t j = 0; j < kNR; ++j) {
+    Isa::Store(tile + j * 2 * kW, acc[j][0]);
+    Isa::Store(tile + j * 2 * kW + kW, acc[j][1]);
+  }
+}
+
+// Prefill: expand kGemmNR rows of W into a dense panel (thread-local), then run the register
+// tile over every packed block of input rows; the tile is stored transposed into out.
+template <class Isa, ValueType T>
+void Gemm(const RowsView& w, const float* packed, size_t packed_cols, size_t count, float* out, size_t ld_out,
+          size_t n0, size_t n1) {
+  constexpr size_t kNR = Isa::kGemmNR, kMR = 2 * Isa::W;
+  const size_t ld_panel = PackedColumns(w.cols);
+  float* panel = ThreadScratch(kNR * ld_panel + kNR * kMR);
+  float* tile = panel + kNR * ld_panel;
+  for (size_t n = n0; n < n1; n += kNR) {
+    const size_t rows = n1 - n < kNR ? n1 - n : kNR;
+    for (size_t j = 0; j < kNR; ++j) {
+      float* dst = panel + j * ld_panel;
+      size_t done = 0;
+      if (j < rows) {
+        WalkRow<Isa, T, true>(w, n + j, [&](size_t c, typename Isa::Vec v) { Isa::Store(dst + c, v); });
+        done = (w.row_bytes * 8 + Isa::W - 1) / Isa::W * Isa::W;
+      }
+      if (done < ld_panel) memset(dst + done, 0, (ld_panel - done) * sizeof(float));
+    }
+    for (size_t m0 = 0; m0 < count; m0 += kMR) {
+      MicroKernel<Isa>(panel, ld_panel, packed + m0 * packed_cols, w.cols, tile);
+      const size_t mrows = count - m0 < kMR ? count - m0 : kMR;
+      for (size_t j = 0; j < rows; ++j)
+        for (size_t i = 0; i < mrows; ++i) out[(m0 + i) * ld_out + n + j] = tile[j * kMR + i];
+    }
+  }
+}
+
+template <class Isa>
+constexpr KernelTable MakeTable(const char* name) {
+  return KernelTable{name,
+                     2 * Isa::W,
+                     Isa::kGemmNR,
+                     {Gemv<Isa, ValueType::kF32>, Gemv<Isa, ValueType::kI8>, Gemv<Isa, ValueType::kI4>},
+                     {Gemm<Isa, ValueType::kF32>, Gemm<Isa, ValueType::kI8>, Gemm<Isa, ValueType::kI4>}};
+}
+
+}  // namespace sslc

@@ -1,0 +1,65 @@
+// Portable path: the reference for the SIMD ones (same walk, plain loops).
+#include "kernels_impl.h"
+
+namespace sslc {
+namespace {
+
+struct Scalar {
+  static constexpr size_t W = 8;
+  static constexpr size_t kGemmNR = 4;
+  struct Vec {
+    float v[W];
+  };
+
+  static Vec Zero() { return Set1(0.0f); }
+  static Vec Set1(float x) {
+    Vec r;
+    for (float& e : r.v) e = x;
+    return r;
+  }
+  static Vec Load(const float* p) {
+    Vec r;
+    memcpy(r.v, p, sizeof(r.v));
+    return r;
+  }
+  static void Store(float* p, const Vec& a) { memcpy(p, a.v, sizeof(a.v)); }
+  static Vec Mul(Vec a, const Vec& b) {
+    for (size_t i = 0; i < W; ++i) a.v[i] *= b.v[i];
+    return a;
+  }
+  static Vec Fma(const Vec& a, const Vec& b, Vec c) {
+    for (size_t i = 0; i < W; ++i) c.v[i] += a.v[i] * b.v[i];
+    return c;
+  }
+  static float Hsum(const Vec& a) {
+    float s = 0.0f;
+    for (float e : a.v) s += e;
+    return s;
+  }
+
+  template <class Next>
+  static Vec Expand(unsigned bits, Next&& next) {
+    Vec r;
+    for (size_t i = 0; i < W; ++i) r.v[i] = (bits >> i) & 1 ? next() : 0.0f;
+    return r;
+  }
+  static Vec ExpandF32(const float*& p, unsigned bits) {
+    return Expand(bits, [&] { return *p++; });
+  }
+  static Vec ExpandI8(const int8_t*& p, unsigned bits) {
+    return Expand(bits, [&] { return static_cast<float>(*p++); });
+  }
+  static Vec ExpandI4(const uint8_t* base, size_t& nibble, unsigned bits) {
+    return Expand(bits, [&] {
+      const unsigned byte = base[nibble / 2];
+      const int q = static_cast<int>(nibble++ & 1 ? byte >> 4 : byte & 15) - 8;
+      return static_cast<float>(q);
+    });
+  }
+};
+
+}  // namespace
+
+const KernelTable kScalarKernels = MakeTable<Scalar>("scalar");
+
+}  // namespace sslc

@@ -1,0 +1,231 @@
+// Operators of domain ai.sslc on the CPU execution provider:
+//   SparseMatMul (fp32 values), SparseMatMulInt8, SparseMatMulInt4.
+// y = [x, x·Vᵀ]·W'ᵀ with W' = [S | U] and V in the sparse-rows layout (sparse_rows.h).
+// Inputs 1.. are initializers: they are validated once, when the session creates the kernel,
+// and a bad model is refused there with the node's name in the message.
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "dispatch.h"
+#include "sparse_rows.h"
+
+namespace sslc {
+namespace {
+
+// Up to this many input rows the weights are streamed once per 4 rows (GEMV); beyond, they
+// are expanded into dense panels for a register-blocked GEMM.
+constexpr size_t kGemvMaxRows = 4;
+// Work items per ParallelFor: enough to balance any usual thread count, few enough to be cheap.
+constexpr size_t kMaxTasks = 64;
+
+const char* OpName(ValueType type) {
+  return type == ValueType::kF32 ? "SparseMatMul" : type == ValueType::kI8 ? "SparseMatMulInt8" : "SparseMatMulInt4";
+}
+
+RawTensor ConstantInput(const Ort::ConstKernelInfo& info, size_t index) {
+  int is_constant = 0;
+  Ort::ConstValue value = info.GetTensorConstantInput(index, &is_constant);
+  if (!is_constant)
+    throw std::invalid_argument("input " + std::to_string(index) + " (" + info.GetInputName(index) +
+                                ") must be a constant initializer");
+  auto shape_info = value.GetTensorTypeAndShapeInfo();
+  return RawTensor{static_cast<int>(shape_info.GetElementType()), shape_info.GetShape(), value.GetTensorRawData()};
+}
+
+// Runs f(task) for task in [0, tasks) on onnxruntime's intra-op pool.
+template <class F>
+void ParallelFor(const Ort::KernelContext& ctx, size_t tasks, F& f) {
+  if (tasks <= 1) {
+    if (tasks == 1) f(0);
+    return;
+  }
+  ctx.ParallelFor([](void* data, size_t task) { (*static_cast<F*>(data))(task); }, tasks, 0, &f);
+}
+
+// Splits rows [0, rows) into at most kMaxTasks ranges, each a multiple of `unit` rows.
+template <class F>
+void ParallelRows(const Ort::KernelContext& ctx, size_t rows, size_t unit, F&& f) {
+  if (rows == 0) return;
+  const size_t units = (rows + unit - 1) / unit;
+  const size_t per_task = (units + kMaxTasks - 1) / kMaxTasks * unit;
+  auto task = [&](size_t t) {
+    const size_t n0 = t * per_task, n1 = n0 + per_task < rows ? n0 + per_task : rows;
+    f(n0, n1);
+  };
+  ParallelFor(ctx, (rows + per_task - 1) / per_task, task);
+}
+
+class SparseMatMulKernel {
+ public:
+  SparseMatMulKernel(ValueType type, const OrtKernelInfo* kernel_info) : type_(type), table_(&Select()) {
+    Ort::ConstKernelInfo info(kernel_info);
+    const bool quantized = type != ValueType::kF32;
+    const size_t expected_inputs = quantized ? 7 : 5;
+    if (info.GetInputCount() != expected_inputs)
+      throw std::invalid_argument("expects " + std::to_string(expected_inputs) + " inputs, got " +
+                                  std::to_string(info.GetInputCount()));
+    const int64_t in_features = info.GetAttribute<int64_t>("in_features");
+    if (in_features <= 0) throw std::invalid_argument("attribute in_features must be positive");
+    int64_t group_size = 0;
+    if (quantized) {
+      Ort::Status status(Ort::GetApi().KernelInfoGetAttribute_int64(kernel_info, "group_size", &group_size));
+      if (!status.IsOK()) group_size = 64;
+      if (group_size <= 0 || group_size % 16)
+        throw std::invalid_argument("attribute group_size must be a positive multiple of 16, got " +
+                                    std::to_string(group_size));
+    }
+    std::vector<RawTensor> inputs;
+    for (size_t i = 1; i < expected_inputs; ++i) inputs.push_back(ConstantInput(info, i));
+    const size_t per_part = quantized ? 3 : 2;
+    const RawTensor* main_part = inputs.data();
+    const RawTensor* v_part = inputs.data() + per_part;
+    k_ = static_cast<size_t>(in_features);
+    if (v_part[0].shape.size() != 2 || v_part[0].shape[0] < 0)
+      throw std::invalid_argument("V: mask must be 2-D [rank, ceil(in_features/8)]");
+    r_ = static_cast<size_t>(v_part[0].shape[0]);
+    const size_t g = static_cast<size_t>(group_size);
+    v_ = std::make_unique<SparseRows>("V", type, k_, g, v_part[0], v_part[1], quantized ? &v_part[2] : nullptr);
+    w_ = std::make_unique<SparseRows>("W' = [S | U]", type, k_ + r_, g, main_part[0], main_part[1],
+                                      quantized ? &main_part[2] : nullptr);
+    n_ = w_->view().rows;
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    try {
+      Ort::KernelContext ctx(context);
+      Ort::ConstValue x = ctx.GetInput(0);
+      auto x_info = x.GetTensorTypeAndShapeInfo();
+      std::vector<int64_t> shape = x_info.GetShape();
+      if (x_info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || shape.empty() ||
+          shape.back() != static_cast<int64_t>(k_))
+        return Ort::Status(("x must be float32 [..., " + std::to_string(k_) + "], got last dimension " +
+                            (shape.empty() ? std::string("none") : std::to_string(shape.back())))
+                               .c_str(),
+                           ORT_INVALID_ARGUMENT)
+            .release();
+      const size_t rows = static_cast<size_t>(x_info.GetElementCount()) / (k_ ? k_ : 1);
+      shape.back() = static_cast<int64_t>(n_);
+      float* y = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
+      if (rows && n_) Run(ctx, x.GetTensorData<float>(), rows, y);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return Ort::Status(e.what(), ORT_RUNTIME_EXCEPTION).release();
+    }
+  }
+
+ private:
+  void Run(const Ort::KernelContext& ctx, const float* x, size_t rows, float* y) const {
+    const size_t cols = k_ + r_, padded = PackedColumns(cols);
+    const int t = static_cast<int>(type_);
+    const RowsView &w = w_->view(), &v = v_->view();
+    if (rows <= kGemvMaxRows) {
+      // Joined rows [x, t, 0...]: t is written in place by the V product.
+      std::vector<float> joined(rows * padded, 0.0f);
+      for (size_t m = 0; m < rows; ++m) std::copy(x + m * k_, x + (m + 1) * k_, joined.begin() + m * padded);
+      const GemvFn gemv = table_->gemv[t];
+      ParallelRows(ctx, r_, 8, [&](size_t n0, size_t n1) {
+        gemv(v, joined.data(), padded, rows, joined.data() + k_, padded, n0, n1);
+      });
+      ParallelRows(ctx, n_, 8, [&](size_t n0, size_t n1) { gemv(w, joined.data(), padded, rows, y, n_, n0, n1); });
+      return;
+    }
+    const size_t mr = table_->gemm_mr;
+    std::vector<float> packed((rows + mr - 1) / mr * mr * padded, 0.0f);
+    PackInput(x, k_, rows, k_, mr, packed.data(), padded, 0);
+    const GemmFn gemm = table_->gemm[t];
+    if (r_) {
+      std::vector<float> low_rank(rows * r_);
+      ParallelRows(ctx, r_, table_->gemm_nr, [&](size_t n0, size_t n1) {
+        gemm(v, packed.data(), padded, rows, low_rank.data(), r_, n0, n1);
+      });
+      PackInput(low_rank.data(), r_, rows, r_, mr, packed.data(), padded, k_);
+    }
+    ParallelRows(ctx, n_, table_->gemm_nr,
+                 [&](size_t n0, size_t n1) { gemm(w, packed.data(), padded, rows, y, n_, n0, n1); });
+  }
+
+  ValueType type_;
+  const KernelTable* table_;
+  size_t k_ = 0, r_ = 0, n_ = 0;
+  std::unique_ptr<SparseRows> w_, v_;
+};
+
+template <ValueType kType>
+struct SparseMatMulOp : Ort::CustomOpBase<SparseMatMulOp<kType>, SparseMatMulKernel, true> {
+  SparseMatMulOp() {
+    this->CreateKernel = nullptr;
+    this->KernelCompute = nullptr;
+  }
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new SparseMatMulKernel(kType, info);
+      return nullptr;
+    } catch (const std::exception& e) {
+      std::string node = "?";
+      try {
+        node = Ort::ConstKernelInfo(info).GetNodeName();
+      } catch (const std::exception&) {
+      }
+      const std::string message = std::string(OpName(kType)) + " node '" + node + "': " + e.what();
+      return api.CreateStatus(ORT_INVALID_GRAPH, message.c_str());
+    }
+  }
+
+  const char* GetName() const { return OpName(kType); }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return kType == ValueType::kF32 ? 5 : 7; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    const size_t per_part = kType == ValueType::kF32 ? 2 : 3;
+    if (index == 0) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    switch ((index - 1) % per_part) {
+      case 0: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;  // mask
+      case 1:                                              // values
+        return kType == ValueType::kF32  ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+               : kType == ValueType::kI8 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8
+                                         : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+      default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;  // scales
+    }
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace
+}  // namespace sslc
+
+// Entry point for SessionOptions.register_custom_ops_library. The ops are built against the
+// headers' API version (21); a newer onnxruntime serves that version too.
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                                          const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr)
+    return api_base->GetApi(1)->CreateStatus(
+        ORT_FAIL, ("libsslc_kernels needs onnxruntime API version " + std::to_string(ORT_API_VERSION) +
+                   " or newer; this onnxruntime is " + api_base->GetVersionString())
+                      .c_str());
+  Ort::InitApi(api);
+  static sslc::SparseMatMulOp<sslc::ValueType::kF32> f32_op;
+  static sslc::SparseMatMulOp<sslc::ValueType::kI8> i8_op;
+  static sslc::SparseMatMulOp<sslc::ValueType::kI4> i4_op;
+  static std::once_flag once;
+  static OrtCustomOpDomain* domain = nullptr;
+  try {
+    std::call_once(once, [&] {
+      Ort::ThrowOnError(api->CreateCustomOpDomain("ai.sslc", &domain));
+      for (OrtCustomOp* op : {static_cast<OrtCustomOp*>(&f32_op), static_cast<OrtCustomOp*>(&i8_op),
+                              static_cast<OrtCustomOp*>(&i4_op)})
+        Ort::ThrowOnError(api->CustomOpDomain_Add(domain, op));
+    });
+    return api->AddCustomOpDomain(options, domain);
+  } catch (const Ort::Exception& e) {
+    return api->CreateStatus(e.GetOrtErrorCode(), e.what());
+  }
+}

@@ -1,0 +1,164 @@
+"""The "sparse rows" layout read by the native operators of domain ``ai.sslc`` (runtimes/kernels).
+
+One Linear ``y = x·Sᵀ + (x·Vᵀ)·Uᵀ`` becomes one node: ``t = x·Vᵀ`` then ``y = [x, t]·W'ᵀ`` with
+``W' = [S | U]`` (N × (K+R)). W' and V are stored the same way, as *parts*:
+
+- ``mask``: uint8 ``[rows, ceil(cols/8)]``; bit j (LSB first) of byte b of row n says whether
+  column 8b+j is kept. Bits at columns >= cols are 0. U and V are fully kept.
+- ``values``: the kept values, row-major in kept-column order.
+  bits=32: float32 ``[nnz]``. bits=8: int8 ``[nnz]``, value = q·scale, q in [-127, 127].
+  bits=4: uint8 bytes, two nibbles per byte, low nibble first, nibble = q+8 with q in [-8, 7];
+  every group of ``group_size`` columns starts on a byte boundary (a group with an odd count of
+  kept values ends with a padding nibble 0), so row and group offsets follow from popcounts.
+- ``scales`` (bits 8 and 4): float32 ``[rows, ceil(cols/group_size)]``, symmetric, from the kept
+  values of each group only (max|kept| / 127 or / 7; round to nearest).
+
+Operator inputs after x: fp32 ``mask, values, v_mask, v_values``; quantized
+``mask, values, scales, v_mask, v_values, v_scales`` (see ``SparseRows.inputs``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DOMAIN = "ai.sslc"
+OP_TYPES = {32: "SparseMatMul", 8: "SparseMatMulInt8", 4: "SparseMatMulInt4"}
+QMAX = {8: 127, 4: 7}
+
+
+@dataclass(frozen=True)
+class RowsPart:
+    """One matrix (W' or V) in the sparse-rows layout; ``cols`` is its logical width."""
+
+    mask: np.ndarray
+    values: np.ndarray
+    scales: np.ndarray | None
+    cols: int
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.mask, self.values] + ([] if self.scales is None else [self.scales])
+
+
+@dataclass(frozen=True)
+class SparseRows:
+    """A packed ``W' = [S | U]`` and ``V``: everything one ai.sslc node needs besides x."""
+
+    main: RowsPart
+    v: RowsPart
+    bits: int
+    group_size: int
+
+    @property
+    def in_features(self) -> int:
+        return self.v.cols
+
+    @property
+    def out_features(self) -> int:
+        return self.main.mask.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.v.mask.shape[0]
+
+    @property
+    def op_type(self) -> str:
+        return OP_TYPES[self.bits]
+
+    def inputs(self) -> list[np.ndarray]:
+        """The constant inputs 1.. of the operator, in its input order."""
+        return self.main.arrays() + self.v.arrays()
+
+    def attributes(self) -> dict[str, int]:
+        attrs = {"in_features": self.in_features}
+        if self.bits != 32:
+            attrs["group_size"] = self.group_size
+        return attrs
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.inputs())
+
+
+def pack(sparse: np.ndarray, mask: np.ndarray, u: np.ndarray, v: np.ndarray, bits: int = 32,
+         group_size: int = 64) -> SparseRows:
+    """Pack S (N×K, with its keep ``mask``), U (N×R) and V (R×K) for one ai.sslc node.
+
+    Entries of ``sparse`` outside ``mask`` are ignored; R may be 0 (u: N×0, v: 0×K)."""
+    n, k = sparse.shape
+    if mask.shape != (n, k) or u.shape[0] != n or v.shape[1] != k or u.shape[1] != v.shape[0]:
+        raise ValueError(f"shapes disagree: S {sparse.shape}, mask {mask.shape}, U {u.shape}, V {v.shape}")
+    if bits not in OP_TYPES or group_size <= 0 or group_size % 16:
+        raise ValueError(f"bits must be 32, 8 or 4 and group_size a positive multiple of 16, got {bits}, {group_size}")
+    joined = np.concatenate([sparse, u], axis=1).astype(np.float32)
+    keep = np.concatenate([mask.astype(bool), np.ones(u.shape, bool)], axis=1)
+    return SparseRows(pack_rows(joined, keep, bits, group_size),
+                      pack_rows(v.astype(np.float32), np.ones(v.shape, bool), bits, group_size), bits, group_size)
+
+
+def pack_rows(dense: np.ndarray, keep: np.ndarray, bits: int, group_size: int) -> RowsPart:
+    """One matrix to a RowsPart: bit mask, kept values (quantized per group of columns for 8/4 bits)."""
+    rows, cols = dense.shape
+    packed_mask = np.packbits(keep, axis=1, bitorder="little").reshape(rows, (cols + 7) // 8)
+    if bits == 32:
+        return RowsPart(packed_mask, dense[keep].astype(np.float32), None, cols)
+    grouped_keep, grouped = _grouped(keep, group_size), _grouped(np.where(keep, dense, 0), group_size)
+    scales = (np.abs(grouped).max(axis=2, initial=0.0) / QMAX[bits]).astype(np.float32)
+    safe = np.where(scales > 0, scales, 1.0)[:, :, None]
+    q = np.clip(np.rint(grouped / safe), -QMAX[bits] - (bits == 4), QMAX[bits]).astype(np.int8)
+    if bits == 8:
+        return RowsPart(packed_mask, q[grouped_keep], scales, cols)
+    return RowsPart(packed_mask, _pack_nibbles(q, grouped_keep), scales, cols)
+
+
+def _grouped(a: np.ndarray, group_size: int) -> np.ndarray:
+    """[rows, cols] -> [rows, groups, group_size], zero/False padded."""
+    rows, cols = a.shape
+    groups = -(-cols // group_size)
+    out = np.zeros((rows, groups * group_size), a.dtype)
+    out[:, :cols] = a
+    return out.reshape(rows, groups, group_size)
+
+
+def _group_nibble_starts(grouped_keep: np.ndarray) -> tuple[np.ndarray, int]:
+    """Nibble offset of every (row, group) and the total, each group padded to an even count."""
+    counts = grouped_keep.sum(axis=2)
+    padded = (counts + (counts & 1)).ravel()
+    starts = (np.cumsum(padded) - padded).reshape(counts.shape)
+    return starts, int(padded.sum())
+
+
+def _pack_nibbles(q: np.ndarray, grouped_keep: np.ndarray) -> np.ndarray:
+    starts, total = _group_nibble_starts(grouped_keep)
+    rank = np.cumsum(grouped_keep, axis=2) - 1
+    nibbles = np.zeros(total, np.uint8)
+    nibbles[(starts[:, :, None] + rank)[grouped_keep]] = (q[grouped_keep] + 8).astype(np.uint8)
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
+
+
+def dequantize(part: RowsPart, bits: int, group_size: int) -> np.ndarray:
+    """The dense float32 matrix a RowsPart stands for (zeros where not kept)."""
+    rows = part.mask.shape[0]
+    keep = np.unpackbits(part.mask, axis=1, count=part.cols, bitorder="little").astype(bool)
+    out = np.zeros((rows, part.cols), np.float32)
+    if bits == 32:
+        out[keep] = part.values
+        return out
+    grouped_keep = _grouped(keep, group_size)
+    if bits == 8:
+        q = part.values.astype(np.float32)
+    else:
+        starts, _ = _group_nibble_starts(grouped_keep)
+        nibbles = np.stack([part.values & 15, part.values >> 4], axis=1).ravel()
+        positions = (starts[:, :, None] + np.cumsum(grouped_keep, axis=2) - 1)[grouped_keep]
+        q = nibbles[positions].astype(np.float32) - 8
+    scale = np.broadcast_to(part.scales[:, :, None], grouped_keep.shape)[grouped_keep]
+    out[keep] = q * scale
+    return out
+
+
+def reference(x: np.ndarray, packed: SparseRows) -> np.ndarray:
+    """What the operator computes, in float64: ``[x, x·Vᵀ]·W'ᵀ`` from the dequantized parts."""
+    w = dequantize(packed.main, packed.bits, packed.group_size).astype(np.float64)
+    v = dequantize(packed.v, packed.bits, packed.group_size).astype(np.float64)
+    x64 = x.astype(np.float64)
+    return np.concatenate([x64, x64 @ v.T], axis=-1) @ w.T
