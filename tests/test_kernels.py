@@ -1,0 +1,209 @@
+"""The ai.sslc operators (runtimes/kernels) against the NumPy reference, on every kernel path.
+
+Each case is a one-node ONNX model run by a real onnxruntime session with the library registered;
+SSLC_KERNEL_ISA forces the scalar, AVX2 and AVX-512 paths in turn. Malformed weights must be
+refused at session creation with a clear message. In CI a missing library fails instead of skipping.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from runtimes import kernels
+from sslc_export.errors import UserError
+from sslc_export.sparse_rows import DOMAIN, SparseRows, dequantize, pack, reference
+
+ISAS = ["scalar", "avx2", "avx512"]
+INPUT_NAMES = {32: ["mask", "values", "v_mask", "v_values"],
+               8: ["mask", "values", "scales", "v_mask", "v_values", "v_scales"]}
+INPUT_NAMES[4] = INPUT_NAMES[8]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library() -> None:
+    available, reason = kernels.availability()
+    if not available:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must build the kernel library: {reason}")
+        pytest.skip(reason)
+
+
+def model_bytes(packed: SparseRows, inputs: list[np.ndarray] | None = None, x_shape=(None, None),
+                graph_inputs: tuple[str, ...] = (), **attributes) -> bytes:
+    """One ai.sslc node; `inputs` replaces the packed arrays, `graph_inputs` makes some non-constant."""
+    names = INPUT_NAMES[packed.bits]
+    arrays = packed.inputs() if inputs is None else inputs
+    node = helper.make_node(packed.op_type, ["x", *names], ["y"], domain=DOMAIN, name="layer0.q_proj",
+                            **{**packed.attributes(), **attributes})
+    value_infos = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))]
+    initializers = []
+    for name, array in zip(names, arrays):
+        if name in graph_inputs:
+            value_infos.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype),
+                                                             list(array.shape)))
+        else:
+            initializers.append(numpy_helper.from_array(array, name))
+    graph = helper.make_graph([node], "sparse", value_infos,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    return onnx_model.SerializeToString()
+
+
+def session(model: bytes, isa: str | None = None) -> ort.InferenceSession:
+    """A session with the library; SSLC_KERNEL_ISA is read when the session creates its kernels."""
+    previous = os.environ.get("SSLC_KERNEL_ISA")
+    try:
+        if isa is not None:
+            os.environ["SSLC_KERNEL_ISA"] = isa
+        return ort.InferenceSession(model, kernels.session_options(threads=2), providers=["CPUExecutionProvider"])
+    finally:
+        os.environ.pop("SSLC_KERNEL_ISA", None)
+        if previous is not None:
+            os.environ["SSLC_KERNEL_ISA"] = previous
+
+
+def require_isa(isa: str) -> None:
+    os.environ["SSLC_KERNEL_ISA"] = isa
+    try:
+        kernels.isa()
+    except UserError as exc:
+        pytest.skip(str(exc))
+    finally:
+        os.environ.pop("SSLC_KERNEL_ISA", None)
+
+
+def random_layer(n: int, k: int, r: int, density: float, bits: int, group_size: int = 64, empty_rows=(),
+                 seed: int = 0) -> SparseRows:
+    rng = np.random.default_rng(seed)
+    mask = rng.random((n, k)) < density
+    mask[list(empty_rows)] = False
+    return pack(rng.standard_normal((n, k)).astype(np.float32), mask,
+                rng.standard_normal((n, r)).astype(np.float32), rng.standard_normal((r, k)).astype(np.float32) / 4,
+                bits, group_size)
+
+
+def assert_matches_reference(y: np.ndarray, x: np.ndarray, packed: SparseRows) -> None:
+    """Element-wise fp32 accumulation bound: |y - ref| <= 1e-5 · (|x'|·|W'|ᵀ), x' = [|x|, |x|·|V|ᵀ]."""
+    w = np.abs(dequantize(packed.main, packed.bits, packed.group_size)).astype(np.float64)
+    v = np.abs(dequantize(packed.v, packed.bits, packed.group_size)).astype(np.float64)
+    ax = np.abs(x.astype(np.float64))
+    bound = np.concatenate([ax, ax @ v.T], axis=-1) @ w.T
+    ref = reference(x, packed)
+    assert y.shape == ref.shape and y.dtype == np.float32
+    excess = np.abs(y - ref) - (1e-5 * bound + 1e-30)
+    assert (excess <= 0).all(), f"max error {np.abs(y - ref).max():.3g} above the fp32 bound"
+
+
+# (N, K, R, density, x shape (K appended), group_size, empty rows)
+CASES = [
+    (1, 37, 0, 0.45, (1,), 64, ()),
+    (19, 37, 3, 0.45, (3,), 64, ()),
+    (19, 200, 5, 0.01, (1,), 64, ()),
+    (19, 200, 5, 0.0, (3,), 16, ()),
+    (33, 200, 0, 0.45, (3,), 64, (0, 5, 32)),
+    (19, 576, 0, 1.0, (2, 5), 128, ()),
+    (64, 37, 7, 0.45, (130,), 16, (3,)),
+    (19, 37, 3, 1.0, (128,), 64, ()),
+    (576, 576, 16, 0.45, (1,), 64, ()),
+    (100, 576, 16, 0.45, (128,), 64, (7,)),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits", [32, 8, 4])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{c[0]}k{c[1]}r{c[2]}d{c[3]}m{'x'.join(map(str, c[4]))}")
+def test_matches_reference(isa: str, bits: int, case) -> None:
+    require_isa(isa)
+    n, k, r, density, lead, group_size, empty_rows = case
+    packed = random_layer(n, k, r, density, bits, group_size, empty_rows)
+    x = np.random.default_rng(1).standard_normal((*lead, k)).astype(np.float32)
+    y = session(model_bytes(packed, x_shape=(*[None] * len(lead), k)), isa).run(None, {"x": x})[0]
+    assert y.shape == (*lead, n)
+    assert_matches_reference(y, x, packed)
+
+
+def test_default_isa_is_the_best_this_cpu_has() -> None:
+    assert kernels.isa() in ("avx2", "avx512")
+    os.environ["SSLC_KERNEL_ISA"] = "sse9"
+    try:
+        with pytest.raises(UserError, match="SSLC_KERNEL_ISA must be scalar, avx2 or avx512"):
+            kernels.isa()
+        with pytest.raises(Exception, match="SSLC_KERNEL_ISA must be"):
+            ort.InferenceSession(model_bytes(random_layer(4, 16, 0, 0.5, 32)), kernels.session_options())
+    finally:
+        os.environ.pop("SSLC_KERNEL_ISA", None)
+
+
+def corrupt(packed: SparseRows, index: int, array: np.ndarray) -> list[np.ndarray]:
+    inputs = packed.inputs()
+    inputs[index] = array
+    return inputs
+
+
+def malformed_cases():
+    """(id, model bytes, expected message) for weights a model file could carry."""
+    f32 = random_layer(19, 37, 3, 0.45, 32)
+    i8 = random_layer(19, 37, 3, 0.45, 8, group_size=16)
+    i4 = random_layer(19, 37, 3, 0.45, 4, group_size=16)
+    narrow = random_layer(19, 37, 0, 0.45, 32)
+    stray = narrow.main.mask.copy()
+    stray[4, -1] |= 0x80  # column 39 >= K + R = 37
+    yield "value count", model_bytes(f32, corrupt(f32, 1, f32.main.values[:-1])), "values must be 1-D float32 with"
+    yield "int4 bytes", model_bytes(i4, corrupt(i4, 1, np.append(i4.main.values, np.uint8(0)))), "byte-aligned"
+    yield "mask shape", model_bytes(f32, corrupt(f32, 0, np.zeros((19, 6), np.uint8))), "mask must have shape \\[19, 5\\]"
+    yield "stray bits", model_bytes(narrow, corrupt(narrow, 0, stray)), "mask row 4 keeps columns past its width 37"
+    yield "scales shape", model_bytes(i8, corrupt(i8, 2, i8.main.scales[:, :-1])), "scales must have shape \\[19, 3\\]"
+    yield "V scales", model_bytes(i8, corrupt(i8, 5, i8.v.scales[:, :2])), "V: scales must have shape \\[3, 3\\]"
+    yield "V wrong K", model_bytes(f32, in_features=29), "V: mask must have shape \\[3, 4\\], got \\[3, 5\\]"
+    yield "group size", model_bytes(i4, group_size=24), "group_size must be a positive multiple of 16"
+    yield "not constant", model_bytes(f32, graph_inputs=("values",)), "input 2 \\(values\\) must be a constant initializer"
+
+
+@pytest.mark.parametrize("case", list(malformed_cases()), ids=lambda c: c[0])
+def test_malformed_weights_are_refused_at_session_creation(case) -> None:
+    _, model, message = case
+    with pytest.raises(Exception, match=message) as info:
+        session(model)
+    assert "node 'layer0.q_proj'" in str(info.value)
+
+
+def test_x_with_the_wrong_width_is_an_error_not_a_crash() -> None:
+    packed = random_layer(19, 37, 3, 0.45, 8)
+    with pytest.raises(Exception, match=r"x must be float32 \[\.\.\., 37\], got last dimension 36"):
+        session(model_bytes(packed)).run(None, {"x": np.zeros((2, 36), np.float32)})
+
+
+def test_missing_library_names_the_fix(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SSLC_KERNELS_LIBRARY", str(tmp_path / "nothing.so"))
+    available, reason = kernels.availability()
+    assert not available and "make kernels" in reason
+    with pytest.raises(UserError, match="make kernels"):
+        kernels.session_options()
+
+
+def test_under_address_sanitizer(tmp_path: Path) -> None:
+    """The kernel tests once more against an ASan build (a representative subset, malformed inputs included)."""
+    if os.environ.get("SSLC_UNDER_ASAN"):
+        pytest.skip("already running under AddressSanitizer")
+    build = kernels.ROOT / "build" / "kernels-asan"
+    built = subprocess.run([str(kernels.ROOT / "runtimes" / "kernels" / "build.sh"), str(build), "-DSSLC_ASAN=ON"],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    # libstdc++ is preloaded too: ASan resolves its __cxa_throw interceptor at start-up, and
+    # python itself does not link libstdc++ (without it the first C++ exception aborts).
+    preload = [subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+               for name in ("libasan.so", "libstdc++.so")]
+    env = {**os.environ, "LD_PRELOAD": " ".join(preload), "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
+           "SSLC_KERNELS_LIBRARY": str(build / "libsslc_kernels.so"), "SSLC_UNDER_ASAN": "1"}
+    subset = "malformed or wrong_width or (matches_reference and not n576k576 and not n100k576)"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", subset],
+                            capture_output=True, text=True, env=env, cwd=kernels.ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout
