@@ -20,11 +20,12 @@ _NAMED_OS_ERRORS = {
 
 
 def describe_os_error(exc: BaseException) -> str | None:
-    """One line for an OSError (or a RuntimeError wrapping ENOSPC, as C++ writers raise) that a user
-    can act on; None for anything else, which stays a traceback (a bug to report)."""
+    """One line for an OSError that a user can act on, or for a full disk reported by a native writer
+    (safetensors' SafetensorError, torch's RuntimeError: only their message says ENOSPC); None for
+    anything else, which stays a traceback (a bug to report)."""
     if isinstance(exc, OSError) and exc.errno in _NAMED_OS_ERRORS:
         what, advice = _NAMED_OS_ERRORS[exc.errno]
         return f"{what}{f' ({exc.filename})' if exc.filename else ''}: {advice}"
-    if isinstance(exc, RuntimeError) and "No space left on device" in str(exc):
+    if isinstance(exc, Exception) and ("No space left on device" in str(exc) or "os error 28" in str(exc)):
         return f"no space left on device: {_SPACE}"
     return None
