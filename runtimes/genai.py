@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from runtimes.session import custom_ops_domain
 from sslc_export.errors import UserError
 from sslc_export.onnx.genai import GENAI_CONFIG
 
@@ -22,8 +23,16 @@ class GenaiCausalLM:
         self._og = og
         config = og.Config(str(folder))
         config.clear_providers()  # CPU; the folder's own provider list is for other machines
-        if threads:
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        session_options: dict = {"intra_op_num_threads": threads} if threads else {}
+        if custom_ops_domain(folder):  # this machine's build, wherever the folder was exported
+            from runtimes import kernels
+
+            available, reason = kernels.availability()
+            if not available:
+                raise UserError(reason)
+            session_options["custom_ops_library"] = str(kernels.library_path().resolve())
+        if session_options:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": session_options}}}))
         self.model = og.Model(config)
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:

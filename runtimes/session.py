@@ -18,7 +18,14 @@ from runtimes.providers import get_provider
 from sslc_export.errors import UserError
 
 ONNX_FILE = "model.onnx"
+EXPORT_MANIFEST = "export.json"
 Cache = list[Union[np.ndarray, ort.OrtValue]]  # past keys and values: host arrays, or device tensors when bound
+
+
+def custom_ops_domain(folder: Path) -> str | None:
+    """The opset domain of our own operators if the folder's graph uses them (recorded in export.json)."""
+    record = Path(folder) / EXPORT_MANIFEST
+    return json.loads(record.read_text()).get("custom_ops") if record.is_file() else None
 
 
 class OnnxCausalLM:
@@ -27,7 +34,7 @@ class OnnxCausalLM:
         if not path.is_file():
             raise UserError(f"{folder} has no {ONNX_FILE}: pass a folder written by `sslc-export export`")
         chosen = get_provider(provider)
-        self.session = chosen.open_session(path, threads)
+        self.session = chosen.open_session(path, threads, custom_ops_domain(folder))
         self.device = chosen.device_type
         self.io_binding = self.device != "cpu" if io_binding is None else io_binding
         config = json.loads((Path(folder) / "config.json").read_text())

@@ -9,12 +9,14 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
+from models.loading import load_model
 from sslc_export.checkpoint import load_checkpoint, read_block
 from sslc_export.compress import CompressJob, compress
 from sslc_export.errors import UserError
 from sslc_export.methods import Settings
 from sslc_export.onnx import build
 from sslc_export.onnx.build import export_checkpoint_dir
+from sslc_export.onnx.formats import get_format
 from sslc_export.onnx.rewrite import rewrite
 from sslc_export.onnx.validate import validate
 from sslc_export.patterns import Pattern
@@ -25,6 +27,7 @@ PATTERNS = {
     "structured": Pattern(kind="structured"),
     "structured-rows": Pattern(kind="structured", axis="rows"),
     "nm": Pattern(kind="nm"),
+    "sparse": Pattern(),
 }
 
 
@@ -40,10 +43,34 @@ def test_every_format_validates(tiny_model, tmp_path, variant):
     ckpt = checkpoint(tiny_model, tmp_path / "ckpt", PATTERNS[variant])
     fmt = variant.split("-")[0]
     record = export_checkpoint_dir(ckpt, tmp_path / "onnx", fmt)
-    assert record["compressed_layers"] == 14 and record["onnx_bytes"] > 0
+    assert record["compressed_layers"] == 14 and record["onnx_bytes"] > 0 and record["rtol"] == 1e-5
     report = validate(tmp_path / "onnx", load_checkpoint(ckpt)[0])
     assert report.passed, report
-    assert report.max_relative_error < 1e-4
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_sparse_quantized_formats_equal_their_dequantized_checkpoint(tiny_model, tmp_path, bits):
+    """The kept values are quantized inside the format: the ONNX must compute exactly the dequantized
+    factors (fp32 tolerance, same greedy tokens), and differ from the fp32 checkpoint."""
+    from sslc_export.onnx.validate import exact_reference
+
+    ckpt = checkpoint(tiny_model, tmp_path / "ckpt", Pattern())
+    record = export_checkpoint_dir(ckpt, tmp_path / "onnx", f"sparse-int{bits}")
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    ops = [n for n in graph.graph.node if n.domain == "ai.sslc"]
+    assert len(ops) == 14 and {n.op_type for n in ops} == {f"SparseMatMulInt{bits}"}
+    assert not [n for n in graph.graph.node if n.op_type in ("MatMulNBits", "MatMul") and n.name.startswith("model.layers")]
+    assert record["quantization"]["bits"] == bits and record["custom_ops"] == "ai.sslc"
+    exact = exact_reference(record, ckpt, load_checkpoint(ckpt)[0])
+    report = validate(tmp_path / "onnx", exact, rtol=record["rtol"])
+    assert report.passed, report
+    assert validate(tmp_path / "onnx", load_checkpoint(ckpt)[0], rtol=record["rtol"]).max_relative_error > 1e-4  # really quantized
+
+
+def test_sparse_format_is_smaller_than_dense(tiny_llama, tmp_path):
+    ckpt = checkpoint(tiny_llama, tmp_path / "ckpt", Pattern())
+    sizes = {fmt: export_checkpoint_dir(ckpt, tmp_path / fmt, fmt)["onnx_bytes"] for fmt in ("dense", "sparse", "sparse-int4")}
+    assert sizes["sparse-int4"] < sizes["sparse"] < sizes["dense"]
 
 
 def test_structured_format_is_smaller_than_dense(tiny_llama, tmp_path):
@@ -99,14 +126,13 @@ def test_rewrite_fails_loudly_on_a_missing_or_mismatched_layer(tiny_llama, tmp_p
     name, layer = next(iter(layers.items()))
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
     with pytest.raises(UserError, match="found no MatMul"):
-        rewrite(graph, {"model.layers.7.mlp.up_proj": layer}, "dense")
+        rewrite(graph, {"model.layers.7.mlp.up_proj": layer}, get_format("dense"))
     with pytest.raises(UserError, match="found no MatMul|not S \\+ U·V|no constant weight"):
-        rewrite(graph, {name: layer}, "dense")  # already rewritten: the original MatMul is gone
+        rewrite(graph, {name: layer}, get_format("dense"))  # already rewritten: the original MatMul is gone
 
 
 def test_weight_identity_is_checked(tiny_llama, tmp_path):
     from sslc_export.onnx.export import export_dense
-    from models.loading import load_model
 
     ckpt = checkpoint(tiny_llama, tmp_path / "ckpt", Pattern())
     dense = load_model(str(tiny_llama))  # the uncompressed graph: its weights are not S + U·V
@@ -114,7 +140,7 @@ def test_weight_identity_is_checked(tiny_llama, tmp_path):
     export_dense(dense.model, dense.tokenizer, tmp_path / "raw")
     graph = onnx.load(str(tmp_path / "raw" / "model.onnx"))
     with pytest.raises(UserError, match="not S \\+ U·V"):
-        rewrite(graph, read_block(ckpt, 0), "dense")
+        rewrite(graph, read_block(ckpt, 0), get_format("dense"))
 
 
 def test_large_models_use_external_data(tiny_llama, tmp_path, monkeypatch):
@@ -161,9 +187,10 @@ def test_quantized_formats_use_matmulnbits_and_stay_close(tiny_llama, tmp_path, 
     record = export_checkpoint_dir(ckpt, tmp_path / "onnx", fmt)
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
     quantized = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
-    assert len(quantized) == 14 * 2  # V and the joined [Sᵀ; Uᵀ] of every compressed layer
-    assert record["quantization"]["bits"] == int(fmt[-1])
-    report = validate(tmp_path / "onnx", load_checkpoint(ckpt)[0], rtol=default_rtol(fmt), require_same_tokens=False)
+    assert len(quantized) == 14 * 2  # V and the joined [Sᵀ; Uᵀ] of every compressed layer, not the lm_head
+    assert all(n.name.startswith("model.layers.") for n in quantized)
+    assert record["quantization"]["bits"] == int(fmt[-1]) and record["format"] == f"joined-{fmt}"
+    report = validate(tmp_path / "onnx", load_checkpoint(ckpt)[0], rtol=default_rtol(record), require_same_tokens=False)
     assert report.passed, report
     assert report.max_relative_error > 1e-6  # it really is quantized
 
@@ -248,3 +275,32 @@ def test_io_binding_path_matches_plain_run(tiny_llama, tmp_path):
         np.testing.assert_allclose(bound_logits, plain_logits, rtol=1e-5, atol=1e-5)
         ids = np.array([[int(plain_logits[0, -1].argmax())]])
     assert bound_past[0].shape()[2] == plain_past[0].shape[2] == 8
+
+
+def test_quantization_touches_exactly_the_intended_nodes(tmp_path):
+    """Untied lm_head: onnxruntime's quantizer would take every constant MatMul; ours quantizes only the
+    format's own MatMuls, and the lm_head and embedding only when --lm-head asks."""
+    from models.synthetic import build_random_model
+
+    untied = build_random_model(tmp_path / "untied", "llama", tie_word_embeddings=False)
+    ckpt = checkpoint(untied, tmp_path / "ckpt", Pattern())
+    for lm_head, head_ops in (("fp32", set()), ("int4", {"MatMulNBits", "GatherBlockQuantized"})):
+        record = export_checkpoint_dir(ckpt, tmp_path / lm_head, "joined-int4", lm_head=lm_head)
+        nodes = onnx.load(str(tmp_path / lm_head / "model.onnx")).graph.node
+        ours = [n for n in nodes if n.op_type == "MatMulNBits" and n.name.startswith("model.layers.")]
+        others = {n.op_type for n in nodes if n.op_type in ("MatMulNBits", "GatherBlockQuantized") and not n.name.startswith("model.layers.")}
+        assert len(ours) == 14 * 2 and others == head_ops, (lm_head, others)
+        assert record["lm_head"] == lm_head
+        report = validate(tmp_path / lm_head, load_checkpoint(ckpt)[0], rtol=record["rtol"], require_same_tokens=False)
+        assert report.passed, report
+
+
+def test_tied_lm_head_int4_baseline(tiny_llama, tmp_path):
+    """A tied lm_head reads Transpose(embedding): --lm-head int4 gives it its own quantized copy."""
+    record = build.export_dense_model(str(tiny_llama), tmp_path / "int4", "int4", lm_head="int4")
+    nodes = onnx.load(str(tmp_path / "int4" / "model.onnx")).graph.node
+    assert {"GatherBlockQuantized", "MatMulNBits"} <= {n.op_type for n in nodes}
+    assert [n for n in nodes if n.op_type == "MatMulNBits" and "logits" in n.output]
+    report = validate(tmp_path / "int4", load_model(str(tiny_llama)),
+                      rtol=record["rtol"], require_same_tokens=False)
+    assert report.passed, report

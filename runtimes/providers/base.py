@@ -48,14 +48,21 @@ class Provider(ABC):
     def provider_options(self) -> dict:
         return {}
 
-    def open_session(self, path: Path, threads: int | None = None) -> ort.InferenceSession:
-        """A session on exactly this provider: never a silent fall-back to CPU."""
+    def open_session(self, path: Path, threads: int | None = None, custom_ops: str | None = None) -> ort.InferenceSession:
+        """A session on exactly this provider: never a silent fall-back to CPU. `custom_ops` names the
+        opset domain of our own operators when the graph uses them (export.json says so)."""
         state = self.availability()
         if not state.available:
             raise UserError(f"provider {self.name} is not available: {state.reason}")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if custom_ops:
+            from runtimes import kernels
+
+            if self.device_type != "cpu":
+                raise UserError(f"this export uses our {custom_ops} operators, which run on the cpu provider only")
+            kernels.register(options)
         try:
             session = ort.InferenceSession(str(path), options, providers=[(self.execution_provider, self.provider_options())])
         except Exception as exc:  # onnxruntime raises its own exception types for bad files

@@ -13,6 +13,8 @@ from typing import Callable
 import onnx
 
 from models.loading import LoadedModel, load_model
+from runtimes import kernels
+from runtimes.session import EXPORT_MANIFEST
 from sslc_export import __version__
 from sslc_export.atomic import check_writable_target, file_inventory, partial_path, publish_directory, write_json_atomic
 from sslc_export.checkpoint import CompressedTensors, load_checkpoint, read_block, read_manifest
@@ -20,14 +22,11 @@ from sslc_export.onnx.export import ONNX_FILE, dense_equivalent, export_dense
 from sslc_export.errors import UserError
 from sslc_export.onnx.genai import GENAI_CONFIG, genai_config
 from sslc_export.onnx.onnx_io import PROTOBUF_LIMIT, save_onnx  # noqa: F401 (PROTOBUF_LIMIT: old import path)
-from sslc_export.onnx.quantize import ACCURACY_LEVEL, BLOCK_SIZE, QUANTIZED_FORMATS, quantize_matmuls
-from sslc_export.onnx.rewrite import check_pairing, rewrite
+from sslc_export.onnx.formats import Format, check_pairing, get_format
+from sslc_export.onnx.formats.base import MATMULNBITS_RTOL
+from sslc_export.onnx.quantize import check_lm_head, decoder_matmuls, quantize_head, quantize_nodes
+from sslc_export.onnx.rewrite import rewrite
 
-EXPORT_MANIFEST = "export.json"
-
-
-def _quantization(bits: int | None) -> dict | None:
-    return None if bits is None else {"bits": bits, "block_size": BLOCK_SIZE, "accuracy_level": ACCURACY_LEVEL, "symmetric": True}
 
 
 def _build(loaded: LoadedModel, out: Path, transform: Callable[[onnx.ModelProto], onnx.ModelProto], record: dict) -> dict:
@@ -40,7 +39,8 @@ def _build(loaded: LoadedModel, out: Path, transform: Callable[[onnx.ModelProto]
     try:
         export_dense(loaded.model, loaded.tokenizer, work)
         loaded.tokenizer.save_pretrained(work)  # optimum skips it for some sources (a GGUF-loaded model); runtimes need it
-        write_json_atomic(work / GENAI_CONFIG, genai_config(loaded.model.config, loaded.tokenizer, ONNX_FILE))
+        library = str(kernels.library_path().resolve()) if record.get("custom_ops") else None
+        write_json_atomic(work / GENAI_CONFIG, genai_config(loaded.model.config, loaded.tokenizer, ONNX_FILE, library))
         model = onnx.load(str(work / ONNX_FILE))  # pulls in optimum's external data, if it wrote any
         for stale in work.glob(f"{ONNX_FILE}?*"):
             stale.unlink()
@@ -60,29 +60,37 @@ def _build(loaded: LoadedModel, out: Path, transform: Callable[[onnx.ModelProto]
     return record
 
 
-def export_checkpoint_dir(checkpoint: Path, out: Path, fmt: str = "dense", overwrite: bool = False) -> dict:
+def _format_record(fmt: Format, lm_head: str) -> dict:
+    """The format's own record; a quantized lm_head loosens the tolerance to MatMulNBits' sanity bound."""
+    record = {**fmt.record(), "lm_head": lm_head, "custom_ops": fmt.layout.custom_domain}
+    if lm_head != "fp32":
+        record["rtol"] = max(record["rtol"], MATMULNBITS_RTOL[int(lm_head.removeprefix("int"))])
+    return record
+
+
+def export_checkpoint_dir(checkpoint: Path, out: Path, fmt: str = "dense", overwrite: bool = False, lm_head: str = "fp32") -> dict:
+    chosen = get_format(fmt)
     manifest = read_manifest(checkpoint)
-    check_pairing(fmt, manifest["pattern"]["kind"])
+    check_pairing(chosen, manifest["pattern"]["kind"])
+    check_lm_head(lm_head)
+    if chosen.needs_kernels and not kernels.availability()[0]:
+        raise UserError(f"format {chosen.name} needs our operators: {kernels.availability()[1]}")
     check_writable_target(out, overwrite)
     loaded, manifest = load_checkpoint(checkpoint)
     layers: dict[str, CompressedTensors] = {}
     for index in range(manifest["num_blocks"]):
         layers.update(read_block(checkpoint, index))
     dense_equivalent(loaded.model)
-    bits = QUANTIZED_FORMATS.get(fmt)
-    layout = fmt if bits is None else ("structured" if manifest["pattern"]["kind"] == "structured" else "joined")
 
     def transform(model: onnx.ModelProto) -> onnx.ModelProto:
-        model = rewrite(model, layers, layout)
-        if bits is not None:  # U, V and the kept part of S; embeddings and lm_head stay fp32
-            ours = [node.name for node in model.graph.node if node.op_type == "MatMul" and node.name.split("/")[0] in layers]
-            model = quantize_matmuls(model, bits, ours)
-        return model
+        rewritten = rewrite(model, layers, chosen)
+        model = rewritten.model
+        if chosen.matmulnbits_bits is not None:  # exactly the format's own MatMuls (U, V and the kept part of S)
+            model = quantize_nodes(model, chosen.matmulnbits_bits, rewritten.matmuls)
+        return quantize_head(model, lm_head)  # the same lm_head/embedding choice for every format
 
     record = {
-        "format": fmt,
-        "layout": layout,
-        "quantization": _quantization(bits),
+        **_format_record(chosen, lm_head),
         "source": {"checkpoint": str(checkpoint), "method": manifest["method"], "ratio": manifest["ratio"],
                    "pattern": manifest["pattern"], "checkpoint_dense_sha256": manifest["files"]["dense.safetensors"]["sha256"]},
         "compressed_layers": len(layers),
@@ -90,17 +98,29 @@ def export_checkpoint_dir(checkpoint: Path, out: Path, fmt: str = "dense", overw
     return _build(loaded, out, transform, record)
 
 
-def export_dense_model(source: str | None, out: Path, fmt: str = "dense", overwrite: bool = False) -> dict:
-    """The uncompressed baseline; int4/int8 quantize every MatMul as onnxruntime's tool does by default."""
-    if fmt not in ("dense", *QUANTIZED_FORMATS):
-        raise UserError(f"a dense baseline can be exported as dense, {' or '.join(QUANTIZED_FORMATS)}, not {fmt}")
+BASELINE_BITS = {"dense": 32, "int8": 8, "int4": 4}
+
+
+def export_dense_model(source: str | None, out: Path, fmt: str = "dense", overwrite: bool = False, lm_head: str = "fp32") -> dict:
+    """The uncompressed baseline; int4/int8 quantize every decoder-block MatMul as onnxruntime's tool does."""
+    if fmt not in BASELINE_BITS:
+        raise UserError(f"a dense baseline can be exported as {', '.join(BASELINE_BITS)}, not {fmt}")
+    check_lm_head(lm_head)
     check_writable_target(out, overwrite)
     loaded = load_model(source)
-    bits = QUANTIZED_FORMATS.get(fmt)
+    bits = BASELINE_BITS[fmt]
+    baseline = get_format("dense" if bits == 32 else f"joined-int{bits}")  # MatMulNBits on the dense weights
+
+    def transform(model: onnx.ModelProto) -> onnx.ModelProto:
+        if bits != 32:
+            model = quantize_nodes(model, bits, decoder_matmuls(model))
+        return quantize_head(model, lm_head)  # the same lm_head/embedding choice for every format
+
     record = {
-        "format": "dense-baseline" if bits is None else f"{fmt}-baseline",
-        "quantization": _quantization(bits),
+        **_format_record(baseline, lm_head),
+        "format": f"{fmt}-baseline",
+        "layout": "dense",
         "source": loaded.identity,
         "compressed_layers": 0,
     }
-    return _build(loaded, out, (lambda model: model) if bits is None else (lambda model: quantize_matmuls(model, bits)), record)
+    return _build(loaded, out, transform, record)

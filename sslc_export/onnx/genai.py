@@ -11,8 +11,13 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 GENAI_CONFIG = "genai_config.json"
 
 
-def genai_config(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, onnx_file: str) -> dict:
-    """Every architecture we support (llama, qwen2, mistral) has a genai model type of the same name."""
+def genai_config(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, onnx_file: str,
+                 custom_ops_library: str | None = None) -> dict:
+    """Every architecture we support (llama, qwen2, mistral) has a genai model type of the same name.
+    A folder whose graph uses our operators names the kernel library (an absolute path: genai loads it as given)."""
+    session_options: dict = {"log_id": "onnxruntime-genai", "provider_options": []}
+    if custom_ops_library:
+        session_options["custom_ops_library"] = custom_ops_library
     heads = config.num_attention_heads
     head_size = getattr(config, "head_dim", None) or config.hidden_size // heads
     eos = tokenizer.eos_token_id
@@ -25,7 +30,7 @@ def genai_config(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, o
             "context_length": config.max_position_embeddings,
             "vocab_size": config.vocab_size,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "session_options": session_options,
                 "filename": onnx_file,
                 "head_size": head_size,
                 "hidden_size": config.hidden_size,

@@ -1,5 +1,5 @@
 """The MatMul rewrite: each MatMul whose weight belongs to a compressed Linear becomes the
-sparse-plus-two-matmul subgraph of the chosen format.
+subgraph of the chosen format.
 
 A MatMul is found by its node name (torch.onnx names it after the module path) and then
 checked by weight identity: its initializer must equal (S + U·V)ᵀ. Any layer not found or
@@ -7,17 +7,15 @@ not matching is an error, never a silent skip.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from sslc_export.checkpoint import CompressedTensors
 from sslc_export.errors import UserError
-from sslc_export.onnx.formats import FORMATS
-
-# Which checkpoint patterns each format can express.
-ANY_PATTERN = ("unstructured", "nm", "structured")
-FORMAT_PATTERNS = {"dense": ANY_PATTERN, "joined": ANY_PATTERN, "structured": ("structured",), "nm": ("nm",), "int4": ANY_PATTERN, "int8": ANY_PATTERN}
+from sslc_export.onnx.formats import Format
 
 
 def onnx_matmul_name(linear_name: str) -> str:
@@ -31,21 +29,20 @@ def onnx_matmul_name(linear_name: str) -> str:
     return "/" + "/".join(parts) + "/MatMul"
 
 
-def check_pairing(fmt: str, pattern_kind: str) -> None:
-    if fmt not in FORMAT_PATTERNS:
-        raise UserError(f"unknown format '{fmt}': choose one of {', '.join(FORMAT_PATTERNS)}")
-    if pattern_kind not in FORMAT_PATTERNS[fmt]:
-        needed = " or ".join(FORMAT_PATTERNS[fmt])
-        raise UserError(f"format {fmt} needs a checkpoint compressed with --pattern {needed}; this one is {pattern_kind}")
+@dataclass
+class Rewritten:
+    model: onnx.ModelProto
+    matmuls: list[str] = field(default_factory=list)  # the weight MatMuls the format placed (what MatMulNBits may quantize)
 
 
-def rewrite(model: onnx.ModelProto, layers: dict[str, CompressedTensors], fmt: str, rtol: float = 1e-4) -> onnx.ModelProto:
+def rewrite(model: onnx.ModelProto, layers: dict[str, CompressedTensors], fmt: Format, rtol: float = 1e-4) -> Rewritten:
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     position = {node.name: i for i, node in enumerate(graph.node)}
     replacements: dict[int, list[onnx.NodeProto]] = {}
     retired: set[str] = set()
-    build = FORMATS[fmt]
+    result = Rewritten(model)
+    domains: dict[str, int] = {}
     for name, layer in layers.items():
         node_name = onnx_matmul_name(name)
         if node_name not in position:
@@ -59,9 +56,11 @@ def rewrite(model: onnx.ModelProto, layers: dict[str, CompressedTensors], fmt: s
         scale = float(np.abs(expected).max()) or 1.0
         if weight.shape != expected.shape or not np.allclose(weight, expected, rtol=0, atol=rtol * scale):
             raise UserError(f"the weight of {node_name} is not S + U·V of layer {name}: ONNX model and checkpoint do not match")
-        subgraph = build(name, node.input[0], node.output[0], layer)
+        subgraph = fmt.build(name, node.input[0], node.output[0], layer)
         replacements[position[node_name]] = subgraph.nodes
         graph.initializer.extend(subgraph.initializers)
+        result.matmuls.extend(subgraph.matmuls)
+        domains.update(subgraph.domains)
         retired.add(weight_name)
     nodes = []
     for i, node in enumerate(graph.node):
@@ -72,4 +71,6 @@ def rewrite(model: onnx.ModelProto, layers: dict[str, CompressedTensors], fmt: s
     kept = [init for init in graph.initializer if init.name not in retired or init.name in still_used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    return model
+    known = {opset.domain for opset in model.opset_import}
+    model.opset_import.extend(helper.make_opsetid(domain, version) for domain, version in domains.items() if domain not in known)
+    return result

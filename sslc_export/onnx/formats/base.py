@@ -1,137 +1,97 @@
-"""How one compressed Linear becomes ONNX nodes: y = x·Sᵀ + (x·Vᵀ)·Uᵀ (+ b), per format.
+"""What a format is: a layout (how S, U and V sit in the graph) times bits (how their values
+are stored). A layout builds the nodes that replace one `MatMul(x, Wᵀ)` of a compressed Linear,
+y = x·Sᵀ + (x·Vᵀ)·Uᵀ; the rewrite stage splices them in where the MatMul was.
 
-Each builder returns the nodes and initializers that replace one `MatMul(x, Wᵀ)`; the
-rewrite stage splices them in where the MatMul was.
+Layouts made of standard MatMuls are quantized afterwards by onnxruntime's MatMulNBits quantizer
+(on exactly the MatMuls the layout names); a layout that stores its own integers (the sparse
+one) quantizes inside its builder and says so with `quantizes_itself`.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from sslc_export.checkpoint import CompressedTensors
-from sslc_export.errors import UserError
-from sslc_export.lowrank import balance
+
+if TYPE_CHECKING:
+    from sslc_export.checkpoint import CompressedTensors
+
+ANY_PATTERN = ("unstructured", "nm", "structured")
+FP32_RTOL = 1e-5
+# MatMulNBits differs from the fp32 checkpoint by construction (accuracy_level 4 also quantizes the
+# activations): these bounds only catch a broken graph; quality is judged by perplexity (`bench`).
+MATMULNBITS_RTOL = {8: 1.5e-1, 4: 8e-1}
 
 
 @dataclass
 class Subgraph:
+    """Nodes and initializers for one Linear; every node is named under the Linear's prefix."""
+
+    prefix: str
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     initializers: list[onnx.TensorProto] = field(default_factory=list)
+    matmuls: list[str] = field(default_factory=list)  # names of the MatMuls that carry weights (what bits apply to)
+    domains: dict[str, int] = field(default_factory=dict)  # custom opset domains the nodes use
 
-    def constant(self, name: str, array: np.ndarray) -> str:
+    def constant(self, suffix: str, array: np.ndarray) -> str:
+        name = f"{self.prefix}.{suffix}"
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], output: str, **attributes) -> str:
-        self.nodes.append(helper.make_node(op_type, inputs, [output], name=output, **attributes))
+    def op(self, op_type: str, inputs: list[str], output: str | None, suffix: str, domain: str = "", **attributes) -> str:
+        """Add a node named PREFIX/SUFFIX; its output is `output` (a name outside the subgraph) or PREFIX/SUFFIX."""
+        name = f"{self.prefix}/{suffix}"
+        output = output or name
+        self.nodes.append(helper.make_node(op_type, inputs, [output], name=name, domain=domain, **attributes))
         return output
 
+    def matmul(self, x: str, weight_t: np.ndarray, output: str | None, suffix: str) -> str:
+        result = self.op("MatMul", [x, self.constant(f"{suffix}_T", weight_t)], output, suffix)
+        self.matmuls.append(f"{self.prefix}/{suffix}")
+        return result
 
-def _factors_t(layer: CompressedTensors) -> tuple[np.ndarray, np.ndarray]:
+
+def factors_t(layer: CompressedTensors) -> tuple[np.ndarray, np.ndarray]:
     """(Vᵀ, Uᵀ), balanced so that quantized formats keep every rank-1 term."""
+    from sslc_export.lowrank import balance
+
     u, v = balance(layer.u, layer.v)
     return v.T.numpy(), u.T.numpy()
 
 
-def _low_rank(graph: Subgraph, prefix: str, x: str, layer: CompressedTensors) -> str | None:
-    if layer.u.shape[1] == 0:
-        return None
-    v_t_array, u_t_array = _factors_t(layer)
-    v_t = graph.constant(f"{prefix}.V_T", v_t_array)
-    u_t = graph.constant(f"{prefix}.U_T", u_t_array)
-    hidden = graph.op("MatMul", [x, v_t], f"{prefix}/low_rank_in")
-    return graph.op("MatMul", [hidden, u_t], f"{prefix}/low_rank_out")
+def has_low_rank(layer: CompressedTensors) -> bool:
+    return layer.u.shape[1] > 0
 
 
-def _sum(graph: Subgraph, prefix: str, terms: list[str | None], output: str) -> None:
-    """Add the branch outputs into the node's original output name."""
-    present = [t for t in terms if t is not None]
-    if len(present) == 1:
-        graph.op("Identity", present, output)
-        return
-    total = present[0]
-    for i, term in enumerate(present[1:]):
-        total = graph.op("Add", [total, term], output if i == len(present) - 2 else f"{prefix}/sum{i}")
+class Layout(ABC):
+    """How one compressed Linear becomes ONNX nodes. Adding one: a new file and a registry line."""
 
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for --help
+    patterns: ClassVar[tuple[str, ...]] = ANY_PATTERN  # checkpoint patterns it can express
+    bits: ClassVar[tuple[int, ...]] = (32, 8, 4)
+    quantizes_itself: ClassVar[bool] = False  # True: bits are applied inside build(), not by MatMulNBits
+    custom_domain: ClassVar[str | None] = None  # an opset domain whose ops need our kernel library
 
-def dense_format(prefix: str, x: str, output: str, layer: CompressedTensors) -> Subgraph:
-    """S stored dense, zeros included: the reference every other format is checked against."""
-    graph = Subgraph()
-    s_t = graph.constant(f"{prefix}.S_T", layer.sparse.T.numpy())
-    sparse = graph.op("MatMul", [x, s_t], f"{prefix}/sparse_out")
-    _sum(graph, prefix, [sparse, _low_rank(graph, prefix, x, layer)], output)
-    return graph
+    @abstractmethod
+    def build(self, graph: Subgraph, x: str, output: str, layer: CompressedTensors, bits: int) -> None:
+        """Add the nodes computing `output` = x·Sᵀ + (x·Vᵀ)·Uᵀ to graph."""
 
+    def reference(self, layer: CompressedTensors, bits: int) -> CompressedTensors:
+        """The factors this layout's ONNX computes exactly (up to fp32 rounding); the checkpoint's own for fp32."""
+        return layer
 
-def _joined(graph: Subgraph, prefix: str, x: str, x_sparse: str, s_t: "np.ndarray", layer: CompressedTensors, output: str) -> None:
-    """One MatMul for both branches: Concat[x_sparse, x·Vᵀ] @ [Sᵀ; Uᵀ]. Per Linear that is two MatMuls and a Concat
-    instead of three MatMuls and an Add: at batch-1 decode a node costs about as much as its bytes."""
-    if layer.u.shape[1] == 0:
-        graph.op("MatMul", [x_sparse, graph.constant(f"{prefix}.S_T", s_t)], output)
-        return
-    v_t_array, u_t = _factors_t(layer)
-    projected = graph.op("MatMul", [x, graph.constant(f"{prefix}.V_T", v_t_array)], f"{prefix}/low_rank_in")
-    joined = graph.op("Concat", [x_sparse, projected], f"{prefix}/joined", axis=-1)
-    graph.op("MatMul", [joined, graph.constant(f"{prefix}.SU_T", np.concatenate([s_t, u_t], axis=0))], output)
+    def rtol(self, bits: int) -> float:
+        return FP32_RTOL if bits == 32 or self.quantizes_itself else MATMULNBITS_RTOL[bits]
 
+    def quantization(self, bits: int) -> dict | None:
+        """What export.json records about how values were quantized."""
+        if bits == 32:
+            return None
+        from sslc_export.onnx.quantize import ACCURACY_LEVEL, BLOCK_SIZE
 
-def joined_format(prefix: str, x: str, output: str, layer: CompressedTensors) -> Subgraph:
-    """S stored dense like `dense`, but sharing one MatMul with Uᵀ (see _joined)."""
-    graph = Subgraph()
-    _joined(graph, prefix, x, x, layer.sparse.T.numpy(), layer, output)
-    return graph
-
-
-def nm_format(prefix: str, x: str, output: str, layer: CompressedTensors) -> Subgraph:
-    """Same nodes as dense; S is N:M along the reduction axis, which TensorRT's sparse
-    tensor cores pick up with trt_sparsity_enable. onnxruntime's own kernels see a dense MatMul."""
-    return dense_format(prefix, x, output, layer)
-
-
-def kept_lines(mask: np.ndarray) -> tuple[str, np.ndarray]:
-    """Which whole input columns (or output rows) of a structured S survive."""
-    columns = mask.any(0)
-    if (mask[:, columns].all()) and mask.sum() == columns.sum() * mask.shape[0]:
-        return "columns", np.flatnonzero(columns)
-    rows = mask.any(1)
-    if mask[rows].all() and mask.sum() == rows.sum() * mask.shape[1]:
-        return "rows", np.flatnonzero(rows)
-    raise UserError("the structured format needs whole kept columns or rows: compress with --pattern structured")
-
-
-def structured_format(prefix: str, x: str, output: str, layer: CompressedTensors) -> Subgraph:
-    """Kept input columns: one MatMul on [x_kept, x·Vᵀ] with the stacked weight [S_keptᵀ; Uᵀ],
-    so the sparse and low-rank branches cost a single smaller dense MatMul.
-    Kept output rows: a smaller MatMul whose outputs are scattered into the low-rank output."""
-    graph = Subgraph()
-    axis, kept = kept_lines(layer.mask.numpy())
-    sparse = layer.sparse.numpy()
-    if axis == "columns":
-        indices = graph.constant(f"{prefix}.kept_columns", kept.astype(np.int64))
-        x_kept = graph.op("Gather", [x, indices], f"{prefix}/x_kept", axis=-1)
-        _joined(graph, prefix, x, x_kept, sparse[:, kept].T, layer, output)
-        return graph
-    weight = graph.constant(f"{prefix}.S_rows_T", sparse[kept].T)
-    partial = graph.op("MatMul", [x, weight], f"{prefix}/sparse_rows")
-    low = _low_rank(graph, prefix, x, layer)
-    if low is None:
-        raise UserError("structured rows without a low-rank part is not supported: use --pattern structured --axis columns")
-    rows = graph.constant(f"{prefix}.kept_rows", kept.astype(np.int64))
-    picked = graph.op("Gather", [low, rows], f"{prefix}/low_rank_rows", axis=-1)
-    updated = graph.op("Add", [picked, partial], f"{prefix}/rows_sum")
-    shape = graph.op("Shape", [updated], f"{prefix}/rows_shape")
-    expanded = graph.op("Expand", [rows, shape], f"{prefix}/rows_index")
-    graph.op("ScatterElements", [low, expanded, updated], output, axis=-1)
-    return graph
-
-
-FORMATS: dict[str, Callable[[str, str, str, CompressedTensors], Subgraph]] = {
-    "dense": dense_format,
-    "joined": joined_format,
-    "structured": structured_format,
-    "nm": nm_format,
-}
+        return {"bits": bits, "kernel": "MatMulNBits", "block_size": BLOCK_SIZE, "accuracy_level": ACCURACY_LEVEL, "symmetric": True}

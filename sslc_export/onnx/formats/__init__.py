@@ -1,0 +1,86 @@
+"""The format registry: a format is a layout × bits (32, 8, 4), named LAYOUT or LAYOUT-intB.
+
+Everything that depends on the format string asks this module: which checkpoint patterns it
+can express, how to build its nodes, whether MatMulNBits or the layout itself quantizes, the
+validation tolerance and what export.json records.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sslc_export.errors import UserError
+from sslc_export.onnx.formats.base import Layout, Subgraph
+from sslc_export.onnx.formats.dense import DenseLayout
+from sslc_export.onnx.formats.joined import JoinedLayout
+from sslc_export.onnx.formats.nm import NmLayout
+from sslc_export.onnx.formats.sparse import SparseLayout
+from sslc_export.onnx.formats.structured import StructuredLayout
+
+if TYPE_CHECKING:
+    from sslc_export.checkpoint import CompressedTensors
+
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (DenseLayout(), JoinedLayout(), StructuredLayout(), NmLayout(), SparseLayout())}
+ALIASES = {"int8": "joined-int8", "int4": "joined-int4"}  # the names earlier releases used
+
+
+@dataclass(frozen=True)
+class Format:
+    layout: Layout
+    bits: int
+
+    @property
+    def name(self) -> str:
+        return self.layout.name if self.bits == 32 else f"{self.layout.name}-int{self.bits}"
+
+    @property
+    def needs_kernels(self) -> bool:
+        return self.layout.custom_domain is not None
+
+    @property
+    def rtol(self) -> float:
+        return self.layout.rtol(self.bits)
+
+    @property
+    def matmulnbits_bits(self) -> int | None:
+        """Bits for onnxruntime's MatMulNBits quantizer on the layout's MatMuls, if it is the one quantizing."""
+        return None if self.bits == 32 or self.layout.quantizes_itself else self.bits
+
+    def build(self, prefix: str, x: str, output: str, layer: CompressedTensors) -> Subgraph:
+        graph = Subgraph(prefix)
+        self.layout.build(graph, x, output, layer, self.bits)
+        return graph
+
+    def reference(self, layer: CompressedTensors) -> CompressedTensors:
+        return self.layout.reference(layer, self.bits)
+
+    def record(self) -> dict:
+        return {"format": self.name, "layout": self.layout.name, "bits": self.bits,
+                "quantization": self.layout.quantization(self.bits), "rtol": self.rtol}
+
+
+FORMATS: dict[str, Format] = {
+    Format(layout, bits).name: Format(layout, bits) for layout in LAYOUTS.values() for bits in layout.bits
+}
+
+
+def get_format(name: str) -> Format:
+    try:
+        return FORMATS[ALIASES.get(name, name)]
+    except KeyError:
+        raise UserError(f"unknown format '{name}': choose one of {', '.join([*FORMATS, *ALIASES])}") from None
+
+
+def check_pairing(fmt: Format, pattern_kind: str) -> None:
+    if pattern_kind not in fmt.layout.patterns:
+        needed = " or ".join(fmt.layout.patterns)
+        raise UserError(f"format {fmt.name} needs a checkpoint compressed with --pattern {needed}; this one is {pattern_kind}")
+
+
+def help_text() -> str:
+    """One line per layout for --help."""
+    lines = [f"{layout.name}: {layout.summary}" + ("" if layout.bits == (32,) else " (also -int8, -int4)") for layout in LAYOUTS.values()]
+    return "; ".join(lines) + "; int4/int8 = joined-int4/joined-int8."
+
+
+__all__ = ["ALIASES", "FORMATS", "Format", "LAYOUTS", "Layout", "Subgraph", "check_pairing", "get_format", "help_text"]

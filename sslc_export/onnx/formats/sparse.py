@@ -1,0 +1,63 @@
+"""S as per-row bitmask plus packed kept values, computed by our own onnxruntime operator
+(runtimes/kernels): it reads only the kept values, so bytes and decode time fall with density.
+
+The low-rank pair is fused into the same node (one read of x, one write of y, one node instead of
+three): the operator computes y = [x, x·Vᵀ]·[S | U]ᵀ, with V and U stored in the same layout as
+fully kept rows (sslc_export/sparse_rows.py). With bits 8 or 4 the kept values (and U, V) are
+quantized here, symmetric, with a scale per group of input columns taken from the kept values
+only; `reference` gives the exact dequantized factors, so validation holds these formats to fp32
+tolerance.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sslc_export.onnx.formats.base import Layout, Subgraph
+from sslc_export.sparse_rows import DOMAIN, OP_TYPES, SparseRows, dequantize, pack
+
+if TYPE_CHECKING:
+    from sslc_export.checkpoint import CompressedTensors
+
+DOMAIN_VERSION = 1
+GROUP_SIZE = 64  # input columns per scale: ~29 kept values at SSLC's usual 45 % density
+INPUT_NAMES = {32: ("mask", "values", "v_mask", "v_values"), 8: ("mask", "values", "scales", "v_mask", "v_values", "v_scales")}
+INPUT_NAMES[4] = INPUT_NAMES[8]
+
+
+def _packed(layer: CompressedTensors, bits: int) -> SparseRows:
+    from sslc_export.lowrank import balance
+
+    u, v = balance(layer.u, layer.v)
+    return pack(layer.sparse.numpy(), layer.mask.numpy(), u.numpy(), v.numpy(), bits, GROUP_SIZE)
+
+
+class SparseLayout(Layout):
+    name = "sparse"
+    summary = "our operator on a bitmask-compressed S with U, V fused in (needs the kernel library)"
+    quantizes_itself = True
+    custom_domain = DOMAIN
+
+    def build(self, graph: Subgraph, x: str, output: str, layer: CompressedTensors, bits: int) -> None:
+        packed = _packed(layer, bits)
+        constants = [graph.constant(name, array) for name, array in zip(INPUT_NAMES[bits], packed.inputs(), strict=True)]
+        graph.op(packed.op_type, [x, *constants], output, "sparse_matmul", domain=DOMAIN, **packed.attributes())
+        graph.domains[DOMAIN] = DOMAIN_VERSION
+
+    def reference(self, layer: CompressedTensors, bits: int) -> CompressedTensors:
+        if bits == 32:
+            return layer
+        import torch
+
+        from sslc_export.checkpoint import CompressedTensors
+
+        packed = _packed(layer, bits)
+        joined = dequantize(packed.main, bits, GROUP_SIZE)
+        k = packed.in_features
+        return CompressedTensors(u=torch.from_numpy(joined[:, k:].copy()), v=torch.from_numpy(dequantize(packed.v, bits, GROUP_SIZE)),
+                                 sparse=torch.from_numpy(joined[:, :k].copy()), mask=layer.mask, bias=layer.bias)
+
+    def quantization(self, bits: int) -> dict | None:
+        if bits == 32:
+            return None
+        return {"bits": bits, "kernel": f"{DOMAIN}.{OP_TYPES[bits]}", "group_size": GROUP_SIZE, "symmetric": True,
+                "scales_from": "the kept values of each group of input columns"}
