@@ -488,7 +488,8 @@ def bench_command(
     write_json(out_dir / "bench.json", result)
     command = "sslc-export bench " + " ".join(sys.argv[2:])
     body = (f"Measured by `{command}` on {result['machine']['cpu']} ({result['machine']['cores']} cores, "
-            f"{result['threads']} onnxruntime threads, onnxruntime {result['machine']['onnxruntime']}); "
+            f"{result['threads']} onnxruntime threads, onnxruntime {result['machine']['onnxruntime']}, "
+            f"CPU flags {' '.join(result['machine']['cpu_flags']) or 'unknown'}, kernel path {result['machine']['kernel_isa'] or 'not built'}); "
             f"decode: {decode_tokens} new tokens after a {config.decode_prompt}-token prompt, batch 1; "
             f"speed-up = baseline decode p50 / this decode p50, same run.\n\n" + markdown_table(columns(result), rows))
     write_file_atomic(out_dir / "bench.md", lambda tmp: tmp.write_text(body))

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from models.loading import fix_end_token
 from runtimes.providers import get_provider
-from runtimes.session import ONNX_FILE, OnnxCausalLM
+from runtimes.session import EXPORT_MANIFEST, ONNX_FILE, OnnxCausalLM
 from sslc_export.errors import UserError
 from sslc_export.evaluate import perplexity
 
@@ -40,9 +40,21 @@ class BenchConfig:
     genai: bool = False  # also decode through onnxruntime-genai and compare its greedy tokens with ours
 
 
+def cpu_flags() -> list[str]:
+    """The SIMD extensions our kernels dispatch on, as the CPU reports them."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+    return [flag for flag in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni") if flag in flags]
+
+
 def machine() -> dict:
+    from runtimes import kernels
+
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": __import__("onnxruntime").__version__}
+            "onnxruntime": __import__("onnxruntime").__version__, "cpu_flags": cpu_flags(),
+            "kernel_isa": kernels.isa() if kernels.availability()[0] else None}
 
 
 def _percentiles(samples: list[float]) -> dict:
@@ -68,7 +80,9 @@ def bench_model(folder: Path, provider: str, config: BenchConfig) -> dict:
     longest = max(*config.prompt_lengths, config.decode_prompt)
     if ids.shape[1] < longest:
         raise UserError(f"the benchmark text has {ids.shape[1]} tokens; it needs at least {longest}")
-    result: dict = {"model": folder.name, "provider": provider, "prefill": {}}
+    record = json.loads((folder / EXPORT_MANIFEST).read_text()) if (folder / EXPORT_MANIFEST).is_file() else {}
+    result: dict = {"model": folder.name, "provider": provider, "format": record.get("format", "?"),
+                    "lm_head": record.get("lm_head", "fp32"), "prefill": {}}
     for length in config.prompt_lengths:
         prompt = ids[:, :length]
         times = _timed(lambda: runtime.step(prompt, runtime.empty_past()), config.repeats, config.warmup)
@@ -168,7 +182,7 @@ def bench(folders: list[Path], providers: list[str], config: BenchConfig) -> dic
     return {"machine": machine(), "threads": config.threads or os.cpu_count(), "config": settings, "rows": rows}
 
 
-COLUMNS = ["model", "provider", "size MB", "prefill 128 tok/s", "prefill 512 tok/s", "decode ms/tok p50", "decode p90",
+COLUMNS = ["model", "provider", "format", "lm_head", "size MB", "prefill 128 tok/s", "prefill 512 tok/s", "decode ms/tok p50", "decode p90",
            "decode tok/s", "decode speed-up", "peak RSS MB", "perplexity"]
 GPU_COLUMNS = ["GPU memory MB"]
 GENAI_COLUMNS = ["genai decode ms/tok p50", "genai greedy = ours"]
@@ -190,7 +204,7 @@ def table_rows(report: dict) -> list[list[str]]:
     for row in rows:
         ref = base[row["provider"]]
         cells = [
-            row["model"], row["provider"], f"{row['file_bytes'] / 1e6:.0f}",
+            row["model"], row["provider"], row.get("format", "?"), row.get("lm_head", "fp32"), f"{row['file_bytes'] / 1e6:.0f}",
             f"{row['prefill'].get('128', {}).get('tokens_per_s', float('nan')):.0f}",
             f"{row['prefill'].get('512', {}).get('tokens_per_s', float('nan')):.0f}",
             f"{row['decode']['p50_ms']:.1f}", f"{row['decode']['p90_ms']:.1f}", f"{row['decode']['tokens_per_s']:.1f}",

@@ -304,3 +304,35 @@ def test_tied_lm_head_int4_baseline(tiny_llama, tmp_path):
     report = validate(tmp_path / "int4", load_model(str(tiny_llama)),
                       rtol=record["rtol"], require_same_tokens=False)
     assert report.passed, report
+
+
+def test_sparse_folder_runs_in_optimum_and_genai(tiny_llama, tmp_path):
+    """ORTModelForCausalLM with the one-line session options, and onnxruntime-genai through genai_config.json."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    from runtimes import kernels
+    from runtimes.genai import GenaiCausalLM
+
+    ckpt = checkpoint(tiny_llama, tmp_path / "ckpt", Pattern())
+    export_checkpoint_dir(ckpt, tmp_path / "onnx", "sparse")
+    reference, _ = load_checkpoint(ckpt)
+    ort_model = ORTModelForCausalLM.from_pretrained(tmp_path / "onnx", session_options=kernels.session_options())
+    prompt = reference.tokenizer("It is a truth universally", return_tensors="pt")
+    kwargs = dict(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask, max_new_tokens=8, do_sample=False)
+    expected = reference.model.generate(**kwargs)
+    assert torch.equal(ort_model.generate(**kwargs), expected)
+    config = json.loads((tmp_path / "onnx" / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["session_options"]["custom_ops_library"] == str(kernels.library_path().resolve())
+    tokens, _ = GenaiCausalLM(tmp_path / "onnx", threads=1).greedy(prompt.input_ids[0].tolist(), 8)
+    assert tokens == expected[0, prompt.input_ids.shape[1]:].tolist()[: len(tokens)] and tokens
+
+
+def test_sparse_formats_without_the_library_name_the_fix(tiny_llama, tmp_path, monkeypatch):
+    ckpt = checkpoint(tiny_llama, tmp_path / "ckpt", Pattern())
+    export_checkpoint_dir(ckpt, tmp_path / "onnx", "sparse")
+    monkeypatch.setenv("SSLC_KERNELS_LIBRARY", str(tmp_path / "missing" / "libsslc_kernels.so"))
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "onnx"), "--prompt", "It is", "--max-new-tokens", "2"])
+    assert result.exit_code == 2 and "make kernels" in " ".join(result.output.split())
+    with pytest.raises(UserError, match="make kernels"):
+        export_checkpoint_dir(ckpt, tmp_path / "again", "sparse-int4")
+    assert not (tmp_path / "again").exists()
