@@ -499,6 +499,50 @@ def bench_command(
     out.print(f"wrote {out_dir}/bench.json, bench.md, bench.png")
 
 
+@app.command("profile")
+@handles_user_errors
+def profile_command(
+    onnx_dirs: list[Path] = typer.Argument(..., help="Folders written by `sslc-export export`."),
+    steps: int = typer.Option(8, help="Decode steps traced (after an untraced prefill and one warm-up step)."),
+    prompt_length: int = typer.Option(128, help="Tokens of held-out text before the traced decode steps."),
+    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads (default: all cores)."),
+    top: int = typer.Option(12, help="Operator types shown per model (the rest are summed in one row)."),
+    report: Optional[Path] = typer.Option(None, help="Markdown file whose 'profile' section (or --section) gets the tables."),
+    section: str = typer.Option("profile", help="Section of --report to replace."),
+    json_path: Optional[Path] = JsonOption,
+):
+    """Where a decode step's time goes: onnxruntime's per-node trace, summed per operator type, and the
+    time outside every node (scheduling, allocations, copies)."""
+    from transformers import AutoTokenizer
+
+    from runtimes.profile import profile_decode
+    from sslc_export.calibration import DEFAULT_HELDOUT_TEXT, read_text
+    from sslc_export.report import markdown_table, update_markdown_section, write_json
+
+    if steps < 1 or prompt_length < 1:
+        raise UserError("--steps and --prompt-length must be >= 1")
+    results, bodies = [], []
+    for folder in onnx_dirs:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        ids = tokenizer(read_text(DEFAULT_HELDOUT_TEXT), return_tensors="np", add_special_tokens=False).input_ids[:, :prompt_length]
+        with console.status(f"profiling {folder}"):
+            result = profile_decode(folder, ids, steps, threads)
+        results.append(result)
+        shown, rest = result["ops"][:top], result["ops"][top:]
+        rows = [[op["op"], op["nodes"], f"{op['ms']:.2f}", f"{op['share']:.0%}"] for op in shown]
+        if rest:
+            rows.append([f"{len(rest)} other types", sum(op["nodes"] for op in rest), f"{sum(op['ms'] for op in rest):.2f}",
+                         f"{sum(op['share'] for op in rest):.0%}"])
+        rows.append(["outside the nodes' kernels", "", f"{result['overhead_ms']:.2f}", f"{result['overhead_ms'] / result['step_ms']:.0%}"])
+        title = f"{result['model']}: {result['step_ms']:.2f} ms per decode step (traced)"
+        print_table(title, ["operator", "nodes", "ms/step", "share"], rows)
+        bodies.append(f"**{title}**\n\n" + markdown_table(["operator", "nodes", "ms/step", "share"], rows))
+    write_json(json_path, {"threads": threads, "rows": results})
+    if report is not None:
+        command = "sslc-export profile " + " ".join(sys.argv[2:])
+        update_markdown_section(report, section, f"Measured by `{command}` (onnxruntime's profiler adds some time to every node).\n\n" + "\n".join(bodies))
+
+
 @app.command("compare")
 @handles_user_errors
 def compare_command(

@@ -29,12 +29,13 @@ def custom_ops_domain(folder: Path) -> str | None:
 
 
 class OnnxCausalLM:
-    def __init__(self, folder: Path, provider: str = "cpu", threads: int | None = None, io_binding: bool | None = None):
+    def __init__(self, folder: Path, provider: str = "cpu", threads: int | None = None, io_binding: bool | None = None,
+                 profile_prefix: Path | None = None):
         path = Path(folder) / ONNX_FILE
         if not path.is_file():
             raise UserError(f"{folder} has no {ONNX_FILE}: pass a folder written by `sslc-export export`")
         chosen = get_provider(provider)
-        self.session = chosen.open_session(path, threads, custom_ops_domain(folder))
+        self.session = chosen.open_session(path, threads, custom_ops_domain(folder), profile_prefix)
         self.device = chosen.device_type
         self.io_binding = self.device != "cpu" if io_binding is None else io_binding
         config = json.loads((Path(folder) / "config.json").read_text())

@@ -336,3 +336,15 @@ def test_sparse_formats_without_the_library_name_the_fix(tiny_llama, tmp_path, m
     with pytest.raises(UserError, match="make kernels"):
         export_checkpoint_dir(ckpt, tmp_path / "again", "sparse-int4")
     assert not (tmp_path / "again").exists()
+
+
+def test_profile_splits_a_decode_step_by_operator(tiny_llama, tmp_path):
+    ckpt = checkpoint(tiny_llama, tmp_path / "ckpt", Pattern())
+    export_checkpoint_dir(ckpt, tmp_path / "sparse", "sparse")
+    result = CliRunner().invoke(app, ["profile", str(tmp_path / "sparse"), "--steps", "2", "--prompt-length", "16",
+                                      "--json", str(tmp_path / "p.json"), "--report", str(tmp_path / "r.md")])
+    assert result.exit_code == 0, result.output
+    row = json.loads((tmp_path / "p.json").read_text())["rows"][0]
+    ops = {op["op"]: op for op in row["ops"]}
+    assert ops["SparseMatMul"]["nodes"] == 14 and row["step_ms"] > 0 and row["kernel_ms"] <= row["step_ms"]
+    assert "<!-- BEGIN profile -->" in (tmp_path / "r.md").read_text()

@@ -48,15 +48,20 @@ class Provider(ABC):
     def provider_options(self) -> dict:
         return {}
 
-    def open_session(self, path: Path, threads: int | None = None, custom_ops: str | None = None) -> ort.InferenceSession:
+    def open_session(self, path: Path, threads: int | None = None, custom_ops: str | None = None,
+                     profile_prefix: Path | None = None) -> ort.InferenceSession:
         """A session on exactly this provider: never a silent fall-back to CPU. `custom_ops` names the
-        opset domain of our own operators when the graph uses them (export.json says so)."""
+        opset domain of our own operators when the graph uses them (export.json says so); with
+        `profile_prefix` onnxruntime writes a per-node trace (see runtimes/profile.py)."""
         state = self.availability()
         if not state.available:
             raise UserError(f"provider {self.name} is not available: {state.reason}")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if profile_prefix is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(profile_prefix)
         if custom_ops:
             from runtimes import kernels
 
