@@ -39,10 +39,11 @@ const KernelTable& Select() {
 
 void PackInput(const float* in, size_t ld_in, size_t count, size_t cols, size_t mr, float* packed, size_t packed_cols,
                size_t col0) {
-  for (size_t m = 0; m < count; ++m) {
-    float* block = packed + (m / mr) * packed_cols * mr + col0 * mr + m % mr;
-    const float* row = in + m * ld_in;
-    for (size_t c = 0; c < cols; ++c) block[c * mr] = row[c];
+  for (size_t m0 = 0; m0 < count; m0 += mr) {  // sequential writes; mr rows read side by side
+    const size_t rows = count - m0 < mr ? count - m0 : mr;
+    float* block = packed + m0 * packed_cols + col0 * mr;
+    for (size_t c = 0; c < cols; ++c, block += mr)
+      for (size_t i = 0; i < rows; ++i) block[i] = in[(m0 + i) * ld_in + c];
   }
 }
 

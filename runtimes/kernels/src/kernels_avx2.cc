@@ -6,19 +6,6 @@
 namespace sslc {
 namespace {
 
-// For each mask byte: lane j takes packed element rank(j) (low 3 bits); lanes whose bit is 0
-// hold -8 (sign bit set), which the expander turns into 0.0 with a blend.
-struct ExpandTable {
-  alignas(64) int8_t index[256][8];
-  constexpr ExpandTable() : index() {
-    for (int bits = 0; bits < 256; ++bits) {
-      int rank = 0;
-      for (int j = 0; j < 8; ++j) index[bits][j] = (bits >> j) & 1 ? static_cast<int8_t>(rank++) : int8_t{-8};
-    }
-  }
-};
-constexpr ExpandTable kExpand;
-
 struct Avx2 {
   static constexpr size_t W = 8;
   static constexpr size_t kGemmNR = 6;  // 6 x 16 tile: 12 accumulators + 2 loads + 1 broadcast
@@ -28,6 +15,7 @@ struct Avx2 {
   static Vec Set1(float x) { return _mm256_set1_ps(x); }
   static Vec Load(const float* p) { return _mm256_loadu_ps(p); }
   static void Store(float* p, Vec a) { _mm256_storeu_ps(p, a); }
+  static Vec Add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
   static Vec Mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
   static Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
   static float Hsum(Vec a) {
@@ -39,7 +27,7 @@ struct Avx2 {
 
   // Packed (dense) lanes -> mask positions; the cursor may read up to kReadPad bytes ahead.
   static Vec Place(Vec packed, unsigned bits) {
-    const __m256i index = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kExpand.index[bits])));
+    const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpandIndex.index[bits]));
     return _mm256_blendv_ps(_mm256_permutevar8x32_ps(packed, index), _mm256_setzero_ps(), _mm256_castsi256_ps(index));
   }
   static Vec ExpandF32(const float*& p, unsigned bits) {

@@ -1,4 +1,4 @@
-// AVX-512 (F, BW, VL): 16 lanes per two mask bytes, placed with a masked expand.
+// AVX-512 (F, BW, VL): 16 lanes per two mask bytes, placed with one masked permute.
 #include <immintrin.h>
 
 #include "kernels_impl.h"
@@ -15,6 +15,7 @@ struct Avx512 {
   static Vec Set1(float x) { return _mm512_set1_ps(x); }
   static Vec Load(const float* p) { return _mm512_loadu_ps(p); }
   static void Store(float* p, Vec a) { _mm512_storeu_ps(p, a); }
+  static Vec Add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
   static Vec Mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
   static Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
   static float Hsum(Vec a) {
@@ -26,22 +27,32 @@ struct Avx512 {
     return _mm_cvtss_f32(s);
   }
 
-  // The cursor may read up to kReadPad (64) bytes ahead, so a full-width load is safe.
+  // Packed lanes -> mask positions with one permute: the index of the high 8 lanes is the
+  // table entry of the high mask byte shifted by the popcount of the low one. (On Zen 4 this
+  // measured faster than vexpandps/vpexpandd.) The cursor may read up to kReadPad bytes ahead.
+  static Vec Place(__m512 packed, unsigned bits) {
+    const unsigned low = bits & 0xFF;
+    const __m256i first = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpandIndex.index[low]));
+    const __m256i second = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(kExpandIndex.index[bits >> 8])),
+                                            _mm256_set1_epi32(_mm_popcnt_u32(low)));
+    const __m512i index = _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1);
+    return _mm512_maskz_permutexvar_ps(static_cast<__mmask16>(bits), index, packed);
+  }
   static Vec ExpandF32(const float*& p, unsigned bits) {
-    const Vec v = _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), _mm512_loadu_ps(p));
+    const Vec v = Place(_mm512_loadu_ps(p), bits);
     p += _mm_popcnt_u32(bits);
     return v;
   }
   static Vec ExpandI8(const int8_t*& p, unsigned bits) {
     const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     p += _mm_popcnt_u32(bits);
-    return _mm512_cvtepi32_ps(_mm512_maskz_expand_epi32(static_cast<__mmask16>(bits), q));
+    return Place(_mm512_cvtepi32_ps(q), bits);
   }
   static Vec ExpandI4(const uint8_t* base, size_t& nibble, unsigned bits) {
     const __m128i nibbles = Nibbles16<Avx512>(base, nibble);
     const __m512i q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(nibbles), _mm512_set1_epi32(8));
     nibble += _mm_popcnt_u32(bits);
-    return _mm512_cvtepi32_ps(_mm512_maskz_expand_epi32(static_cast<__mmask16>(bits), q));
+    return Place(_mm512_cvtepi32_ps(q), bits);
   }
 };
 

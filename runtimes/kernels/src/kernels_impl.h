@@ -4,7 +4,7 @@
 // function to the scalar path. For the same reason this header uses no std:: templates.
 //
 // An ISA type provides: W (lanes, 8 or 16: one or two mask bytes per step), Vec, Zero, Load,
-// Store, Set1, Mul, Fma(a, b, c) = a*b + c, Hsum, the expanders ExpandF32/I8/I4 (kept values at
+// Store, Set1, Add, Mul, Fma(a, b, c) = a*b + c, Hsum, the expanders ExpandF32/I8/I4 (kept values at
 // the cursor -> W lanes, zeros where the mask bit is 0; they advance the cursor), and the GEMM
 // register tile kGemmNR (rows of W) x 2W (rows of the input).
 #pragma once
@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #include <emmintrin.h>
 
@@ -19,13 +20,29 @@
 
 namespace sslc {
 
-// 16 int4 values starting at `nibble` as 16 bytes q+8, in order (low nibble first). Reads 9
-// bytes at most: within the kReadPad slack of every row. (A template only for linkage, see above.)
+// For each mask byte: lane j takes packed element rank(j) (low 3 bits); lanes whose bit is 0
+// hold -8 (sign bit set), which the expander turns into 0.0 with a blend. 8 KiB, int32 so that
+// one load gives the permute vector.
+struct ExpandTable {
+  alignas(64) int32_t index[256][8];
+  constexpr ExpandTable() : index() {
+    for (int bits = 0; bits < 256; ++bits) {
+      int rank = 0;
+      for (int j = 0; j < 8; ++j) index[bits][j] = (bits >> j) & 1 ? rank++ : -8;
+    }
+  }
+};
+inline constexpr ExpandTable kExpandIndex{};  // data only: no code for the linker to share
+
+// 16 int4 values starting at `nibble` as 16 bytes q+8, in order (low nibble first). Reads 16
+// bytes: within the kReadPad slack of every row. (A template only for linkage, see above.)
 template <class Isa>
 inline __m128i Nibbles16(const uint8_t* base, size_t nibble) {
-  uint64_t word;
+  uint64_t word, next;
   memcpy(&word, base + nibble / 2, sizeof(word));
-  if (nibble & 1) word = (word >> 4) | (uint64_t{base[nibble / 2 + 8]} << 60);
+  memcpy(&next, base + nibble / 2 + 8, sizeof(next));
+  const unsigned shift = (nibble & 1) * 4;  // branch-free: odd offsets are as common as even ones
+  word = (word >> shift) | ((next << 1) << (63 - shift));
   const __m128i bytes = _mm_cvtsi64_si128(static_cast<long long>(word));
   const __m128i low = _mm_set1_epi8(0x0F);
   return _mm_unpacklo_epi8(_mm_and_si128(bytes, low), _mm_and_si128(_mm_srli_epi16(bytes, 4), low));
@@ -60,9 +77,17 @@ struct Cursor<Isa, ValueType::kI4> {
   typename Isa::Vec Next(unsigned bits) { return Isa::ExpandI4(base, nibble, bits); }
 };
 
-// Calls f(column, vec) for every step of W columns of row n (dequantized, scaled); steps whose
-// mask bits are all zero are skipped unless kVisitZeros.
-template <class Isa, ValueType T, bool kVisitZeros, class F>
+// step(slot 0, b), step(slot 1, b + stride), ... with compile-time slots.
+template <size_t... kSlot, class Step>
+inline void Unrolled(std::index_sequence<kSlot...>, Step& step, size_t b, size_t stride) {
+  (step(std::integral_constant<size_t, kSlot>{}, b + kSlot * stride), ...);
+}
+
+// Calls f(column, vec, slot) for every step of W columns of row n (dequantized, scaled); steps
+// whose mask bits are all zero are skipped unless kVisitZeros. Consecutive steps get slots
+// 0..kSlots-1 (compile-time constants), so a caller can keep independent accumulators per slot
+// and not wait on one FMA chain.
+template <class Isa, ValueType T, bool kVisitZeros, size_t kSlots, class F>
 inline void WalkRow(const RowsView& w, size_t n, F&& f) {
   constexpr size_t kStepBytes = Isa::W / 8;
   const uint8_t* mask = w.mask + n * w.row_bytes;
@@ -71,7 +96,7 @@ inline void WalkRow(const RowsView& w, size_t n, F&& f) {
   const size_t group_bytes = w.group_size / 8;
   size_t next_group = 0;
   typename Isa::Vec scale = Isa::Set1(1.0f);
-  for (size_t b = 0; b < w.row_bytes; b += kStepBytes) {
+  auto step = [&](auto slot, size_t b) {
     if (T != ValueType::kF32 && b == next_group) {
       cursor.AlignGroup();
       scale = Isa::Set1(*scales++);
@@ -80,26 +105,36 @@ inline void WalkRow(const RowsView& w, size_t n, F&& f) {
     unsigned bits = mask[b];
     if (kStepBytes == 2 && b + 1 < w.row_bytes) bits |= unsigned{mask[b + 1]} << 8;
     if (bits == 0) {
-      if (kVisitZeros) f(b * 8, Isa::Zero());
-      continue;
+      if (kVisitZeros) f(b * 8, Isa::Zero(), slot);
+      return;
     }
     typename Isa::Vec v = cursor.Next(bits);
     if (T != ValueType::kF32) v = Isa::Mul(v, scale);
-    f(b * 8, v);
-  }
+    f(b * 8, v, slot);
+  };
+  size_t b = 0;
+  for (; b + kSlots * kStepBytes <= w.row_bytes; b += kSlots * kStepBytes)
+    Unrolled(std::make_index_sequence<kSlots>{}, step, b, kStepBytes);
+  for (; b < w.row_bytes; b += kStepBytes) step(std::integral_constant<size_t, 0>{}, b);
 }
 
 // kRows rows of the input against rows [n0, n1) of W: each step of W is expanded once and
-// multiplied into every input row (decode: weights dominate the bytes moved).
+// multiplied into every input row (decode: weights dominate the bytes moved). Few rows get
+// several accumulators each, so the loop is bound by loads, not by FMA latency.
 template <class Isa, ValueType T, size_t kRows>
 void GemvBlock(const RowsView& w, const float* in, size_t ld_in, float* out, size_t ld_out, size_t n0, size_t n1) {
+  constexpr size_t kSlots = kRows == 1 ? 4 : 2;
   for (size_t n = n0; n < n1; ++n) {
-    typename Isa::Vec acc[kRows];
-    for (size_t m = 0; m < kRows; ++m) acc[m] = Isa::Zero();
-    WalkRow<Isa, T, false>(w, n, [&](size_t c, typename Isa::Vec v) {
-      for (size_t m = 0; m < kRows; ++m) acc[m] = Isa::Fma(v, Isa::Load(in + m * ld_in + c), acc[m]);
+    typename Isa::Vec acc[kSlots][kRows];
+    for (size_t s = 0; s < kSlots; ++s)
+      for (size_t m = 0; m < kRows; ++m) acc[s][m] = Isa::Zero();
+    WalkRow<Isa, T, false, kSlots>(w, n, [&](size_t c, typename Isa::Vec v, auto slot) {
+      for (size_t m = 0; m < kRows; ++m) acc[slot][m] = Isa::Fma(v, Isa::Load(in + m * ld_in + c), acc[slot][m]);
     });
-    for (size_t m = 0; m < kRows; ++m) out[m * ld_out + n] = Isa::Hsum(acc[m]);
+    for (size_t m = 0; m < kRows; ++m) {
+      for (size_t s = 1; s < kSlots; ++s) acc[0][m] = Isa::Add(acc[0][m], acc[s][m]);
+      out[m * ld_out + n] = Isa::Hsum(acc[0][m]);
+    }
   }
 }
 
@@ -153,7 +188,7 @@ void Gemm(const RowsView& w, const float* packed, size_t packed_cols, size_t cou
       float* dst = panel + j * ld_panel;
       size_t done = 0;
       if (j < rows) {
-        WalkRow<Isa, T, true>(w, n + j, [&](size_t c, typename Isa::Vec v) { Isa::Store(dst + c, v); });
+        WalkRow<Isa, T, true, 1>(w, n + j, [&](size_t c, typename Isa::Vec v, auto) { Isa::Store(dst + c, v); });
         done = (w.row_bytes * 8 + Isa::W - 1) / Isa::W * Isa::W;
       }
       if (done < ld_panel) memset(dst + done, 0, (ld_panel - done) * sizeof(float));
@@ -161,8 +196,8 @@ void Gemm(const RowsView& w, const float* packed, size_t packed_cols, size_t cou
     for (size_t m0 = 0; m0 < count; m0 += kMR) {
       MicroKernel<Isa>(panel, ld_panel, packed + m0 * packed_cols, w.cols, tile);
       const size_t mrows = count - m0 < kMR ? count - m0 : kMR;
-      for (size_t j = 0; j < rows; ++j)
-        for (size_t i = 0; i < mrows; ++i) out[(m0 + i) * ld_out + n + j] = tile[j * kMR + i];
+      for (size_t i = 0; i < mrows; ++i)  // contiguous writes along n
+        for (size_t j = 0; j < rows; ++j) out[(m0 + i) * ld_out + n + j] = tile[j * kMR + i];
     }
   }
 }

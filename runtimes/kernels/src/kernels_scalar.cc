@@ -23,6 +23,10 @@ struct Scalar {
     return r;
   }
   static void Store(float* p, const Vec& a) { memcpy(p, a.v, sizeof(a.v)); }
+  static Vec Add(Vec a, const Vec& b) {
+    for (size_t i = 0; i < W; ++i) a.v[i] += b.v[i];
+    return a;
+  }
   static Vec Mul(Vec a, const Vec& b) {
     for (size_t i = 0; i < W; ++i) a.v[i] *= b.v[i];
     return a;

@@ -1,0 +1,168 @@
+"""Micro-benchmark of the ai.sslc operators against onnxruntime's MatMul (fp32) and MatMulNBits (int4).
+
+Per layer shape N×K and rows M, one SSLC layer at a 50 % budget (S at 45 % density, rank
+r = floor(0.10·0.5·N·K/(N+K))) runs as SparseMatMul (fp32), SparseMatMulInt8 and SparseMatMulInt4
+(group 64); the dense equivalent W (N×K) runs as MatMul and as MatMulNBits (int4, block 32,
+accuracy_level 4). Every model holds enough copies of its layer, each its own node and its own
+random weights (onnxruntime shares identical initializers), to exceed the last-level cache, so
+the weights come from memory as in a real decode step; a run times all copies and reports per
+node. Bytes per call = weights + x + y.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from runtimes import kernels
+from sslc_export.onnx.quantize import quantize_nodes
+from sslc_export.report import markdown_table, update_markdown_section, write_json
+from sslc_export.sparse_rows import DOMAIN, pack
+
+SHAPES = ((576, 576), (1536, 576), (576, 1536), (4864, 896))  # (N, K): SmolLM2's three, a Qwen-sized one
+ROWS = (1, 128)
+DENSITY, BUDGET, RANK_SHARE = 0.45, 0.5, 0.10
+COLD_BYTES = 64 << 20  # weights per model: twice this machine's 32 MiB L3
+MAX_COPIES = 64
+
+
+@dataclass
+class Row:
+    shape: str
+    rows: int
+    op: str
+    us_per_call: float
+    mb_per_call: float
+    gb_per_s: float
+    vs_matmul: float
+
+
+def sslc_layer(n: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """S (with its mask), U, V of one layer at the benchmark's budget."""
+    rng = np.random.default_rng(seed)
+    rank = math.floor(RANK_SHARE * BUDGET * n * k / (n + k))
+    mask = rng.random((n, k)) < DENSITY
+    return (rng.standard_normal((n, k)).astype(np.float32), mask, rng.standard_normal((n, rank)).astype(np.float32),
+            rng.standard_normal((rank, k)).astype(np.float32))
+
+
+def _model(k: int, nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto], outputs: list[str]) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "kernelbench", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1),
+                                                   helper.make_opsetid("com.microsoft", 1)])
+
+
+def copies_for(weight_bytes: int) -> int:
+    """Copies of a layer whose weights together exceed the last-level cache."""
+    return max(1, min(MAX_COPIES, math.ceil(COLD_BYTES / weight_bytes)))
+
+
+def matmul_model(n: int, k: int, bits: int) -> tuple[onnx.ModelProto, int]:
+    """MatMuls of x with the dense equivalents W = S + U·V of distinct layers (MatMulNBits when bits == 4)."""
+    copies = copies_for(n * k * bits // 8)
+    nodes, inits = [], []
+    for i in range(copies):
+        s, mask, u, v = sslc_layer(n, k, seed=i)
+        inits.append(numpy_helper.from_array(np.ascontiguousarray((np.where(mask, s, 0) + u @ v).T), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"matmul{i}"))
+    model = _model(k, nodes, inits, [f"y{i}" for i in range(copies)])
+    if bits == 4:
+        model = quantize_nodes(model, 4, [node.name for node in nodes])
+    return model, copies
+
+
+def sparse_model(n: int, k: int, bits: int) -> tuple[onnx.ModelProto, int]:
+    """ai.sslc nodes on distinct layers packed with `bits`-bit values."""
+    first = pack(*sslc_layer(n, k, seed=0), bits)
+    copies = copies_for(first.nbytes())
+    nodes, inits = [], []
+    for i in range(copies):
+        packed = first if i == 0 else pack(*sslc_layer(n, k, seed=i), bits)
+        names = [f"c{i}.{j}" for j in range(len(packed.inputs()))]
+        inits += [numpy_helper.from_array(array, name) for array, name in zip(packed.inputs(), names)]
+        nodes.append(helper.make_node(packed.op_type, ["x", *names], [f"y{i}"], domain=DOMAIN, name=f"sparse{i}",
+                                      **packed.attributes()))
+    return _model(k, nodes, inits, [f"y{i}" for i in range(copies)]), copies
+
+
+def weight_bytes(model: onnx.ModelProto, copies: int) -> int:
+    return sum(numpy_helper.to_array(init).nbytes for init in model.graph.initializer) // copies
+
+
+def time_model(model: onnx.ModelProto, copies: int, x: np.ndarray, threads: int, seconds: float) -> float:
+    """Median seconds per node over repeated runs of all copies."""
+    options = kernels.register(ort.SessionOptions())
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    for _ in range(3):
+        session.run(None, {"x": x})
+    samples, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end or len(samples) < 5:
+        start = time.perf_counter()
+        session.run(None, {"x": x})
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) / copies
+
+
+def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+    """GB/s of one thread copying a large array (numpy copyto; bytes read + bytes written, best of `repeats`)."""
+    src = np.ones(mib << 18, np.float32)
+    dst = np.empty_like(src)
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
+    return 2 * src.nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run_kernel_bench(threads: int = 1, seconds: float = 1.0, shapes=SHAPES, rows=ROWS, report: Path | None = None,
+                     json_path: Path | None = None, progress=print) -> dict:
+    """Times every op on every shape and row count; writes the "kernels" section of `report`."""
+    results: list[Row] = []
+    for n, k in shapes:
+        models = {"MatMul fp32": matmul_model(n, k, 32), "MatMulNBits int4": matmul_model(n, k, 4)}
+        for bits, label in ((32, "SparseMatMul fp32"), (8, "SparseMatMulInt8"), (4, "SparseMatMulInt4")):
+            models[label] = sparse_model(n, k, bits)
+        for m in rows:
+            x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+            io_bytes = (m * k + m * n) * 4
+            baseline = None
+            for label, (model, copies) in models.items():
+                seconds_per_call = time_model(model, copies, x, threads, seconds)
+                baseline = baseline or seconds_per_call
+                total = weight_bytes(model, copies) + io_bytes
+                row = Row(f"{n}x{k}", m, label, round(seconds_per_call * 1e6, 1), round(total / 1e6, 3),
+                          round(total / seconds_per_call / 1e9, 2), round(baseline / seconds_per_call, 2))
+                results.append(row)
+                progress(f"{row.shape} M={m} {label}: {row.us_per_call} us, {row.gb_per_s} GB/s, {row.vs_matmul}x MatMul")
+    bandwidth = copy_bandwidth()
+    summary = {"threads": threads, "isa": kernels.isa(), "copy_gb_per_s": round(bandwidth, 2),
+               "density": DENSITY, "budget": BUDGET, "rows": [asdict(r) for r in results]}
+    write_json(json_path, summary)
+    if report is not None:
+        update_markdown_section(report, "kernels", _markdown(summary))
+    return summary
+
+
+def _markdown(summary: dict) -> str:
+    headers = ["N×K", "M", "op", "µs/call", "MB read/call", "GB/s", "speed vs MatMul"]
+    rows = [[r["shape"], r["rows"], r["op"], r["us_per_call"], r["mb_per_call"], r["gb_per_s"], r["vs_matmul"]]
+            for r in summary["rows"]]
+    return (f"### Kernel micro-benchmark (`sslc-export kernel-bench`)\n\n"
+            f"One layer at a {summary['budget']:.0%} budget (S at {summary['density']:.0%} density plus U, V) per node, "
+            f"{summary['threads']} thread(s), ai.sslc kernels on {summary['isa']}; median per node over repeated runs of "
+            f"enough copies of the layer to exceed the last-level cache. Bytes = weights + x + y. "
+            f"Copy bandwidth of this machine: {summary['copy_gb_per_s']} GB/s (one thread, numpy copy of 256 MiB, "
+            f"bytes read + written, best of 5).\n\n" + markdown_table(headers, rows))
