@@ -8,6 +8,7 @@ namespace {
 
 struct Avx2 {
   static constexpr size_t W = 8;
+  static constexpr size_t kGemvRows = 4;  // input rows per pass over the weights
   static constexpr size_t kGemmNR = 6;  // 6 x 16 tile: 12 accumulators + 2 loads + 1 broadcast
   using Vec = __m256;
 
@@ -38,11 +39,6 @@ struct Avx2 {
   static Vec ExpandI8(const int8_t*& p, unsigned bits) {
     const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
     p += _mm_popcnt_u32(bits);
-    return Place(_mm256_cvtepi32_ps(q), bits);
-  }
-  static Vec ExpandI4(const uint8_t* base, size_t& nibble, unsigned bits) {
-    const __m256i q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(Nibbles16<Avx2>(base, nibble)), _mm256_set1_epi32(8));
-    nibble += _mm_popcnt_u32(bits);
     return Place(_mm256_cvtepi32_ps(q), bits);
   }
 };

@@ -8,6 +8,7 @@ namespace {
 
 struct Avx512 {
   static constexpr size_t W = 16;
+  static constexpr size_t kGemvRows = 8;  // input rows per pass over the weights
   static constexpr size_t kGemmNR = 12;  // 12 x 32 tile: 24 accumulators of 32 registers
   using Vec = __m512;
 
@@ -46,12 +47,6 @@ struct Avx512 {
   static Vec ExpandI8(const int8_t*& p, unsigned bits) {
     const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     p += _mm_popcnt_u32(bits);
-    return Place(_mm512_cvtepi32_ps(q), bits);
-  }
-  static Vec ExpandI4(const uint8_t* base, size_t& nibble, unsigned bits) {
-    const __m128i nibbles = Nibbles16<Avx512>(base, nibble);
-    const __m512i q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(nibbles), _mm512_set1_epi32(8));
-    nibble += _mm_popcnt_u32(bits);
     return Place(_mm512_cvtepi32_ps(q), bits);
   }
 };

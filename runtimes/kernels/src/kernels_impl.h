@@ -4,7 +4,7 @@
 // function to the scalar path. For the same reason this header uses no std:: templates.
 //
 // An ISA type provides: W (lanes, 8 or 16: one or two mask bytes per step), Vec, Zero, Load,
-// Store, Set1, Add, Mul, Fma(a, b, c) = a*b + c, Hsum, the expanders ExpandF32/I8/I4 (kept values at
+// Store, Set1, Add, Mul, Fma(a, b, c) = a*b + c, Hsum, the expanders ExpandF32/I8 (kept values at
 // the cursor -> W lanes, zeros where the mask bit is 0; they advance the cursor), and the GEMM
 // register tile kGemmNR (rows of W) x 2W (rows of the input).
 #pragma once
@@ -34,18 +34,18 @@ struct ExpandTable {
 };
 inline constexpr ExpandTable kExpandIndex{};  // data only: no code for the linker to share
 
-// 16 int4 values starting at `nibble` as 16 bytes q+8, in order (low nibble first). Reads 16
-// bytes: within the kReadPad slack of every row. (A template only for linkage, see above.)
+// The `bytes` packed bytes of an int4 group at src as signed values q, in order (low nibble
+// first), into dst (room for bytes * 2 + 32). Reads whole 16-byte blocks: within ReadPad().
+// (A template only for linkage, see above.)
 template <class Isa>
-inline __m128i Nibbles16(const uint8_t* base, size_t nibble) {
-  uint64_t word, next;
-  memcpy(&word, base + nibble / 2, sizeof(word));
-  memcpy(&next, base + nibble / 2 + 8, sizeof(next));
-  const unsigned shift = (nibble & 1) * 4;  // branch-free: odd offsets are as common as even ones
-  word = (word >> shift) | ((next << 1) << (63 - shift));
-  const __m128i bytes = _mm_cvtsi64_si128(static_cast<long long>(word));
-  const __m128i low = _mm_set1_epi8(0x0F);
-  return _mm_unpacklo_epi8(_mm_and_si128(bytes, low), _mm_and_si128(_mm_srli_epi16(bytes, 4), low));
+inline void UnpackGroup(const uint8_t* src, size_t bytes, int8_t* dst) {
+  const __m128i low = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+  for (size_t i = 0; i < bytes; i += 16, dst += 32) {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    const __m128i lo = _mm_and_si128(packed, low), hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), eight));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), eight));
+  }
 }
 
 // Walks one packed row: the kept values at the cursor, with int4 group alignment.
@@ -55,7 +55,7 @@ struct Cursor;
 template <class Isa>
 struct Cursor<Isa, ValueType::kF32> {
   const float* p;
-  explicit Cursor(const uint8_t* row) : p(reinterpret_cast<const float*>(row)) {}
+  Cursor(const uint8_t* row, const RowsView&, size_t) : p(reinterpret_cast<const float*>(row)) {}
   void AlignGroup() {}
   typename Isa::Vec Next(unsigned bits) { return Isa::ExpandF32(p, bits); }
 };
@@ -63,23 +63,54 @@ struct Cursor<Isa, ValueType::kF32> {
 template <class Isa>
 struct Cursor<Isa, ValueType::kI8> {
   const int8_t* p;
-  explicit Cursor(const uint8_t* row) : p(reinterpret_cast<const int8_t*>(row)) {}
+  Cursor(const uint8_t* row, const RowsView&, size_t) : p(reinterpret_cast<const int8_t*>(row)) {}
   void AlignGroup() {}
   typename Isa::Vec Next(unsigned bits) { return Isa::ExpandI8(p, bits); }
 };
 
+// int4: groups (byte-aligned) are unpacked to int8 one group ahead, into the spare of two
+// buffers, then expanded like int8 values. Unpacking just before use would make every load of
+// the group wait on the stores that wrote it (a failed store-to-load forward).
 template <class Isa>
 struct Cursor<Isa, ValueType::kI4> {
-  const uint8_t* base;
-  size_t nibble = 0;
-  explicit Cursor(const uint8_t* row) : base(row) {}
-  void AlignGroup() { nibble = (nibble + 1) & ~size_t{1}; }  // groups start on a byte
-  typename Isa::Vec Next(unsigned bits) { return Isa::ExpandI4(base, nibble, bits); }
+  const uint8_t* mask;
+  size_t mask_bytes, group_mask_bytes, group_bytes;
+  size_t ahead_mask = 0;    // first mask byte of the group unpacked ahead
+  const uint8_t* ahead;     // its packed values
+  const int8_t* p = nullptr;
+  unsigned current = 0;
+  int8_t unpacked[2][kMaxGroupSize + 32];
+
+  Cursor(const uint8_t* row, const RowsView& w, size_t n)
+      : mask(w.mask + n * w.row_bytes), mask_bytes(w.row_bytes), group_mask_bytes(w.group_size / 8),
+        group_bytes(w.group_size / 2), ahead(row) {
+    UnpackAhead();
+  }
+  // Out of line: its byte stores, inlined into the walk, made GCC keep the accumulators in memory.
+  // Past the row's end this reads padding only (ReadPad covers a group).
+  __attribute__((noinline)) void UnpackAhead() {
+    UnpackGroup<Isa>(ahead, group_bytes, unpacked[current ^ 1]);
+    const size_t end = ahead_mask + group_mask_bytes < mask_bytes ? ahead_mask + group_mask_bytes : mask_bytes;
+    size_t kept = 0, b = ahead_mask;
+    for (uint64_t word; b + 8 <= end; b += 8) {
+      memcpy(&word, mask + b, sizeof(word));
+      kept += __builtin_popcountll(word);
+    }
+    for (; b < end; ++b) kept += __builtin_popcount(mask[b]);
+    ahead += (kept + 1) / 2;
+    ahead_mask += group_mask_bytes;
+  }
+  void AlignGroup() {
+    current ^= 1;
+    p = unpacked[current];
+    UnpackAhead();
+  }
+  typename Isa::Vec Next(unsigned bits) { return Isa::ExpandI8(p, bits); }
 };
 
 // step(slot 0, b), step(slot 1, b + stride), ... with compile-time slots.
 template <size_t... kSlot, class Step>
-inline void Unrolled(std::index_sequence<kSlot...>, Step& step, size_t b, size_t stride) {
+__attribute__((always_inline)) inline void Unrolled(std::index_sequence<kSlot...>, Step& step, size_t b, size_t stride) {
   (step(std::integral_constant<size_t, kSlot>{}, b + kSlot * stride), ...);
 }
 
@@ -88,15 +119,15 @@ inline void Unrolled(std::index_sequence<kSlot...>, Step& step, size_t b, size_t
 // 0..kSlots-1 (compile-time constants), so a caller can keep independent accumulators per slot
 // and not wait on one FMA chain.
 template <class Isa, ValueType T, bool kVisitZeros, size_t kSlots, class F>
-inline void WalkRow(const RowsView& w, size_t n, F&& f) {
+__attribute__((always_inline)) inline void WalkRow(const RowsView& w, size_t n, F&& f) {
   constexpr size_t kStepBytes = Isa::W / 8;
   const uint8_t* mask = w.mask + n * w.row_bytes;
-  Cursor<Isa, T> cursor(w.row_values[n]);
+  Cursor<Isa, T> cursor(w.row_values[n], w, n);
   const float* scales = T == ValueType::kF32 ? nullptr : w.scales + n * w.groups;
   const size_t group_bytes = w.group_size / 8;
   size_t next_group = 0;
   typename Isa::Vec scale = Isa::Set1(1.0f);
-  auto step = [&](auto slot, size_t b) {
+  auto step = [&](auto slot, size_t b) __attribute__((always_inline)) {
     if (T != ValueType::kF32 && b == next_group) {
       cursor.AlignGroup();
       scale = Isa::Set1(*scales++);
@@ -123,7 +154,7 @@ inline void WalkRow(const RowsView& w, size_t n, F&& f) {
 // several accumulators each, so the loop is bound by loads, not by FMA latency.
 template <class Isa, ValueType T, size_t kRows>
 void GemvBlock(const RowsView& w, const float* in, size_t ld_in, float* out, size_t ld_out, size_t n0, size_t n1) {
-  constexpr size_t kSlots = kRows == 1 ? 4 : 2;
+  constexpr size_t kSlots = kRows == 1 ? 4 : kRows <= 4 ? 2 : 1;
   for (size_t n = n0; n < n1; ++n) {
     typename Isa::Vec acc[kSlots][kRows];
     for (size_t s = 0; s < kSlots; ++s)
@@ -138,17 +169,22 @@ void GemvBlock(const RowsView& w, const float* in, size_t ld_in, float* out, siz
   }
 }
 
+// GemvBlock for a run-time row count below kGemvRows.
+template <class Isa, ValueType T, size_t... kRows>
+void GemvTail(std::index_sequence<kRows...>, size_t rows, const RowsView& w, const float* in, size_t ld_in, float* out,
+              size_t ld_out, size_t n0, size_t n1) {
+  ((rows == kRows ? GemvBlock<Isa, T, kRows == 0 ? 1 : kRows>(w, in, ld_in, out, ld_out, n0, n1) : void()), ...);
+}
+
 template <class Isa, ValueType T>
 void Gemv(const RowsView& w, const float* in, size_t ld_in, size_t count, float* out, size_t ld_out, size_t n0,
           size_t n1) {
+  constexpr size_t kMaxRows = Isa::kGemvRows;
   size_t m = 0;
-  for (; m + 4 <= count; m += 4) GemvBlock<Isa, T, 4>(w, in + m * ld_in, ld_in, out + m * ld_out, ld_out, n0, n1);
-  switch (count - m) {
-    case 3: GemvBlock<Isa, T, 3>(w, in + m * ld_in, ld_in, out + m * ld_out, ld_out, n0, n1); break;
-    case 2: GemvBlock<Isa, T, 2>(w, in + m * ld_in, ld_in, out + m * ld_out, ld_out, n0, n1); break;
-    case 1: GemvBlock<Isa, T, 1>(w, in + m * ld_in, ld_in, out + m * ld_out, ld_out, n0, n1); break;
-    default: break;
-  }
+  for (; m + kMaxRows <= count; m += kMaxRows)
+    GemvBlock<Isa, T, kMaxRows>(w, in + m * ld_in, ld_in, out + m * ld_out, ld_out, n0, n1);
+  if (m < count) GemvTail<Isa, T>(std::make_index_sequence<kMaxRows>{}, count - m, w, in + m * ld_in, ld_in,
+                                  out + m * ld_out, ld_out, n0, n1);
 }
 
 // Register tile: kGemmNR dense rows of W (row stride ld_panel) times one packed block of 2W

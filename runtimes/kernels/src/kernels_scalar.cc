@@ -6,6 +6,7 @@ namespace {
 
 struct Scalar {
   static constexpr size_t W = 8;
+  static constexpr size_t kGemvRows = 4;  // input rows per pass over the weights
   static constexpr size_t kGemmNR = 4;
   struct Vec {
     float v[W];
@@ -52,13 +53,6 @@ struct Scalar {
   }
   static Vec ExpandI8(const int8_t*& p, unsigned bits) {
     return Expand(bits, [&] { return static_cast<float>(*p++); });
-  }
-  static Vec ExpandI4(const uint8_t* base, size_t& nibble, unsigned bits) {
-    return Expand(bits, [&] {
-      const unsigned byte = base[nibble / 2];
-      const int q = static_cast<int>(nibble++ & 1 ? byte >> 4 : byte & 15) - 8;
-      return static_cast<float>(q);
-    });
   }
 };
 

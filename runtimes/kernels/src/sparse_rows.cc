@@ -88,10 +88,11 @@ SparseRows::SparseRows(const char* what, ValueType type, size_t cols, size_t gro
                    ", got " + TypeName(values.elem_type) + " " + ShapeString(values.shape));
 
   // Rows whose reads could run past the end of the buffer point into a padded copy of the tail.
+  const size_t pad = ReadPad(type, group_size);
   size_t tail_row = rows;
-  while (tail_row > 0 && starts[tail_row] + kReadPad > value_bytes_) --tail_row;
+  while (tail_row > 0 && starts[tail_row] + pad > value_bytes_) --tail_row;
   const auto* base = static_cast<const uint8_t*>(values.data);
-  tail_.assign(value_bytes_ - starts[tail_row] + kReadPad, 0);
+  tail_.assign(value_bytes_ - starts[tail_row] + pad, 0);
   if (value_bytes_ > starts[tail_row]) std::copy(base + starts[tail_row], base + value_bytes_, tail_.begin());
   row_values_.resize(rows);
   for (size_t n = 0; n < rows; ++n)

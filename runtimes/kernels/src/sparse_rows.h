@@ -13,9 +13,15 @@ namespace sslc {
 
 enum class ValueType { kF32 = 0, kI8 = 1, kI4 = 2 };
 
+// Largest group_size accepted: an int4 group is unpacked into a stack buffer of this size.
+constexpr size_t kMaxGroupSize = 1024;
+
 // Bytes a kernel may read past its cursor: every read of packed values stays inside
-// [row start, row end + kReadPad), so rows close to the end of the buffer get a padded copy.
-constexpr size_t kReadPad = 64;
+// [row start, row end + ReadPad()), so rows close to the end of the buffer get a padded copy.
+// int4 kernels unpack a whole group (group_size / 2 bytes, in 16-byte loads) one group ahead.
+inline size_t ReadPad(ValueType type, size_t group_size) {
+  return type == ValueType::kI4 ? 64 + group_size / 2 : 64;
+}
 
 // What the kernels see of one matrix: plain pointers only (no std containers cross into the
 // per-ISA translation units, see kernels_impl.h).
