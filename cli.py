@@ -543,6 +543,31 @@ def profile_command(
         update_markdown_section(report, section, f"Measured by `{command}` (onnxruntime's profiler adds some time to every node).\n\n" + "\n".join(bodies))
 
 
+@app.command("kernel-bench")
+@handles_user_errors
+def kernel_bench_command(
+    threads: int = typer.Option(1, help="onnxruntime intra-op threads, the same for every op."),
+    seconds: float = typer.Option(1.0, help="Timed seconds per op, shape and row count (median of the runs)."),
+    report: Optional[Path] = typer.Option(None, help="Markdown file whose 'kernels' section gets the table."),
+    json_path: Optional[Path] = JsonOption,
+):
+    """Micro-benchmark of the ai.sslc operators vs onnxruntime's MatMul and MatMulNBits on SmolLM2's layer
+    shapes and a Qwen-sized one: time, bytes read and GB/s per call, against this machine's copy bandwidth."""
+    from runtimes import kernels
+    from runtimes.kernelbench import run_kernel_bench
+
+    if threads < 1 or seconds <= 0:
+        raise UserError("--threads must be >= 1 and --seconds > 0")
+    available, reason = kernels.availability()
+    if not available:
+        raise UserError(reason)
+    result = run_kernel_bench(threads, seconds, report=report, json_path=json_path, progress=console.print)
+    print_table(f"ai.sslc kernels ({result['isa']}, {threads} thread(s)); copy bandwidth {result['copy_gb_per_s']} GB/s",
+                ["N×K", "M", "op", "µs/call", "MB/call", "GB/s", "vs MatMul"],
+                [[r["shape"], r["rows"], r["op"], r["us_per_call"], r["mb_per_call"], r["gb_per_s"], r["vs_matmul"]]
+                 for r in result["rows"]])
+
+
 @app.command("compare")
 @handles_user_errors
 def compare_command(
