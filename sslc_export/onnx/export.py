@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,7 +39,37 @@ def export_dense(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fol
     from optimum.exporters.onnx import onnx_export_from_model
 
     logging.getLogger("optimum").setLevel(logging.ERROR)
-    with warnings.catch_warnings():  # tracer chatter about data-dependent branches that optimum's config handles
+    with warnings.catch_warnings(), _sized_post_process_saves():  # tracer chatter about data-dependent branches that optimum's config handles
         warnings.simplefilter("ignore")
         onnx_export_from_model(model, folder, task=TASK, do_validation=False, preprocessors=[tokenizer])
     return folder / ONNX_FILE
+
+
+@contextmanager
+def _sized_post_process_saves():
+    """optimum's post-processing (it de-duplicates a tied embedding / lm_head) saves through
+    check_and_save_model, which asks protobuf for ByteSize(): past 2 GB protobuf >= 5 raises
+    EncodeError there (issue 14). For the export, that save goes through save_onnx instead, which
+    decides external data by the tensors' sizes; the file is checked by path, as onnx advises past 2 GB."""
+    import onnx
+    from optimum.onnx import graph_transformations
+
+    from sslc_export.onnx.onnx_io import save_onnx
+
+    def check_and_save(model: onnx.ModelProto, save_path) -> None:
+        path = Path(save_path)
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + "_data").unlink(missing_ok=True)  # optimum's own external-data name
+        save_onnx(model, path)
+        try:
+            onnx.checker.check_model(str(path))
+        except Exception as exc:  # optimum ignores the same: contrib ops unknown to the checker
+            if "No Op registered for" not in str(exc):
+                raise
+
+    original = graph_transformations.check_and_save_model
+    graph_transformations.check_and_save_model = check_and_save
+    try:
+        yield
+    finally:
+        graph_transformations.check_and_save_model = original
