@@ -207,3 +207,16 @@ def test_under_address_sanitizer(tmp_path: Path) -> None:
                             capture_output=True, text=True, env=env, cwd=kernels.ROOT, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout
+
+
+def test_kernel_bench_reports_every_op(tmp_path: Path, monkeypatch) -> None:
+    from runtimes import kernelbench
+
+    monkeypatch.setattr(kernelbench, "MAX_COPIES", 2)
+    report = tmp_path / "results.md"
+    result = kernelbench.run_kernel_bench(threads=1, seconds=0.01, shapes=((40, 48),), rows=(1, 3), report=report,
+                                          json_path=tmp_path / "kernels.json", progress=lambda _: None)
+    assert {row["op"] for row in result["rows"]} == {"MatMul fp32", "MatMulNBits int4", "SparseMatMul fp32",
+                                                     "SparseMatMulInt8", "SparseMatMulInt4"}
+    assert len(result["rows"]) == 10 and result["copy_gb_per_s"] > 0
+    assert "<!-- BEGIN kernels -->" in report.read_text() and (tmp_path / "kernels.json").exists()

@@ -11,7 +11,10 @@ mkdir -p "$ROOT/build"
 fail() { echo "sslc kernels not built: $1" >&2; exit 1; }
 
 headers() {  # prints the include dir, fetching the Debian package if needed
-  if [ -n "${ORT_INCLUDE_DIR:-}" ]; then echo "$ORT_INCLUDE_DIR"; return; fi
+  if [ -n "${ORT_INCLUDE_DIR:-}" ]; then
+    [ -f "$ORT_INCLUDE_DIR/onnxruntime_lite_custom_op.h" ] || fail "ORT_INCLUDE_DIR=$ORT_INCLUDE_DIR has no onnxruntime_lite_custom_op.h (onnxruntime >= 1.16 headers)"
+    echo "$ORT_INCLUDE_DIR"; return
+  fi
   local dest="$ROOT/build/ort-headers" inc="$ROOT/build/ort-headers/usr/include/onnxruntime"
   if [ -f "$inc/onnxruntime_lite_custom_op.h" ]; then echo "$inc"; return; fi
   command -v apt-get >/dev/null && command -v dpkg >/dev/null || fail "no apt-get/dpkg to fetch onnxruntime headers; set ORT_INCLUDE_DIR to a folder with onnxruntime_cxx_api.h"
