@@ -47,8 +47,9 @@ void PackInput(const float* in, size_t ld_in, size_t count, size_t cols, size_t 
   }
 }
 
-float* ThreadScratch(size_t floats) {
-  thread_local std::vector<float> buffer;
+float* ThreadScratch(Scratch slot, size_t floats) {
+  thread_local std::vector<float> buffers[2];
+  std::vector<float>& buffer = buffers[static_cast<int>(slot)];
   if (buffer.size() < floats) buffer.resize(floats);
   return buffer.data();
 }

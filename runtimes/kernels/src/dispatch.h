@@ -39,8 +39,11 @@ inline size_t PackedColumns(size_t cols) { return (cols + 15) / 16 * 16; }
 void PackInput(const float* in, size_t ld_in, size_t count, size_t cols, size_t mr, float* packed,
                size_t packed_cols, size_t col0);
 
-// Per-thread scratch (defined outside the ISA files so no std container code is compiled with
-// AVX-512 flags and then shared with other paths by the linker).
-float* ThreadScratch(size_t floats);
+// Per-thread scratch reused across calls (fresh large allocations cost page faults on every
+// call). kCall: the calling thread's inputs for one node; kPanel: a GEMM task's dense weights.
+// Defined outside the ISA files so no std container code is compiled with AVX-512 flags and
+// then shared with the other paths by the linker.
+enum class Scratch { kCall = 0, kPanel = 1 };
+float* ThreadScratch(Scratch slot, size_t floats);
 
 }  // namespace sslc

@@ -15,6 +15,7 @@
 #include <utility>
 
 #include <emmintrin.h>
+#include <xmmintrin.h>
 
 #include "dispatch.h"
 
@@ -209,6 +210,17 @@ inline void MicroKernel(const float* panel, size_t ld_panel, const float* block,
   }
 }
 
+// Asks for rows [n0, n1)'s packed values (usually one contiguous range) to be brought into L2
+// while the current tile computes: expanding a tile otherwise waits on memory.
+template <class Isa>
+inline void PrefetchRows(const RowsView& w, size_t n0, size_t n1) {
+  if (n0 >= n1) return;
+  const uint8_t* begin = w.row_values[n0];
+  const uint8_t* end = n1 < w.rows ? w.row_values[n1] : begin;
+  if (end <= begin || static_cast<size_t>(end - begin) > (n1 - n0) * w.cols * sizeof(float)) return;  // tail copy
+  for (const uint8_t* p = begin; p < end; p += 64) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+}
+
 // Prefill: expand kGemmNR rows of W into a dense panel (thread-local), then run the register
 // tile over every packed block of input rows; the tile is stored transposed into out.
 template <class Isa, ValueType T>
@@ -216,10 +228,11 @@ void Gemm(const RowsView& w, const float* packed, size_t packed_cols, size_t cou
           size_t n0, size_t n1) {
   constexpr size_t kNR = Isa::kGemmNR, kMR = 2 * Isa::W;
   const size_t ld_panel = PackedColumns(w.cols);
-  float* panel = ThreadScratch(kNR * ld_panel + kNR * kMR);
+  float* panel = ThreadScratch(Scratch::kPanel, kNR * ld_panel + kNR * kMR);
   float* tile = panel + kNR * ld_panel;
   for (size_t n = n0; n < n1; n += kNR) {
     const size_t rows = n1 - n < kNR ? n1 - n : kNR;
+    PrefetchRows<Isa>(w, n + kNR, n + 2 * kNR < n1 ? n + 2 * kNR : n1);
     for (size_t j = 0; j < kNR; ++j) {
       float* dst = panel + j * ld_panel;
       size_t done = 0;

@@ -129,28 +129,28 @@ class SparseMatMulKernel {
     const RowsView &w = w_->view(), &v = v_->view();
     if (rows <= kGemvMaxRows) {
       // Joined rows [x, t, 0...]: t is written in place by the V product.
-      std::vector<float> joined(rows * padded, 0.0f);
-      for (size_t m = 0; m < rows; ++m) std::copy(x + m * k_, x + (m + 1) * k_, joined.begin() + m * padded);
+      float* joined = ThreadScratch(Scratch::kCall, rows * padded);
+      for (size_t m = 0; m < rows; ++m) {
+        std::copy(x + m * k_, x + (m + 1) * k_, joined + m * padded);
+        std::fill(joined + m * padded + k_, joined + (m + 1) * padded, 0.0f);
+      }
       const GemvFn gemv = table_->gemv[t];
-      ParallelRows(ctx, r_, 8, [&](size_t n0, size_t n1) {
-        gemv(v, joined.data(), padded, rows, joined.data() + k_, padded, n0, n1);
-      });
-      ParallelRows(ctx, n_, 8, [&](size_t n0, size_t n1) { gemv(w, joined.data(), padded, rows, y, n_, n0, n1); });
+      ParallelRows(ctx, r_, 8, [&](size_t n0, size_t n1) { gemv(v, joined, padded, rows, joined + k_, padded, n0, n1); });
+      ParallelRows(ctx, n_, 8, [&](size_t n0, size_t n1) { gemv(w, joined, padded, rows, y, n_, n0, n1); });
       return;
     }
-    const size_t mr = table_->gemm_mr;
-    std::vector<float> packed((rows + mr - 1) / mr * mr * padded, 0.0f);
-    PackInput(x, k_, rows, k_, mr, packed.data(), padded, 0);
+    const size_t mr = table_->gemm_mr, packed_size = (rows + mr - 1) / mr * mr * padded;
+    float* packed = ThreadScratch(Scratch::kCall, packed_size + rows * r_);
+    float* low_rank = packed + packed_size;
+    std::fill(packed, packed + packed_size, 0.0f);
+    PackInput(x, k_, rows, k_, mr, packed, padded, 0);
     const GemmFn gemm = table_->gemm[t];
     if (r_) {
-      std::vector<float> low_rank(rows * r_);
-      ParallelRows(ctx, r_, table_->gemm_nr, [&](size_t n0, size_t n1) {
-        gemm(v, packed.data(), padded, rows, low_rank.data(), r_, n0, n1);
-      });
-      PackInput(low_rank.data(), r_, rows, r_, mr, packed.data(), padded, k_);
+      ParallelRows(ctx, r_, table_->gemm_nr,
+                   [&](size_t n0, size_t n1) { gemm(v, packed, padded, rows, low_rank, r_, n0, n1); });
+      PackInput(low_rank, r_, rows, r_, mr, packed, padded, k_);
     }
-    ParallelRows(ctx, n_, table_->gemm_nr,
-                 [&](size_t n0, size_t n1) { gemm(w, packed.data(), padded, rows, y, n_, n0, n1); });
+    ParallelRows(ctx, n_, table_->gemm_nr, [&](size_t n0, size_t n1) { gemm(w, packed, padded, rows, y, n_, n0, n1); });
   }
 
   ValueType type_;
