@@ -89,33 +89,33 @@ results-streaming: $(STAMP)
 
 # The whole flow on a model past 2 GB of fp32 ONNX: a random model of Qwen2-0.5B's shape (no
 # 0.5B-1.5B GGUF ships in a PyPI package; random weights, so perplexities are near-uniform and
-# show only that the numbers flow): convert -> compress --streaming -> eval -> export (dense
-# baseline, wanda dense, wanda int8) -> validate -> sizes -> bench. Every heavy step runs under
-# nice (the machine is shared) and /usr/bin/time appends its wall time and peak RSS to
-# $(LARGE)/times.txt. Shrunk to fit about an hour: perplexity on the first 20,000 characters of
-# the held-out text, bench with one repeat, short prompts and 16 new tokens.
+# show only that the numbers flow): convert -> compress --streaming (wanda, ratio 0.5) -> eval ->
+# export (dense: past 2 GB, so external data; int8) -> validate -> checkpoints/sizes -> bench.
+# Every heavy step runs under nice (the machine is shared) and /usr/bin/time appends its wall
+# time and peak RSS to $(LARGE)/times.txt; steps whose output already exists are skipped (delete
+# $(LARGE) to redo them). Shrunk to fit the 2 cores: perplexity on the first 20,000 characters of
+# the held-out text, bench with one repeat, prompts of 32 and 128 tokens and 16 new tokens.
 LARGE := runs/large
 LARGE_MODEL := $(LARGE)/qwen2-0.5b-shape
 LARGE_TEXT := $(LARGE)/heldout-20k.txt
+LARGE_CKPT := $(LARGE)/wanda-0.5
 TIMED = nice -n 10 /usr/bin/time -a -o $(LARGE)/times.txt -f '%e s wall, %M KB peak RSS: %C'
 results-large: $(STAMP)
-	mkdir -p $(LARGE) && rm -f $(LARGE)/times.txt
+	mkdir -p $(LARGE)
 	test -f $(LARGE_MODEL)/config.json || $(TIMED) $(BIN)/python -m models.synthetic $(LARGE_MODEL) --model-type qwen2 \
 	  --hidden 896 --intermediate 4864 --layers 24 --heads 14 --kv-heads 2 --vocab 151936 --max-positions 32768
 	head -c 20000 sslc_export/data/heldout.txt > $(LARGE_TEXT)
-	$(TIMED) $(BIN)/sslc-export convert $(LARGE)/qwen2-hf --model $(LARGE_MODEL) --overwrite
-	$(TIMED) $(BIN)/sslc-export compress --model $(LARGE)/qwen2-hf --streaming --method wanda --ratio 0.5 --out $(LARGE)/wanda-0.5 --overwrite
-	$(TIMED) $(BIN)/sslc-export eval $(LARGE)/qwen2-hf --text $(LARGE_TEXT) --max-new-tokens 8 --json $(LARGE)/eval-dense.json
-	$(TIMED) $(BIN)/sslc-export eval $(LARGE)/wanda-0.5 --text $(LARGE_TEXT) --max-new-tokens 8 --json $(LARGE)/eval-wanda-0.5.json
-	$(TIMED) $(BIN)/sslc-export export --dense $(LARGE)/qwen2-hf $(LARGE)/onnx-dense --overwrite
-	$(TIMED) $(BIN)/sslc-export validate $(LARGE)/onnx-dense $(LARGE)/qwen2-hf
+	test -f $(LARGE)/qwen2-hf/config.json || $(TIMED) $(BIN)/sslc-export convert $(LARGE)/qwen2-hf --model $(LARGE_MODEL)
+	test -f $(LARGE_CKPT)/manifest.json || $(TIMED) $(BIN)/sslc-export compress --model $(LARGE)/qwen2-hf --streaming \
+	  --method wanda --ratio 0.5 --out $(LARGE_CKPT)
+	$(TIMED) $(BIN)/sslc-export eval $(LARGE_CKPT) --text $(LARGE_TEXT) --max-new-tokens 8 --json $(LARGE)/eval-wanda-0.5.json
 	for fmt in dense int8; do \
-	  $(TIMED) $(BIN)/sslc-export export $(LARGE)/wanda-0.5 $(LARGE)/onnx-wanda-0.5-$$fmt --format $$fmt --overwrite || exit 1; \
-	  $(TIMED) $(BIN)/sslc-export validate $(LARGE)/onnx-wanda-0.5-$$fmt $(LARGE)/wanda-0.5 || exit 1; done
-	$(BIN)/sslc-export checkpoints $(LARGE)/wanda-0.5 --report docs/results.md --section large-checkpoints
-	$(BIN)/sslc-export sizes $(LARGE)/onnx-dense $(LARGE)/onnx-wanda-0.5-dense $(LARGE)/onnx-wanda-0.5-int8 --report docs/results.md --section large-sizes
-	$(TIMED) $(BIN)/sslc-export bench $(LARGE)/onnx-dense $(LARGE)/onnx-wanda-0.5-dense $(LARGE)/onnx-wanda-0.5-int8 --threads 2 \
-	  --repeats 1 --prompt-lengths 32,128 --decode-tokens 16 --text $(LARGE_TEXT) --out-dir docs/bench-large --report docs/results.md --section large-bench
+	  $(TIMED) $(BIN)/sslc-export export $(LARGE_CKPT) $(LARGE)/onnx-wanda-0.5-$$fmt --format $$fmt --overwrite || exit 1; \
+	  $(TIMED) $(BIN)/sslc-export validate $(LARGE)/onnx-wanda-0.5-$$fmt $(LARGE_CKPT) || exit 1; done
+	$(BIN)/sslc-export checkpoints $(LARGE_CKPT) --report docs/results.md --section large-checkpoints
+	$(BIN)/sslc-export sizes $(LARGE)/onnx-wanda-0.5-dense $(LARGE)/onnx-wanda-0.5-int8 --report docs/results.md --section large-sizes
+	$(TIMED) $(BIN)/sslc-export bench $(LARGE)/onnx-wanda-0.5-dense $(LARGE)/onnx-wanda-0.5-int8 --threads 2 --repeats 1 \
+	  --prompt-lengths 32,128 --decode-tokens 16 --text $(LARGE_TEXT) --out-dir docs/bench-large --report docs/results.md --section large-bench
 	cat $(LARGE)/times.txt
 
 test: $(STAMP) kernels-or-skip
