@@ -8,6 +8,7 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 BUILD="${1:-$ROOT/build/kernels}"; shift || true
 LOG="$ROOT/build/kernels-build.log"
 mkdir -p "$ROOT/build"
+: >"$LOG"
 fail() { echo "sslc kernels not built: $1" >&2; exit 1; }
 
 headers() {  # prints the include dir, fetching the Debian package if needed

@@ -221,9 +221,9 @@ inline void PrefetchRows(const RowsView& w, size_t n0, size_t n1) {
   for (const uint8_t* p = begin; p < end; p += 64) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
 }
 
-// Prefill: expand kGemmNR rows of W into a dense panel (thread-local), then run the register
-// tile over every packed block of input rows; the tile is stored transposed into out.
-template <class Isa, ValueType T>
+// Prefill: expand kGemmNR rows of W into a dense panel (thread-local, with ExpandIsa's expanders),
+// then run Isa's register tile over every packed block of input rows; the tile is stored transposed into out.
+template <class ExpandIsa, class Isa, ValueType T>
 void Gemm(const RowsView& w, const float* packed, size_t packed_cols, size_t count, float* out, size_t ld_out,
           size_t n0, size_t n1) {
   constexpr size_t kNR = Isa::kGemmNR, kMR = 2 * Isa::W;
@@ -237,8 +237,9 @@ void Gemm(const RowsView& w, const float* packed, size_t packed_cols, size_t cou
       float* dst = panel + j * ld_panel;
       size_t done = 0;
       if (j < rows) {
-        WalkRow<Isa, T, true, 1>(w, n + j, [&](size_t c, typename Isa::Vec v, auto) { Isa::Store(dst + c, v); });
-        done = (w.row_bytes * 8 + Isa::W - 1) / Isa::W * Isa::W;
+        WalkRow<ExpandIsa, T, true, 1>(w, n + j,
+                                        [&](size_t c, typename ExpandIsa::Vec v, auto) { ExpandIsa::Store(dst + c, v); });
+        done = (w.row_bytes * 8 + ExpandIsa::W - 1) / ExpandIsa::W * ExpandIsa::W;
       }
       if (done < ld_panel) memset(dst + done, 0, (ld_panel - done) * sizeof(float));
     }
@@ -251,13 +252,16 @@ void Gemm(const RowsView& w, const float* packed, size_t packed_cols, size_t cou
   }
 }
 
-template <class Isa>
+// The table of one kernel file: rows are walked (GEMV, panel expansion) on GemvIsa, the GEMM's
+// register tile runs on GemmIsa (they differ on AVX-512).
+template <class GemvIsa, class GemmIsa>
 constexpr KernelTable MakeTable(const char* name) {
   return KernelTable{name,
-                     2 * Isa::W,
-                     Isa::kGemmNR,
-                     {Gemv<Isa, ValueType::kF32>, Gemv<Isa, ValueType::kI8>, Gemv<Isa, ValueType::kI4>},
-                     {Gemm<Isa, ValueType::kF32>, Gemm<Isa, ValueType::kI8>, Gemm<Isa, ValueType::kI4>}};
+                     2 * GemmIsa::W,
+                     GemmIsa::kGemmNR,
+                     {Gemv<GemvIsa, ValueType::kF32>, Gemv<GemvIsa, ValueType::kI8>, Gemv<GemvIsa, ValueType::kI4>},
+                     {Gemm<GemvIsa, GemmIsa, ValueType::kF32>, Gemm<GemvIsa, GemmIsa, ValueType::kI8>,
+                      Gemm<GemvIsa, GemmIsa, ValueType::kI4>}};
 }
 
 }  // namespace sslc
