@@ -1,12 +1,13 @@
-// The kernels, written once over an ISA "traits" type and instantiated by each kernels_<isa>.cc
+// The kernels, written once over ISA "traits" types and instantiated by each kernels_<isa>.cc
 // (compiled with that ISA's flags). The traits types live in anonymous namespaces, so every
 // instantiation has internal linkage and the linker can never hand the AVX-512 copy of a
 // function to the scalar path. For the same reason this header uses no std:: templates.
 //
-// An ISA type provides: W (lanes, 8 or 16: one or two mask bytes per step), Vec, Zero, Load,
-// Store, Set1, Add, Mul, Fma(a, b, c) = a*b + c, Hsum, the expanders ExpandF32/I8 (kept values at
-// the cursor -> W lanes, zeros where the mask bit is 0; they advance the cursor), and the GEMM
-// register tile kGemmNR (rows of W) x 2W (rows of the input).
+// A row-walking type (GEMV, panel expansion) has W = 8 lanes (one mask byte per step), Vec,
+// Zero, Load, Store, Set1, Add, Mul, Fma(a, b, c) = a*b + c, Hsum, kGemvRows, and the expanders
+// ExpandF32/I8 (kept values at the cursor -> 8 lanes, zeros where the mask bit is 0; they
+// advance the cursor). A GEMM tile type has W, Vec, Zero, Load, Store, Set1, Fma and kGemmNR:
+// its register tile is kGemmNR rows of W' x 2W input rows.
 #pragma once
 
 #include <cstddef>
@@ -22,8 +23,8 @@
 namespace sslc {
 
 // For each mask byte: lane j takes packed element rank(j) (low 3 bits); lanes whose bit is 0
-// hold -8 (sign bit set), which the expander turns into 0.0 with a blend. 8 KiB, int32 so that
-// one load gives the permute vector.
+// hold -8 (sign bit set; the expanders zero them with a blend or a zero-masked permute).
+// 8 KiB, int32 so that one load gives the permute vector.
 struct ExpandTable {
   alignas(64) int32_t index[256][8];
   constexpr ExpandTable() : index() {
@@ -109,10 +110,10 @@ struct Cursor<Isa, ValueType::kI4> {
   typename Isa::Vec Next(unsigned bits) { return Isa::ExpandI8(p, bits); }
 };
 
-// step(slot 0, b), step(slot 1, b + stride), ... with compile-time slots.
+// step(slot 0, b), step(slot 1, b + 1), ... with compile-time slots.
 template <size_t... kSlot, class Step>
-__attribute__((always_inline)) inline void Unrolled(std::index_sequence<kSlot...>, Step& step, size_t b, size_t stride) {
-  (step(std::integral_constant<size_t, kSlot>{}, b + kSlot * stride), ...);
+__attribute__((always_inline)) inline void Unrolled(std::index_sequence<kSlot...>, Step& step, size_t b) {
+  (step(std::integral_constant<size_t, kSlot>{}, b + kSlot), ...);
 }
 
 // Calls f(column, vec, slot) for every step of W columns of row n (dequantized, scaled); steps
@@ -121,7 +122,7 @@ __attribute__((always_inline)) inline void Unrolled(std::index_sequence<kSlot...
 // and not wait on one FMA chain.
 template <class Isa, ValueType T, bool kVisitZeros, size_t kSlots, class F>
 __attribute__((always_inline)) inline void WalkRow(const RowsView& w, size_t n, F&& f) {
-  constexpr size_t kStepBytes = Isa::W / 8;
+  static_assert(Isa::W == 8, "one mask byte per step");
   const uint8_t* mask = w.mask + n * w.row_bytes;
   Cursor<Isa, T> cursor(w.row_values[n], w, n);
   const float* scales = T == ValueType::kF32 ? nullptr : w.scales + n * w.groups;
@@ -134,8 +135,7 @@ __attribute__((always_inline)) inline void WalkRow(const RowsView& w, size_t n, 
       scale = Isa::Set1(*scales++);
       next_group += group_bytes;
     }
-    unsigned bits = mask[b];
-    if (kStepBytes == 2 && b + 1 < w.row_bytes) bits |= unsigned{mask[b + 1]} << 8;
+    const unsigned bits = mask[b];
     if (bits == 0) {
       if (kVisitZeros) f(b * 8, Isa::Zero(), slot);
       return;
@@ -145,9 +145,8 @@ __attribute__((always_inline)) inline void WalkRow(const RowsView& w, size_t n, 
     f(b * 8, v, slot);
   };
   size_t b = 0;
-  for (; b + kSlots * kStepBytes <= w.row_bytes; b += kSlots * kStepBytes)
-    Unrolled(std::make_index_sequence<kSlots>{}, step, b, kStepBytes);
-  for (; b < w.row_bytes; b += kStepBytes) step(std::integral_constant<size_t, 0>{}, b);
+  for (; b + kSlots <= w.row_bytes; b += kSlots) Unrolled(std::make_index_sequence<kSlots>{}, step, b);
+  for (; b < w.row_bytes; ++b) step(std::integral_constant<size_t, 0>{}, b);
 }
 
 // kRows rows of the input against rows [n0, n1) of W: each step of W is expanded once and
@@ -170,7 +169,7 @@ void GemvBlock(const RowsView& w, const float* in, size_t ld_in, float* out, siz
   }
 }
 
-// GemvBlock for a run-time row count below kGemvRows.
+// GemvBlock for a run-time row count in [1, kGemvRows) (the 0 of the sequence never matches).
 template <class Isa, ValueType T, size_t... kRows>
 void GemvTail(std::index_sequence<kRows...>, size_t rows, const RowsView& w, const float* in, size_t ld_in, float* out,
               size_t ld_out, size_t n0, size_t n1) {
@@ -221,8 +220,9 @@ inline void PrefetchRows(const RowsView& w, size_t n0, size_t n1) {
   for (const uint8_t* p = begin; p < end; p += 64) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
 }
 
-// Prefill: expand kGemmNR rows of W into a dense panel (thread-local, with ExpandIsa's expanders),
-// then run Isa's register tile over every packed block of input rows; the tile is stored transposed into out.
+// Prefill: expand kGemmNR rows of W into a dense panel (thread-local, with ExpandIsa's
+// expanders), then run Isa's register tile over every packed block of input rows; each tile is
+// stored transposed into out.
 template <class ExpandIsa, class Isa, ValueType T>
 void Gemm(const RowsView& w, const float* packed, size_t packed_cols, size_t count, float* out, size_t ld_out,
           size_t n0, size_t n1) {
