@@ -18,6 +18,6 @@ struct Avx2 : Simd256<Avx2> {
 
 }  // namespace
 
-const KernelTable kAvx2Kernels = MakeTable<Avx2, Avx2>("avx2");
+constexpr KernelTable kAvx2Kernels = MakeTable<Avx2, Avx2>("avx2");
 
 }  // namespace sslc

@@ -30,6 +30,6 @@ struct Avx512 {
 
 }  // namespace
 
-const KernelTable kAvx512Kernels = MakeTable<Avx512Vl, Avx512>("avx512");
+constexpr KernelTable kAvx512Kernels = MakeTable<Avx512Vl, Avx512>("avx512");
 
 }  // namespace sslc

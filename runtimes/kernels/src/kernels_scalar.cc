@@ -58,6 +58,6 @@ struct Scalar {
 
 }  // namespace
 
-const KernelTable kScalarKernels = MakeTable<Scalar, Scalar>("scalar");
+constexpr KernelTable kScalarKernels = MakeTable<Scalar, Scalar>("scalar");
 
 }  // namespace sslc
