@@ -181,6 +181,16 @@ struct SparseMatMulOp : Ort::CustomOpBase<SparseMatMulOp<kType>, SparseMatMulKer
     }
   }
 
+  // y: x's shape with the last dimension N (rows of the mask), for onnxruntime's graph passes.
+  static OrtStatusPtr InferOutputShape(Ort::ShapeInferContext& ctx) {
+    Ort::ShapeInferContext::Shape shape = ctx.GetInputShape(0);
+    const Ort::ShapeInferContext::Shape& mask = ctx.GetInputShape(1);
+    if (shape.empty() || mask.size() != 2)
+      return Ort::Status("x must have a last dimension and mask two dimensions", ORT_INVALID_GRAPH).release();
+    shape.back() = mask[0];
+    return ctx.SetOutputShape(0, shape).release();
+  }
+
   const char* GetName() const { return OpName(kType); }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return kType == ValueType::kF32 ? 5 : 7; }
