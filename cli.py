@@ -54,7 +54,7 @@ def handles_user_errors(command):
             if not isinstance(exc, MemoryError) and "allocate memory" not in str(exc):
                 raise
             console.print("[bold red]error:[/] out of memory: free memory or raise the limit; for compress, --streaming "
-                          "keeps one decoder block in memory (safetensors folder) and lower --nsamples / --batch-size "
+                          "keeps one decoder block in memory (safetensors folder) and lower --nsamples / --seqlen "
                           "shrink the activations", highlight=False, soft_wrap=True)
             raise typer.Exit(3) from None
 
@@ -123,9 +123,9 @@ def compress(
     nsamples: int = typer.Option(64, help="Calibration sequences."),
     seqlen: int = typer.Option(256, help="Tokens per calibration sequence."),
     seed: int = typer.Option(0, help="Seed for calibration sampling and randomized SVD."),
-    resume: bool = typer.Option(False, help="Continue an interrupted run from its last finished block."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output folder (only once the new one is complete)."),
-    streaming: bool = typer.Option(False, help="Hold one decoder block in memory at a time (safetensors model folders)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished block."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder (only once the new one is complete)."),
+    streaming: bool = typer.Option(False, "--streaming", help="Hold one decoder block in memory at a time (safetensors model folders)."),
     device: str = typer.Option("cpu", help="Run calibration and decompositions on cpu or cuda[:N] (one block on the GPU at a time)."),
     threads: Optional[int] = ThreadsOption,
     json_path: Optional[Path] = JsonOption,
@@ -198,7 +198,7 @@ def print_compress_summary(manifest: dict) -> None:
 def convert_command(
     out_dir: Path = typer.Argument(..., help="Hugging Face folder to create (safetensors, config, tokenizer)."),
     model: Optional[str] = ModelOption,
-    overwrite: bool = typer.Option(False, help="Replace an existing folder (only once the new one is complete)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder (only once the new one is complete)."),
 ):
     """Write a model (e.g. a GGUF file, dequantized to float32) as a safetensors folder, which
     `compress --streaming` can read one block at a time."""
@@ -257,7 +257,7 @@ def export_command(
     fmt: str = typer.Option("dense", "--format", "-f", help="LAYOUT or LAYOUT-int8/-int4. " + FORMAT_HELP),
     lm_head: str = typer.Option("fp32", "--lm-head", help="lm_head and token embedding: fp32 | int8 | int4 (MatMulNBits and GatherBlockQuantized, block 32); use the same choice for every model you compare."),
     dense: bool = typer.Option(False, "--dense", help="Export an uncompressed model as the baseline (SOURCE is a model)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing folder (only once the new one is complete)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder (only once the new one is complete)."),
     json_path: Optional[Path] = JsonOption,
 ):
     """Export to ONNX (task text-generation-with-past): optimum's dense export, then each
@@ -421,7 +421,7 @@ def run_command(
     temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass (with --temperature > 0)."),
     seed: int = typer.Option(0, help="Sampling seed."),
-    chat: bool = typer.Option(False, help="Wrap the prompt in the tokenizer's chat template as a user turn."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template as a user turn."),
     threads: Optional[int] = ThreadsOption,
 ):
     """Generate text with onnxruntime, streaming tokens as they come."""
@@ -448,8 +448,8 @@ def bench_command(
     provider: str = typer.Option("cpu", help="Comma-separated execution providers, all measured in this one run."),
     threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads (default: all cores)."),
     text: Optional[Path] = typer.Option(None, help="Held-out text: token ids for timing and perplexity through the same session (default: bundled)."),
-    no_perplexity: bool = typer.Option(False, help="Skip perplexity (timing only)."),
-    genai: bool = typer.Option(False, help="Also decode through onnxruntime-genai (CPU) and report its speed and whether it picks our greedy tokens."),
+    no_perplexity: bool = typer.Option(False, "--no-perplexity", help="Skip perplexity (timing only)."),
+    genai: bool = typer.Option(False, "--genai", help="Also decode through onnxruntime-genai (CPU) and report its speed and whether it picks our greedy tokens."),
     prompt_lengths: str = typer.Option("32,128,512", help="Prompt lengths for prefill timing."),
     decode_tokens: int = typer.Option(64, help="New tokens per decode run (batch 1)."),
     repeats: int = typer.Option(5, help="Timed repeats after warm-up."),
