@@ -180,6 +180,15 @@ def test_x_with_the_wrong_width_is_an_error_not_a_crash() -> None:
         session(model_bytes(packed)).run(None, {"x": np.zeros((2, 36), np.float32)})
 
 
+@pytest.mark.parametrize("x_shape", [(None, 37), ("batch", 37), (2, 37)], ids=["anonymous", "symbolic", "fixed"])
+def test_inferred_output_shape_agrees_with_the_run(x_shape, capfd) -> None:
+    """The op's shape inference must not declare sizes the run contradicts (onnxruntime warns on every run)."""
+    model = model_bytes(random_layer(19, 37, 3, 0.45, 32), x_shape=x_shape)
+    y = session(model).run(None, {"x": np.ones((2, 37), np.float32)})[0]
+    assert y.shape == (2, 19)
+    assert "VerifyOutputSizes" not in capfd.readouterr().err
+
+
 def test_missing_library_names_the_fix(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SSLC_KERNELS_LIBRARY", str(tmp_path / "nothing.so"))
     available, reason = kernels.availability()

@@ -182,11 +182,15 @@ struct SparseMatMulOp : Ort::CustomOpBase<SparseMatMulOp<kType>, SparseMatMulKer
   }
 
   // y: x's shape with the last dimension N (rows of the mask), for onnxruntime's graph passes.
+  // An anonymous dimension of x comes here as -1, which would be set as a literal size: then the
+  // output shape is left unknown.
   static OrtStatusPtr InferOutputShape(Ort::ShapeInferContext& ctx) {
     Ort::ShapeInferContext::Shape shape = ctx.GetInputShape(0);
     const Ort::ShapeInferContext::Shape& mask = ctx.GetInputShape(1);
     if (shape.empty() || mask.size() != 2)
       return Ort::Status("x must have a last dimension and mask two dimensions", ORT_INVALID_GRAPH).release();
+    for (const auto& dim : shape)
+      if (dim.IsInt() && dim.AsInt() < 0) return nullptr;
     shape.back() = mask[0];
     return ctx.SetOutputShape(0, shape).release();
   }
