@@ -188,12 +188,16 @@ void Gemv(const RowsView& w, const float* in, size_t ld_in, size_t count, float*
 }
 
 // Register tile: kGemmNR dense rows of W (row stride ld_panel) times one packed block of 2W
-// input rows, over `cols` columns; the products land in tile[kGemmNR][2W].
-template <class Isa>
+// input rows, over `cols` columns; the products are stored in (or, when kAccumulate, added to)
+// tile[kGemmNR][2W].
+template <class Isa, bool kAccumulate>
 inline void MicroKernel(const float* panel, size_t ld_panel, const float* block, size_t cols, float* tile) {
   constexpr size_t kNR = Isa::kGemmNR, kW = Isa::W;
   typename Isa::Vec acc[kNR][2];
-  for (size_t j = 0; j < kNR; ++j) acc[j][0] = acc[j][1] = Isa::Zero();
+  for (size_t j = 0; j < kNR; ++j) {
+    acc[j][0] = kAccumulate ? Isa::Load(tile + j * 2 * kW) : Isa::Zero();
+    acc[j][1] = kAccumulate ? Isa::Load(tile + j * 2 * kW + kW) : Isa::Zero();
+  }
   for (size_t c = 0; c < cols; ++c, block += 2 * kW) {
     const typename Isa::Vec b0 = Isa::Load(block), b1 = Isa::Load(block + kW);
 #pragma GCC unroll 16
@@ -227,9 +231,12 @@ template <class ExpandIsa, class Isa, ValueType T>
 void Gemm(const RowsView& w, const float* packed, size_t packed_cols, size_t count, float* out, size_t ld_out,
           size_t n0, size_t n1) {
   constexpr size_t kNR = Isa::kGemmNR, kMR = 2 * Isa::W;
-  const size_t ld_panel = PackedColumns(w.cols);
-  float* panel = ThreadScratch(Scratch::kPanel, kNR * ld_panel + kNR * kMR);
-  float* tile = panel + kNR * ld_panel;
+  // Columns per pass, so that the panel's slice stays in L1 (measured: K = 1536 ran at 0.75x of
+  // MatMul in one pass, the panel then being 12 x 1552 floats).
+  constexpr size_t kColumnBlock = 256;
+  const size_t ld_panel = PackedColumns(w.cols), blocks = (count + kMR - 1) / kMR;
+  float* panel = ThreadScratch(Scratch::kPanel, kNR * ld_panel + blocks * kNR * kMR);
+  float* tiles = panel + kNR * ld_panel;  // one tile per block of input rows
   for (size_t n = n0; n < n1; n += kNR) {
     const size_t rows = n1 - n < kNR ? n1 - n : kNR;
     PrefetchRows<Isa>(w, n + kNR, n + 2 * kNR < n1 ? n + 2 * kNR : n1);
@@ -243,11 +250,19 @@ void Gemm(const RowsView& w, const float* packed, size_t packed_cols, size_t cou
       }
       if (done < ld_panel) memset(dst + done, 0, (ld_panel - done) * sizeof(float));
     }
-    for (size_t m0 = 0; m0 < count; m0 += kMR) {
-      MicroKernel<Isa>(panel, ld_panel, packed + m0 * packed_cols, w.cols, tile);
-      const size_t mrows = count - m0 < kMR ? count - m0 : kMR;
-      for (size_t i = 0; i < mrows; ++i)  // contiguous writes along n
-        for (size_t j = 0; j < rows; ++j) out[(m0 + i) * ld_out + n + j] = tile[j * kMR + i];
+    for (size_t c0 = 0; c0 < w.cols; c0 += kColumnBlock) {
+      const size_t cols = w.cols - c0 < kColumnBlock ? w.cols - c0 : kColumnBlock;
+      for (size_t b = 0; b < blocks; ++b) {
+        const float* block = packed + (b * packed_cols + c0) * kMR;
+        if (c0 == 0)
+          MicroKernel<Isa, false>(panel + c0, ld_panel, block, cols, tiles + b * kNR * kMR);
+        else
+          MicroKernel<Isa, true>(panel + c0, ld_panel, block, cols, tiles + b * kNR * kMR);
+      }
+    }
+    for (size_t m = 0; m < count; ++m) {  // tiles are [rows of W][input rows]: stored transposed
+      const float* tile = tiles + (m / kMR) * kNR * kMR + m % kMR;
+      for (size_t j = 0; j < rows; ++j) out[m * ld_out + n + j] = tile[j * kMR];
     }
   }
 }
