@@ -2,7 +2,9 @@
 //   SparseMatMul (fp32 values), SparseMatMulInt8, SparseMatMulInt4.
 // y = [x, x·Vᵀ]·W'ᵀ with W' = [S | U] and V in the sparse-rows layout (sparse_rows.h).
 // Inputs 1.. are initializers: they are validated once, when the session creates the kernel,
-// and a bad model is refused there with the node's name in the message.
+// and a bad model is refused there with the node's name in the message. The kernels then read
+// them in place (onnxruntime keeps initializers for the session's life); only the last rows'
+// values are copied, padded, so that full-width vector loads never leave the buffer.
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
