@@ -93,18 +93,18 @@ results-streaming: $(STAMP)
 # export (dense: past 2 GB, so external data; int8) -> validate -> checkpoints/sizes -> bench.
 # Every heavy step runs under nice (the machine is shared) and /usr/bin/time appends its wall
 # time and peak RSS to $(LARGE)/times.txt; steps whose output already exists are skipped (delete
-# $(LARGE) to redo them). Shrunk to fit the 2 cores: perplexity on the first 20,000 characters of
+# $(LARGE) to redo them). Shrunk to fit the 2 cores: perplexity on the first 6,000 characters of
 # the held-out text, bench with one repeat, prompts of 32 and 128 tokens and 16 new tokens.
 LARGE := runs/large
 LARGE_MODEL := $(LARGE)/qwen2-0.5b-shape
-LARGE_TEXT := $(LARGE)/heldout-20k.txt
+LARGE_TEXT := $(LARGE)/heldout-6k.txt
 LARGE_CKPT := $(LARGE)/wanda-0.5
 TIMED = nice -n 10 /usr/bin/time -a -o $(LARGE)/times.txt -f '%e s wall, %M KB peak RSS: %C'
 results-large: $(STAMP)
 	mkdir -p $(LARGE)
 	test -f $(LARGE_MODEL)/config.json || $(TIMED) $(BIN)/python -m models.synthetic $(LARGE_MODEL) --model-type qwen2 \
 	  --hidden 896 --intermediate 4864 --layers 24 --heads 14 --kv-heads 2 --vocab 151936 --max-positions 32768
-	head -c 20000 sslc_export/data/heldout.txt > $(LARGE_TEXT)
+	head -c 6000 sslc_export/data/heldout.txt > $(LARGE_TEXT)
 	test -f $(LARGE)/qwen2-hf/config.json || $(TIMED) $(BIN)/sslc-export convert $(LARGE)/qwen2-hf --model $(LARGE_MODEL)
 	test -f $(LARGE_CKPT)/manifest.json || $(TIMED) $(BIN)/sslc-export compress --model $(LARGE)/qwen2-hf --streaming \
 	  --method wanda --ratio 0.5 --out $(LARGE_CKPT)
