@@ -28,6 +28,14 @@ namespace {
 constexpr size_t kGemvMaxRows = 16;
 // Work items per ParallelFor: enough to balance any usual thread count, few enough to be cheap.
 constexpr size_t kMaxTasks = 64;
+// A GEMV task walks at least this many mask bytes (x input rows), a few microseconds of work:
+// smaller products (V's few rows in decode) run on the calling thread without waking the pool.
+constexpr size_t kMinGemvTaskSteps = 4096;
+
+size_t GemvUnit(const RowsView& w, size_t rows) {
+  const size_t steps_per_row = w.row_bytes * rows + 1;
+  return kMinGemvTaskSteps / steps_per_row > 8 ? kMinGemvTaskSteps / steps_per_row : 8;
+}
 
 const char* OpName(ValueType type) {
   return type == ValueType::kF32 ? "SparseMatMul" : type == ValueType::kI8 ? "SparseMatMulInt8" : "SparseMatMulInt4";
@@ -137,8 +145,9 @@ class SparseMatMulKernel {
         std::fill(joined + m * padded + k_, joined + (m + 1) * padded, 0.0f);
       }
       const GemvFn gemv = table_->gemv[t];
-      ParallelRows(ctx, r_, 8, [&](size_t n0, size_t n1) { gemv(v, joined, padded, rows, joined + k_, padded, n0, n1); });
-      ParallelRows(ctx, n_, 8, [&](size_t n0, size_t n1) { gemv(w, joined, padded, rows, y, n_, n0, n1); });
+      ParallelRows(ctx, r_, GemvUnit(v, rows),
+                   [&](size_t n0, size_t n1) { gemv(v, joined, padded, rows, joined + k_, padded, n0, n1); });
+      ParallelRows(ctx, n_, GemvUnit(w, rows), [&](size_t n0, size_t n1) { gemv(w, joined, padded, rows, y, n_, n0, n1); });
       return;
     }
     const size_t mr = table_->gemm_mr, packed_size = (rows + mr - 1) / mr * mr * padded;
