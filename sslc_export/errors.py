@@ -22,7 +22,19 @@ _NAMED_OS_ERRORS = {
 def describe_os_error(exc: BaseException) -> str | None:
     """One line for an OSError that a user can act on, or for a full disk reported by a native writer
     (safetensors' SafetensorError, torch's RuntimeError: only their message says ENOSPC); None for
-    anything else, which stays a traceback (a bug to report)."""
+    anything else, which stays a traceback (a bug to report). Libraries that wrap the error (optimum's
+    "post-processing of the ONNX export failed") are seen through: the chain of causes is searched."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        named = _describe_one(exc)
+        if named is not None:
+            return named
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _describe_one(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) and exc.errno in _NAMED_OS_ERRORS:
         what, advice = _NAMED_OS_ERRORS[exc.errno]
         return f"{what}{f' ({exc.filename})' if exc.filename else ''}: {advice}"

@@ -122,5 +122,12 @@ def test_named_os_errors_and_the_rest():
         "no space left on device (/x/model.onnx)")
     assert describe_os_error(OSError(errno.EROFS, "Read-only file system")).startswith("read-only file system")
     assert describe_os_error(RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    try:  # wrapped, as optimum wraps a failed save in its post-processing
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "model.onnx")
+        except OSError as inner:
+            raise RuntimeError("The post-processing of the ONNX export failed") from inner
+    except RuntimeError as wrapped:
+        assert describe_os_error(wrapped).startswith("no space left on device (model.onnx)")
     assert describe_os_error(OSError(errno.ENOENT, "No such file or directory")) is None  # a bug: keeps its traceback
     assert describe_os_error(ValueError("something else")) is None
