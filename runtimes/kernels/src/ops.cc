@@ -21,11 +21,11 @@
 namespace sslc {
 namespace {
 
-// Up to this many input rows the weights are streamed once per few rows (GEMV, one weight
-// expansion feeds kGemvRows FMAs); beyond, they are expanded into dense panels for a
-// register-blocked GEMM, whose 2W-row input blocks waste work on fewer rows (measured on Zen 4:
-// at 16 rows GEMV 180 us vs GEMM 253 us, at 128 rows GEMV 1360 us vs GEMM 880 us, 576x576 fp32).
-constexpr size_t kGemvMaxRows = 16;
+// Up to 3/4 of a GEMM input block of rows (12 on AVX2, 24 on AVX-512), the weights are streamed
+// once per few rows (GEMV: one weight expansion feeds kGemvRows FMAs); beyond, they are
+// expanded into dense panels for the register-blocked GEMM, whose blocks of input rows waste
+// work on fewer rows. Measured on Zen 4, 576x576 fp32, one thread, GEMV vs GEMM: AVX2 12 rows
+// 148 vs 156 us, 16 rows 262 vs ~156 us; AVX-512 16 rows 234 vs 254 us (GEMM at 17 to 32 rows).
 // Work items per ParallelFor: enough to balance any usual thread count, few enough to be cheap.
 constexpr size_t kMaxTasks = 64;
 // A GEMV task walks at least this many mask bytes (x input rows), a few microseconds of work:
@@ -137,7 +137,7 @@ class SparseMatMulKernel {
     const size_t cols = k_ + r_, padded = PackedColumns(cols);
     const int t = static_cast<int>(type_);
     const RowsView &w = w_->view(), &v = v_->view();
-    if (rows <= kGemvMaxRows) {
+    if (4 * rows <= 3 * table_->gemm_mr) {
       // Joined rows [x, t, 0...]: t is written in place by the V product.
       float* joined = ThreadScratch(Scratch::kCall, rows * padded);
       for (size_t m = 0; m < rows; ++m) {
