@@ -123,3 +123,24 @@ test: $(STAMP) kernels-or-skip
 
 clean:
 	rm -rf runs build .pytest_cache
+
+# onnxruntime-genai's model builder, the graph sslc_export/onnx/fuse.py is measured against. Its 0.18 release
+# imports model classes that only transformers 5 has, while the project pins 4.57: it runs in its own venv,
+# which reuses .venv's packages (one .pth line) and installs transformers 5 (and what it needs) over them.
+BUILDER_VENV := runs/builder-venv
+BUILDER_OUT := runs/builder
+$(BUILDER_VENV)/.installed: $(STAMP)
+	$(PYTHON) -m venv $(BUILDER_VENV)
+	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+	  > "$$($(BUILDER_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/project-venv.pth"
+	$(BUILDER_VENV)/bin/pip install --quiet transformers==5.24.0
+	touch $@
+
+builder-venv: $(BUILDER_VENV)/.installed
+
+# SmolLM2 through the builder, fp32 and int4 (CPU): folders for onnxruntime-genai (og.Model), as users would make them.
+builder-models: builder-venv
+	$(BIN)/sslc-export convert $(BUILDER_OUT)/smollm2-hf --overwrite
+	for p in fp32 int4; do \
+	  $(BUILDER_VENV)/bin/python -m onnxruntime_genai.models.builder -i $(BUILDER_OUT)/smollm2-hf -o $(BUILDER_OUT)/smollm2-$$p \
+	    -p $$p -e cpu -c $(BUILDER_OUT)/cache || exit 1; done
