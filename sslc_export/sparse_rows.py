@@ -15,6 +15,17 @@ One Linear ``y = x·Sᵀ + (x·Vᵀ)·Uᵀ`` becomes one node: ``t = x·Vᵀ`` t
 
 Operator inputs after x: fp32 ``mask, values, v_mask, v_values``; quantized
 ``mask, values, scales, v_mask, v_values, v_scales`` (see ``SparseRows.inputs``).
+
+Attribute ``activation_bits`` (bits 8 and 4 only; absent means 32): with 32 the inputs stay fp32
+and meet the dequantized weights. With 8, every product quantizes its input rows first, for any
+number of rows: ``t = x·Vᵀ`` from x in groups of V's columns, then ``y`` from ``[x, t]`` (t in
+fp32) in groups of W''s columns, the same column groups as the weight scales. Per row and group:
+``x_scale = max|x| / 127`` (fp32), ``q = rint(x / x_scale)`` (fp32 division, half to even) clamped
+to [-127, 127], all 0 when x_scale is 0; then
+``y[m,n] = Σ_g w_scale[n,g]·x_scale[m,g]·Σ_{c in g} W_int[n,c]·q[m,c]`` with W_int the stored
+integers (``activation_quantize`` and ``reference``). The kernels compute the integer sums
+exactly (decode) or multiply the dequantized factors in fp32 (prefill): fp32 rounding apart,
+the same value; a t that differs by fp32 rounding may move its q by one step.
 """
 from __future__ import annotations
 
@@ -25,6 +36,7 @@ import numpy as np
 DOMAIN = "ai.sslc"
 OP_TYPES = {32: "SparseMatMul", 8: "SparseMatMulInt8", 4: "SparseMatMulInt4"}
 QMAX = {8: 127, 4: 7}
+ACTIVATION_BITS = (32, 8)
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,7 @@ class SparseRows:
     v: RowsPart
     bits: int
     group_size: int
+    activation_bits: int = 32
 
     @property
     def in_features(self) -> int:
@@ -73,6 +86,8 @@ class SparseRows:
         attrs = {"in_features": self.in_features}
         if self.bits != 32:
             attrs["group_size"] = self.group_size
+        if self.activation_bits != 32:
+            attrs["activation_bits"] = self.activation_bits
         return attrs
 
     def nbytes(self) -> int:
@@ -80,19 +95,23 @@ class SparseRows:
 
 
 def pack(sparse: np.ndarray, mask: np.ndarray, u: np.ndarray, v: np.ndarray, bits: int = 32,
-         group_size: int = 64) -> SparseRows:
+         group_size: int = 64, activation_bits: int = 32) -> SparseRows:
     """Pack S (N×K, with its keep ``mask``), U (N×R) and V (R×K) for one ai.sslc node.
 
-    Entries of ``sparse`` outside ``mask`` are ignored; R may be 0 (u: N×0, v: 0×K)."""
+    Entries of ``sparse`` outside ``mask`` are ignored; R may be 0 (u: N×0, v: 0×K).
+    ``activation_bits=8`` (bits 8 or 4 only) makes the node quantize its inputs (module docstring)."""
     n, k = sparse.shape
     if mask.shape != (n, k) or u.shape[0] != n or v.shape[1] != k or u.shape[1] != v.shape[0]:
         raise ValueError(f"shapes disagree: S {sparse.shape}, mask {mask.shape}, U {u.shape}, V {v.shape}")
     if bits not in OP_TYPES or group_size <= 0 or group_size % 16:
         raise ValueError(f"bits must be 32, 8 or 4 and group_size a positive multiple of 16, got {bits}, {group_size}")
+    if activation_bits not in ACTIVATION_BITS or (activation_bits != 32 and bits == 32):
+        raise ValueError(f"activation_bits must be 32, or 8 with 8- or 4-bit weights, got {activation_bits} ({bits}-bit)")
     joined = np.concatenate([sparse, u], axis=1).astype(np.float32)
     keep = np.concatenate([mask.astype(bool), np.ones(u.shape, bool)], axis=1)
     return SparseRows(pack_rows(joined, keep, bits, group_size),
-                      pack_rows(v.astype(np.float32), np.ones(v.shape, bool), bits, group_size), bits, group_size)
+                      pack_rows(v.astype(np.float32), np.ones(v.shape, bool), bits, group_size), bits, group_size,
+                      activation_bits)
 
 
 def pack_rows(dense: np.ndarray, keep: np.ndarray, bits: int, group_size: int) -> RowsPart:
@@ -135,8 +154,9 @@ def _pack_nibbles(q: np.ndarray, grouped_keep: np.ndarray) -> np.ndarray:
     return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
 
 
-def dequantize(part: RowsPart, bits: int, group_size: int) -> np.ndarray:
-    """The dense float32 matrix a RowsPart stands for (zeros where not kept)."""
+def dequantize(part: RowsPart, bits: int, group_size: int, scaled: bool = True) -> np.ndarray:
+    """The dense float32 matrix a RowsPart stands for (zeros where not kept); the stored integers
+    themselves when not ``scaled`` (bits 8 and 4)."""
     rows = part.mask.shape[0]
     keep = np.unpackbits(part.mask, axis=1, count=part.cols, bitorder="little").astype(bool)
     out = np.zeros((rows, part.cols), np.float32)
@@ -152,12 +172,36 @@ def dequantize(part: RowsPart, bits: int, group_size: int) -> np.ndarray:
         positions = (starts[:, :, None] + np.cumsum(grouped_keep, axis=2) - 1)[grouped_keep]
         q = nibbles[positions].astype(np.float32) - 8
     scale = np.broadcast_to(part.scales[:, :, None], grouped_keep.shape)[grouped_keep]
-    out[keep] = q * scale
+    out[keep] = q * scale if scaled else q
     return out
 
 
+def activation_quantize(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """activation_bits=8 for rows x [M, cols]: integers q [M, groups, group_size] (zero-padded) and
+    x_scale [M, groups], both float32, exactly as the kernels compute them."""
+    grouped = _grouped(x.astype(np.float32), group_size)
+    scale = np.abs(grouped).max(axis=2, initial=0.0) / np.float32(127)
+    safe = np.where(scale > 0, scale, np.float32(1))[:, :, None]
+    return np.clip(np.rint(grouped / safe), -127, 127).astype(np.float32), scale.astype(np.float32)
+
+
+def _quantized_product(x: np.ndarray, part: RowsPart, bits: int, group_size: int) -> np.ndarray:
+    """Σ_g w_scale·x_scale·(W_int·q) in float64 for rows x [M, part.cols]."""
+    q, x_scale = activation_quantize(x, group_size)
+    w_int = _grouped(dequantize(part, bits, group_size, scaled=False), group_size).astype(np.float64)
+    dots = q.astype(np.float64).transpose(1, 0, 2) @ w_int.transpose(1, 2, 0)  # [groups, M, N], exact
+    scales = x_scale.T.astype(np.float64)[:, :, None] * part.scales.T.astype(np.float64)[:, None, :]
+    return (dots * scales).sum(axis=0)
+
+
 def reference(x: np.ndarray, packed: SparseRows) -> np.ndarray:
-    """What the operator computes, in float64: ``[x, x·Vᵀ]·W'ᵀ`` from the dequantized parts."""
+    """What the operator computes, in float64: ``[x, x·Vᵀ]·W'ᵀ`` from the dequantized parts, or
+    with activation_bits=8 the integer arithmetic of the module docstring (t rounded to fp32)."""
+    if packed.activation_bits == 8:
+        rows = x.reshape(-1, packed.in_features).astype(np.float32)
+        t = _quantized_product(rows, packed.v, packed.bits, packed.group_size).astype(np.float32)
+        y = _quantized_product(np.concatenate([rows, t], axis=1), packed.main, packed.bits, packed.group_size)
+        return y.reshape(*x.shape[:-1], packed.out_features)
     w = dequantize(packed.main, packed.bits, packed.group_size).astype(np.float64)
     v = dequantize(packed.v, packed.bits, packed.group_size).astype(np.float64)
     x64 = x.astype(np.float64)

@@ -1,6 +1,9 @@
 // Run-time choice of the kernel table, and the ISA-neutral helpers the kernels share.
 #include "dispatch.h"
 
+#include <emmintrin.h>
+
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -19,19 +22,25 @@ bool HasAvx512() {
          __builtin_cpu_supports("avx512vl");
 }
 
+bool HasAvx512Vnni() {
+  return __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512vnni");
+}
+
+const KernelTable& Avx512Table() { return HasAvx512Vnni() ? kAvx512Kernels : kAvx512NoVnniKernels; }
+
 }  // namespace
 
 const KernelTable& Select() {
   const char* forced = std::getenv("SSLC_KERNEL_ISA");
   if (forced == nullptr || *forced == '\0') {
-    if (HasAvx512()) return kAvx512Kernels;
+    if (HasAvx512()) return Avx512Table();
     if (HasAvx2()) return kAvx2Kernels;
     throw std::runtime_error("this CPU lacks AVX2+FMA, which the ai.sslc kernels require (SSLC_KERNEL_ISA=scalar forces the slow portable path)");
   }
   const std::string isa(forced);
   if (isa == "scalar") return kScalarKernels;
   if (isa == "avx2" || isa == "avx512") {
-    if (isa == "avx2" ? HasAvx2() : HasAvx512()) return isa == "avx2" ? kAvx2Kernels : kAvx512Kernels;
+    if (isa == "avx2" ? HasAvx2() : HasAvx512()) return isa == "avx2" ? kAvx2Kernels : Avx512Table();
     throw std::runtime_error("SSLC_KERNEL_ISA=" + isa + " but this CPU does not support it");
   }
   throw std::runtime_error("SSLC_KERNEL_ISA must be scalar, avx2 or avx512, got '" + isa + "'");
@@ -47,8 +56,46 @@ void PackInput(const float* in, size_t ld_in, size_t count, size_t cols, size_t 
   }
 }
 
+void QuantizeRows(const float* in, size_t ld_in, size_t count, size_t cols, size_t group_size, int8_t* q,
+                  size_t ld_q, float* scales, size_t ld_scales, float* dequantized) {
+  // SSE2 (the x86-64 baseline): cvtps_epi32 rounds half to even under the default MXCSR, where
+  // nearbyintf is a library call per value without SSE4.1.
+  const __m128 sign = _mm_set1_ps(-0.0f);
+  alignas(16) float group[kMaxGroupSize];
+  for (size_t m = 0; m < count; ++m) {
+    const float* row = in + m * ld_in;
+    int8_t* q_row = q + m * ld_q;
+    for (size_t c0 = 0, g = 0; c0 < cols; c0 += group_size, ++g) {
+      const size_t n = cols - c0 < group_size ? cols - c0 : group_size, padded = (n + 3) / 4 * 4;
+      std::memcpy(group, row + c0, n * sizeof(float));
+      std::memset(group + n, 0, (padded - n) * sizeof(float));
+      __m128 max4 = _mm_setzero_ps();
+      for (size_t i = 0; i < padded; i += 4) max4 = _mm_max_ps(max4, _mm_andnot_ps(sign, _mm_load_ps(group + i)));
+      alignas(16) float lanes[4];
+      _mm_store_ps(lanes, max4);
+      const float max = std::max(std::max(lanes[0], lanes[1]), std::max(lanes[2], lanes[3]));
+      const float scale = max / 127.0f;
+      scales[m * ld_scales + g] = scale;
+      const __m128 divisor = _mm_set1_ps(scale > 0.0f ? scale : 1.0f);
+      const __m128i limit = _mm_set1_epi32(127), neg_limit = _mm_set1_epi32(-127);
+      for (size_t i = 0; i < padded; i += 4) {
+        __m128i v = _mm_cvtps_epi32(_mm_div_ps(_mm_load_ps(group + i), divisor));
+        const __m128i above = _mm_cmpgt_epi32(v, limit), below = _mm_cmplt_epi32(v, neg_limit);  // SSE2: no min_epi32
+        v = _mm_or_si128(_mm_andnot_si128(_mm_or_si128(above, below), v),
+                         _mm_or_si128(_mm_and_si128(above, limit), _mm_and_si128(below, neg_limit)));
+        _mm_store_ps(group + i, _mm_mul_ps(_mm_cvtepi32_ps(v), _mm_set1_ps(scale)));
+        alignas(16) int32_t ints[4];
+        _mm_store_si128(reinterpret_cast<__m128i*>(ints), v);
+        for (size_t j = 0; j < 4 && i + j < n; ++j) q_row[c0 + i + j] = static_cast<int8_t>(ints[j]);
+      }
+      if (dequantized != nullptr) std::memcpy(dequantized + m * ld_in + c0, group, n * sizeof(float));
+    }
+    std::memset(q_row + cols, 0, ld_q - cols);
+  }
+}
+
 float* ThreadScratch(Scratch slot, size_t floats) {
-  thread_local std::vector<float> buffers[2];
+  thread_local std::vector<float> buffers[3];
   std::vector<float>& buffer = buffers[static_cast<int>(slot)];
   if (buffer.size() < floats) buffer.resize(floats);
   return buffer.data();

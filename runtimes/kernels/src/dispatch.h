@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 #include "sparse_rows.h"
 
@@ -17,17 +18,38 @@ using GemvFn = void (*)(const RowsView& w, const float* in, size_t ld_in, size_t
 using GemmFn = void (*)(const RowsView& w, const float* packed, size_t packed_cols, size_t count, float* out,
                         size_t ld_out, size_t n0, size_t n1);
 
+// activation_bits = 8: the input rows quantized per group of group_size columns (QuantizeRows).
+struct QuantInput {
+  const int8_t* q;  // [count, ld_q]: zero past the matrix width, readable 64 columns further
+  size_t ld_q;
+  const float* scales;  // [count, ld_scales]: x_scale per (row, group)
+  size_t ld_scales;
+};
+
+// out[m * ld_out + n] = sum_g w_scale[n][g] * x_scale[m][g] * sum_{c in g} W_int[n][c] * q[m][c]
+// (exact integer dot products, fp32 sums over groups) for n in [n0, n1), m < count.
+using QuantGemvFn = void (*)(const RowsView& w, const QuantInput& in, size_t count, float* out, size_t ld_out,
+                             size_t n0, size_t n1);
+struct QuantGemv {
+  QuantGemvFn gemv[2];  // kI8, kI4
+};
+extern const QuantGemv kScalarQuantGemv;
+extern const QuantGemv kAvx2QuantGemv;
+extern const QuantGemv kAvx512VnniQuantGemv;  // needs AVX-512 VBMI2 + VNNI besides F/BW/VL
+
 struct KernelTable {
   const char* name;
   size_t gemm_mr;     // rows of `in` per packed block
   size_t gemm_nr;     // rows of W per register tile (a good unit for splitting work)
   GemvFn gemv[3];     // by ValueType
   GemmFn gemm[3];
+  const QuantGemv* quant;  // integer-activation GEMV of this ISA (AVX-512 without VNNI: AVX2's)
 };
 
 extern const KernelTable kScalarKernels;
 extern const KernelTable kAvx2Kernels;
 extern const KernelTable kAvx512Kernels;
+extern const KernelTable kAvx512NoVnniKernels;
 
 // The table for this CPU, or the one $SSLC_KERNEL_ISA names (throws if unknown or unsupported).
 const KernelTable& Select();
@@ -39,11 +61,18 @@ inline size_t PackedColumns(size_t cols) { return (cols + 15) / 16 * 16; }
 void PackInput(const float* in, size_t ld_in, size_t count, size_t cols, size_t mr, float* packed,
                size_t packed_cols, size_t col0);
 
+// activation_bits = 8, per row and per group of group_size columns: x_scale = max|x| / 127 (fp32),
+// q = x / x_scale rounded half to even, clamped to [-127, 127]; x_scale 0 gives q = 0. Writes q
+// (zero from `cols` to ld_q) and x_scales; when `dequantized` is not null, also q * x_scale there
+// (fp32, row stride ld_in: in place is fine) for the GEMM path.
+void QuantizeRows(const float* in, size_t ld_in, size_t count, size_t cols, size_t group_size, int8_t* q,
+                  size_t ld_q, float* scales, size_t ld_scales, float* dequantized);
+
 // Per-thread scratch reused across calls (fresh large allocations cost page faults on every
 // call). kCall: the calling thread's inputs for one node; kPanel: a GEMM task's dense weights.
 // Defined outside the ISA files so no std container code is compiled with AVX-512 flags and
 // then shared with the other paths by the linker.
-enum class Scratch { kCall = 0, kPanel = 1 };
+enum class Scratch { kCall = 0, kPanel = 1, kQuant = 2 };
 float* ThreadScratch(Scratch slot, size_t floats);
 
 }  // namespace sslc

@@ -32,6 +32,8 @@ struct Avx512 {
 
 }  // namespace
 
-constexpr KernelTable kAvx512Kernels = MakeTable<Avx512Vl, Avx512>("avx512");
+constexpr KernelTable kAvx512Kernels = MakeTable<Avx512Vl, Avx512>("avx512", &kAvx512VnniQuantGemv);
+// AVX-512 F/BW/VL without VBMI2 or VNNI: the integer-activation GEMV runs on AVX2.
+constexpr KernelTable kAvx512NoVnniKernels = MakeTable<Avx512Vl, Avx512>("avx512", &kAvx2QuantGemv);
 
 }  // namespace sslc

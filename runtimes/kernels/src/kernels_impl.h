@@ -59,7 +59,7 @@ struct Cursor<Isa, ValueType::kF32> {
   const float* p;
   Cursor(const uint8_t* row, const RowsView&, size_t) : p(reinterpret_cast<const float*>(row)) {}
   void AlignGroup() {}
-  typename Isa::Vec Next(unsigned bits) { return Isa::ExpandF32(p, bits); }
+  auto Next(unsigned bits) { return Isa::ExpandF32(p, bits); }
 };
 
 template <class Isa>
@@ -67,7 +67,7 @@ struct Cursor<Isa, ValueType::kI8> {
   const int8_t* p;
   Cursor(const uint8_t* row, const RowsView&, size_t) : p(reinterpret_cast<const int8_t*>(row)) {}
   void AlignGroup() {}
-  typename Isa::Vec Next(unsigned bits) { return Isa::ExpandI8(p, bits); }
+  auto Next(unsigned bits) { return Isa::ExpandI8(p, bits); }
 };
 
 // int4: groups (byte-aligned) are unpacked to int8 one group ahead, into the spare of two
@@ -81,7 +81,7 @@ struct Cursor<Isa, ValueType::kI4> {
   const uint8_t* ahead;     // its packed values
   const int8_t* p = nullptr;
   unsigned current = 0;
-  int8_t unpacked[2][kMaxGroupSize + 32];
+  int8_t unpacked[2][kMaxGroupSize + 64];  // the integer GEMV reads 64 lanes from any kept value
 
   Cursor(const uint8_t* row, const RowsView& w, size_t n)
       : mask(w.mask + n * w.row_bytes), mask_bytes(w.row_bytes), group_mask_bytes(w.group_size / 8),
@@ -107,7 +107,7 @@ struct Cursor<Isa, ValueType::kI4> {
     p = unpacked[current];
     UnpackAhead();
   }
-  typename Isa::Vec Next(unsigned bits) { return Isa::ExpandI8(p, bits); }
+  auto Next(unsigned bits) { return Isa::ExpandI8(p, bits); }
 };
 
 // step(slot 0, b), step(slot 1, b + 1), ... with compile-time slots.
@@ -267,16 +267,97 @@ void Gemm(const RowsView& w, const float* packed, size_t packed_cols, size_t cou
   }
 }
 
+// activation_bits = 8. A quantized-GEMV traits type has kLanes (columns per step, a multiple of
+// 8 up to 64), kRows (input rows per pass), Weights / Expand(p, bits) (the kept int8 values at
+// the cursor placed into the lanes whose bit is set, zeros elsewhere; advances p), IAcc / IZero
+// / Dot(acc, weights, q) (exact int32 dot product with kLanes activations at q), FAcc / FZero /
+// ScaleAdd(acc, dot, scale) (acc += float(dot) * scale) and Sum(acc).
+
+// The next `bytes` (<= kBytes) mask bytes as one word, bit i = column i of the step.
+template <size_t kBytes>
+inline uint64_t MaskBits(const uint8_t* mask, size_t bytes) {
+  uint64_t bits = 0;
+  if (bytes == kBytes) {
+    memcpy(&bits, mask, kBytes);  // little-endian: byte b -> bits 8b..8b+7
+    return bits;
+  }
+  for (size_t i = 0; i < bytes; ++i) bits |= static_cast<uint64_t>(mask[i]) << (8 * i);
+  return bits;
+}
+
+// Per output row: per group, exact integer dot products with every input row, then one scaled
+// fp32 accumulation per (input row, group). Groups without kept values cost one mask test.
+template <class Isa, ValueType T, size_t kRows>
+void QuantGemvBlock(const RowsView& w, const QuantInput& in, float* out, size_t ld_out, size_t n0, size_t n1) {
+  constexpr size_t kStep = Isa::kLanes / 8;  // mask bytes per step
+  const size_t group_bytes = w.group_size / 8;
+  for (size_t n = n0; n < n1; ++n) {
+    const uint8_t* mask = w.mask + n * w.row_bytes;
+    const float* w_scales = w.scales + n * w.groups;
+    Cursor<Isa, T> cursor(w.row_values[n], w, n);
+    typename Isa::FAcc acc[kRows];
+    for (size_t m = 0; m < kRows; ++m) acc[m] = Isa::FZero();
+    for (size_t g = 0, b0 = 0; g < w.groups; ++g, b0 += group_bytes) {
+      cursor.AlignGroup();
+      const size_t b1 = b0 + group_bytes < w.row_bytes ? b0 + group_bytes : w.row_bytes;
+      typename Isa::IAcc dot[kRows];
+      for (size_t m = 0; m < kRows; ++m) dot[m] = Isa::IZero();
+      bool kept = false;
+      for (size_t b = b0; b < b1; b += kStep) {
+        const uint64_t bits = MaskBits<kStep>(mask + b, b1 - b < kStep ? b1 - b : kStep);
+        if (bits == 0) continue;
+        kept = true;
+        const typename Isa::Weights weights = Isa::Expand(cursor.p, bits);
+        for (size_t m = 0; m < kRows; ++m) dot[m] = Isa::Dot(dot[m], weights, in.q + m * in.ld_q + b * 8);
+      }
+      if (!kept) continue;
+      for (size_t m = 0; m < kRows; ++m)
+        acc[m] = Isa::ScaleAdd(acc[m], dot[m], w_scales[g] * in.scales[m * in.ld_scales + g]);
+    }
+    for (size_t m = 0; m < kRows; ++m) out[m * ld_out + n] = Isa::Sum(acc[m]);
+  }
+}
+
+template <class Isa, ValueType T, size_t... kRows>
+void QuantGemvTail(std::index_sequence<kRows...>, size_t rows, const RowsView& w, const QuantInput& in, float* out,
+                   size_t ld_out, size_t n0, size_t n1) {
+  ((rows == kRows ? QuantGemvBlock<Isa, T, kRows == 0 ? 1 : kRows>(w, in, out, ld_out, n0, n1) : void()), ...);
+}
+
+template <class Isa, ValueType T>
+void QuantGemvRows(const RowsView& w, const QuantInput& in, size_t count, float* out, size_t ld_out, size_t n0,
+                   size_t n1) {
+  constexpr size_t kMaxRows = Isa::kRows;
+  QuantInput block = in;
+  size_t m = 0;
+  for (; m + kMaxRows <= count; m += kMaxRows) {
+    block.q = in.q + m * in.ld_q;
+    block.scales = in.scales + m * in.ld_scales;
+    QuantGemvBlock<Isa, T, kMaxRows>(w, block, out + m * ld_out, ld_out, n0, n1);
+  }
+  if (m < count) {
+    block.q = in.q + m * in.ld_q;
+    block.scales = in.scales + m * in.ld_scales;
+    QuantGemvTail<Isa, T>(std::make_index_sequence<kMaxRows>{}, count - m, w, block, out + m * ld_out, ld_out, n0, n1);
+  }
+}
+
+template <class Isa>
+constexpr QuantGemv MakeQuantGemv() {
+  return QuantGemv{{QuantGemvRows<Isa, ValueType::kI8>, QuantGemvRows<Isa, ValueType::kI4>}};
+}
+
 // The table of one kernel file: rows are walked (GEMV, panel expansion) on GemvIsa, the GEMM's
 // register tile runs on GemmIsa (they differ on AVX-512).
 template <class GemvIsa, class GemmIsa>
-constexpr KernelTable MakeTable(const char* name) {
+constexpr KernelTable MakeTable(const char* name, const QuantGemv* quant) {
   return KernelTable{name,
                      2 * GemmIsa::W,
                      GemmIsa::kGemmNR,
                      {Gemv<GemvIsa, ValueType::kF32>, Gemv<GemvIsa, ValueType::kI8>, Gemv<GemvIsa, ValueType::kI4>},
                      {Gemm<GemvIsa, GemmIsa, ValueType::kF32>, Gemm<GemvIsa, GemmIsa, ValueType::kI8>,
-                      Gemm<GemvIsa, GemmIsa, ValueType::kI4>}};
+                      Gemm<GemvIsa, GemmIsa, ValueType::kI4>},
+                     quant};
 }
 
 }  // namespace sslc

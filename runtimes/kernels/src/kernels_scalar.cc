@@ -56,8 +56,34 @@ struct Scalar {
   }
 };
 
+// activation_bits = 8: the same integer arithmetic, plainly.
+struct ScalarQuant {
+  static constexpr size_t kLanes = 16;
+  static constexpr size_t kRows = 4;
+  struct Weights {
+    int8_t v[kLanes];
+  };
+  using IAcc = int32_t;
+  using FAcc = float;
+
+  static Weights Expand(const int8_t*& p, uint64_t bits) {
+    Weights r;
+    for (size_t i = 0; i < kLanes; ++i) r.v[i] = (bits >> i) & 1 ? *p++ : 0;
+    return r;
+  }
+  static IAcc IZero() { return 0; }
+  static IAcc Dot(IAcc acc, const Weights& w, const int8_t* q) {
+    for (size_t i = 0; i < kLanes; ++i) acc += w.v[i] * q[i];
+    return acc;
+  }
+  static FAcc FZero() { return 0.0f; }
+  static FAcc ScaleAdd(FAcc acc, IAcc dot, float scale) { return acc + static_cast<float>(dot) * scale; }
+  static float Sum(FAcc acc) { return acc; }
+};
+
 }  // namespace
 
-constexpr KernelTable kScalarKernels = MakeTable<Scalar, Scalar>("scalar");
+constexpr QuantGemv kScalarQuantGemv = MakeQuantGemv<ScalarQuant>();
+constexpr KernelTable kScalarKernels = MakeTable<Scalar, Scalar>("scalar", &kScalarQuantGemv);
 
 }  // namespace sslc

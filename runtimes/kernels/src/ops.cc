@@ -1,6 +1,13 @@
 // Operators of domain ai.sslc on the CPU execution provider:
 //   SparseMatMul (fp32 values), SparseMatMulInt8, SparseMatMulInt4.
 // y = [x, x·Vᵀ]·W'ᵀ with W' = [S | U] and V in the sparse-rows layout (sparse_rows.h).
+// Attribute activation_bits (Int8/Int4 only): 32 (default) multiplies fp32 inputs with the
+// dequantized weights; 8 quantizes the inputs of each product first, for every row count:
+// x per group of V's columns for t = x·Vᵀ, then [x, t] per group of W''s columns, each group
+// symmetric (x_scale = max|x|/127, q = round-half-even(x/x_scale) in [-127, 127], QuantizeRows),
+// and y[m,n] = sum_g w_scale[n,g]·x_scale[m,g]·(sum_{c in g} W_int[n,c]·q[m,c]). Decode computes
+// this with exact integer dot products; prefill multiplies the dequantized weights with the
+// dequantized q·x_scale in fp32: the same value up to fp32 rounding.
 // Inputs 1.. are initializers: they are validated once, when the session creates the kernel,
 // and a bad model is refused there with the node's name in the message. The kernels then read
 // them in place (onnxruntime keeps initializers for the session's life); only the last rows'
@@ -85,7 +92,13 @@ class SparseMatMulKernel {
                                   std::to_string(info.GetInputCount()));
     const int64_t in_features = info.GetAttribute<int64_t>("in_features");
     if (in_features <= 0) throw std::invalid_argument("attribute in_features must be positive");
-    int64_t group_size = 0;
+    int64_t group_size = 0, activation_bits = 32;
+    Ort::Status has_bits(Ort::GetApi().KernelInfoGetAttribute_int64(kernel_info, "activation_bits", &activation_bits));
+    if (!has_bits.IsOK()) activation_bits = 32;
+    if (activation_bits != 32 && (!quantized || activation_bits != 8))
+      throw std::invalid_argument(std::string("attribute activation_bits must be ") + (quantized ? "8 or 32" : "32") +
+                                  ", got " + std::to_string(activation_bits));
+    quantize_inputs_ = activation_bits == 8;
     if (quantized) {
       Ort::Status status(Ort::GetApi().KernelInfoGetAttribute_int64(kernel_info, "group_size", &group_size));
       if (!status.IsOK()) group_size = 64;
@@ -144,27 +157,60 @@ class SparseMatMulKernel {
         std::copy(x + m * k_, x + (m + 1) * k_, joined + m * padded);
         std::fill(joined + m * padded + k_, joined + (m + 1) * padded, 0.0f);
       }
+      if (quantize_inputs_) return RunQuantGemv(ctx, joined, rows, y);
       const GemvFn gemv = table_->gemv[t];
       ParallelRows(ctx, r_, GemvUnit(v, rows),
                    [&](size_t n0, size_t n1) { gemv(v, joined, padded, rows, joined + k_, padded, n0, n1); });
       ParallelRows(ctx, n_, GemvUnit(w, rows), [&](size_t n0, size_t n1) { gemv(w, joined, padded, rows, y, n_, n0, n1); });
       return;
     }
+    // joined: [x, t] rows (stride cols); with activation_bits = 8 the packed copy holds the
+    // inputs fake-quantized (q·x_scale), by V's groups for t and by W''s groups for y.
     const size_t mr = table_->gemm_mr, packed_size = (rows + mr - 1) / mr * mr * padded;
-    float* packed = ThreadScratch(Scratch::kCall, packed_size + rows * r_);
-    float* low_rank = packed + packed_size;
+    float* packed = ThreadScratch(Scratch::kCall, packed_size + rows * cols);
+    float* joined = packed + packed_size;
     std::fill(packed, packed + packed_size, 0.0f);
-    PackInput(x, k_, rows, k_, mr, packed, padded, 0);
+    for (size_t m = 0; m < rows; ++m) std::copy(x + m * k_, x + (m + 1) * k_, joined + m * cols);
+    auto pack = [&](size_t c0, size_t c1) {
+      if (quantize_inputs_) {  // q itself is not needed: a scratch of one row's size is reused
+        float* scales = ThreadScratch(Scratch::kQuant, w.groups + (padded + 64) / 4);
+        for (size_t m = 0; m < rows; ++m)
+          QuantizeRows(joined + m * cols, cols, 1, c1, w.group_size, reinterpret_cast<int8_t*>(scales + w.groups),
+                       padded + 64, scales, w.groups, joined + m * cols);
+        c0 = 0;
+      }
+      PackInput(joined + c0, cols, rows, c1 - c0, mr, packed, padded, c0);
+    };
+    pack(0, k_);
     const GemmFn gemm = table_->gemm[t];
     if (r_) {
       ParallelRows(ctx, r_, table_->gemm_nr,
-                   [&](size_t n0, size_t n1) { gemm(v, packed, padded, rows, low_rank, r_, n0, n1); });
-      PackInput(low_rank, r_, rows, r_, mr, packed, padded, k_);
+                   [&](size_t n0, size_t n1) { gemm(v, packed, padded, rows, joined + k_, cols, n0, n1); });
+      if (quantize_inputs_)  // W''s groups of x are quantized from x itself
+        for (size_t m = 0; m < rows; ++m) std::copy(x + m * k_, x + (m + 1) * k_, joined + m * cols);
+      pack(k_, cols);
     }
     ParallelRows(ctx, n_, table_->gemm_nr, [&](size_t n0, size_t n1) { gemm(w, packed, padded, rows, y, n_, n0, n1); });
   }
 
+  // activation_bits = 8, decode: V and W' as integer GEMVs over the quantized rows of joined.
+  void RunQuantGemv(const Ort::KernelContext& ctx, float* joined, size_t rows, float* y) const {
+    const size_t cols = k_ + r_, padded = PackedColumns(cols), ld_q = padded + 64, groups = w_->view().groups;
+    float* scales = ThreadScratch(Scratch::kQuant, rows * groups + (rows * ld_q + 3) / 4);
+    const QuantInput in{reinterpret_cast<int8_t*>(scales + rows * groups), ld_q, scales, groups};
+    const QuantGemvFn gemv = table_->quant->gemv[static_cast<int>(type_) - 1];
+    const RowsView &w = w_->view(), &v = v_->view();
+    if (r_) {
+      QuantizeRows(joined, padded, rows, k_, v.group_size, const_cast<int8_t*>(in.q), ld_q, scales, groups, nullptr);
+      ParallelRows(ctx, r_, GemvUnit(v, rows),
+                   [&](size_t n0, size_t n1) { gemv(v, in, rows, joined + k_, padded, n0, n1); });
+    }
+    QuantizeRows(joined, padded, rows, cols, w.group_size, const_cast<int8_t*>(in.q), ld_q, scales, groups, nullptr);
+    ParallelRows(ctx, n_, GemvUnit(w, rows), [&](size_t n0, size_t n1) { gemv(w, in, rows, y, n_, n0, n1); });
+  }
+
   ValueType type_;
+  bool quantize_inputs_ = false;  // activation_bits = 8
   const KernelTable* table_;
   size_t k_ = 0, r_ = 0, n_ = 0;
   std::unique_ptr<SparseRows> w_, v_;
