@@ -185,8 +185,8 @@ def activation_quantize(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.
     return np.clip(np.rint(grouped / safe), -127, 127).astype(np.float32), scale.astype(np.float32)
 
 
-def _quantized_product(x: np.ndarray, part: RowsPart, bits: int, group_size: int) -> np.ndarray:
-    """Σ_g w_scale·x_scale·(W_int·q) in float64 for rows x [M, part.cols]."""
+def quantized_product(x: np.ndarray, part: RowsPart, bits: int, group_size: int) -> np.ndarray:
+    """activation_bits=8: Σ_g w_scale·x_scale·(W_int·q) in float64 for rows x [M, part.cols]."""
     q, x_scale = activation_quantize(x, group_size)
     w_int = _grouped(dequantize(part, bits, group_size, scaled=False), group_size).astype(np.float64)
     dots = q.astype(np.float64).transpose(1, 0, 2) @ w_int.transpose(1, 2, 0)  # [groups, M, N], exact
@@ -199,8 +199,8 @@ def reference(x: np.ndarray, packed: SparseRows) -> np.ndarray:
     with activation_bits=8 the integer arithmetic of the module docstring (t rounded to fp32)."""
     if packed.activation_bits == 8:
         rows = x.reshape(-1, packed.in_features).astype(np.float32)
-        t = _quantized_product(rows, packed.v, packed.bits, packed.group_size).astype(np.float32)
-        y = _quantized_product(np.concatenate([rows, t], axis=1), packed.main, packed.bits, packed.group_size)
+        t = quantized_product(rows, packed.v, packed.bits, packed.group_size).astype(np.float32)
+        y = quantized_product(np.concatenate([rows, t], axis=1), packed.main, packed.bits, packed.group_size)
         return y.reshape(*x.shape[:-1], packed.out_features)
     w = dequantize(packed.main, packed.bits, packed.group_size).astype(np.float64)
     v = dequantize(packed.v, packed.bits, packed.group_size).astype(np.float64)

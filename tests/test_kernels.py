@@ -18,7 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from runtimes import kernels
 from sslc_export.errors import UserError
-from sslc_export.sparse_rows import DOMAIN, SparseRows, dequantize, pack, reference
+from sslc_export.sparse_rows import (DOMAIN, SparseRows, activation_quantize, dequantize, pack, quantized_product,
+                                     reference)
 
 ISAS = ["scalar", "avx2", "avx512"]
 INPUT_NAMES = {32: ["mask", "values", "v_mask", "v_values"],
@@ -80,13 +81,13 @@ def require_isa(isa: str) -> None:
 
 
 def random_layer(n: int, k: int, r: int, density: float, bits: int, group_size: int = 64, empty_rows=(),
-                 seed: int = 0) -> SparseRows:
+                 seed: int = 0, activation_bits: int = 32) -> SparseRows:
     rng = np.random.default_rng(seed)
     mask = rng.random((n, k)) < density
     mask[list(empty_rows)] = False
     return pack(rng.standard_normal((n, k)).astype(np.float32), mask,
                 rng.standard_normal((n, r)).astype(np.float32), rng.standard_normal((r, k)).astype(np.float32) / 4,
-                bits, group_size)
+                bits, group_size, activation_bits)
 
 
 def assert_matches_reference(y: np.ndarray, x: np.ndarray, packed: SparseRows) -> None:
@@ -99,6 +100,25 @@ def assert_matches_reference(y: np.ndarray, x: np.ndarray, packed: SparseRows) -
     assert y.shape == ref.shape and y.dtype == np.float32
     excess = np.abs(y - ref) - (1e-5 * bound + 1e-30)
     assert (excess <= 0).all(), f"max error {np.abs(y - ref).max():.3g} above the fp32 bound"
+
+
+def assert_matches_quantized_reference(y: np.ndarray, x: np.ndarray, packed: SparseRows) -> None:
+    """activation_bits=8: |y - ref| <= 1e-5 · (|q·x_scale|·|W'|ᵀ) (fp32 sums), plus one step x_scale·|W'|
+    per column of the groups that hold t: the kernel's fp32 t may round to a neighbouring q."""
+    k, gs = packed.in_features, packed.group_size
+    rows = x.reshape(-1, k)
+    t = quantized_product(rows, packed.v, packed.bits, gs).astype(np.float32)
+    q, x_scale = activation_quantize(np.concatenate([rows, t], axis=1), gs)
+    cols = k + packed.rank
+    dequantized = (np.abs(q) * x_scale[:, :, None]).reshape(len(rows), -1)[:, :cols].astype(np.float64)
+    step = np.repeat(x_scale, gs, axis=1)[:, :cols].astype(np.float64)
+    step[:, : k // gs * gs] = 0  # groups of x alone are quantized exactly alike
+    w = np.abs(dequantize(packed.main, packed.bits, gs)).astype(np.float64)
+    bound = (1e-5 * dequantized + (step if packed.rank else 0)) @ w.T
+    ref = reference(x, packed).reshape(len(rows), -1)
+    assert y.shape == (*x.shape[:-1], packed.out_features) and y.dtype == np.float32
+    excess = np.abs(y.reshape(ref.shape) - ref) - (bound + 1e-30)
+    assert (excess <= 0).all(), f"max error {np.abs(y.reshape(ref.shape) - ref).max():.3g} above the bound"
 
 
 # (N, K, R, density, x shape (K appended), group_size, empty rows)
@@ -129,6 +149,19 @@ def test_matches_reference(isa: str, bits: int, case) -> None:
     y = session(model_bytes(packed, x_shape=(*[None] * len(lead), k)), isa).run(None, {"x": x})[0]
     assert y.shape == (*lead, n)
     assert_matches_reference(y, x, packed)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{c[0]}k{c[1]}r{c[2]}d{c[3]}m{'x'.join(map(str, c[4]))}")
+def test_activation_bits_8_matches_reference(isa: str, bits: int, case) -> None:
+    """Integer activations: decode (integer dot products) and prefill (fake-quantized inputs) alike."""
+    require_isa(isa)
+    n, k, r, density, lead, group_size, empty_rows = case
+    packed = random_layer(n, k, r, density, bits, group_size, empty_rows, activation_bits=8)
+    x = np.random.default_rng(1).standard_normal((*lead, k)).astype(np.float32)
+    y = session(model_bytes(packed, x_shape=(*[None] * len(lead), k)), isa).run(None, {"x": x})[0]
+    assert_matches_quantized_reference(y, x, packed)
 
 
 def test_default_isa_is_the_best_this_cpu_has() -> None:
@@ -165,6 +198,8 @@ def malformed_cases():
     yield "V scales", model_bytes(i8, corrupt(i8, 5, i8.v.scales[:, :2])), "V: scales must have shape \\[3, 3\\]"
     yield "V wrong K", model_bytes(f32, in_features=29), "V: mask must have shape \\[3, 4\\], got \\[3, 5\\]"
     yield "group size", model_bytes(i4, group_size=24), "group_size must be a positive multiple of 16"
+    yield "activation bits", model_bytes(i8, activation_bits=16), "activation_bits must be 8 or 32, got 16"
+    yield "fp32 activation bits", model_bytes(f32, activation_bits=8), "activation_bits must be 32, got 8"
     yield "not constant", model_bytes(f32, graph_inputs=("values",)), "input 2 \\(values\\) must be a constant initializer"
 
 
