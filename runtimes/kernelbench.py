@@ -2,7 +2,7 @@
 
 Per layer shape N×K and rows M, one SSLC layer at a 50 % budget (S at 45 % density, rank
 r = floor(0.10·0.5·N·K/(N+K))) runs as SparseMatMul (fp32), SparseMatMulInt8 and SparseMatMulInt4
-(group 64); the dense equivalent W (N×K) runs as MatMul and as MatMulNBits (int4, block 32,
+(group 64), the quantized ones also with int8 activations ("a8": activation_bits=8); the dense equivalent W (N×K) runs as MatMul and as MatMulNBits (int4, block 32,
 accuracy_level 4). Every model holds enough copies of its layer, each its own node and its own
 random weights (onnxruntime shares identical initializers), to exceed the last-level cache, so
 the weights come from memory as in a real decode step; a run times all copies and reports per
@@ -79,13 +79,13 @@ def matmul_model(n: int, k: int, bits: int) -> tuple[onnx.ModelProto, int]:
     return model, copies
 
 
-def sparse_model(n: int, k: int, bits: int) -> tuple[onnx.ModelProto, int]:
+def sparse_model(n: int, k: int, bits: int, activation_bits: int = 32) -> tuple[onnx.ModelProto, int]:
     """ai.sslc nodes on distinct layers packed with `bits`-bit values."""
-    first = pack(*sslc_layer(n, k, seed=0), bits)
+    first = pack(*sslc_layer(n, k, seed=0), bits, activation_bits=activation_bits)
     copies = copies_for(first.nbytes())
     nodes, inits = [], []
     for i in range(copies):
-        packed = first if i == 0 else pack(*sslc_layer(n, k, seed=i), bits)
+        packed = first if i == 0 else pack(*sslc_layer(n, k, seed=i), bits, activation_bits=activation_bits)
         names = [f"c{i}.{j}" for j in range(len(packed.inputs()))]
         inits += [numpy_helper.from_array(array, name) for array, name in zip(packed.inputs(), names)]
         nodes.append(helper.make_node(packed.op_type, ["x", *names], [f"y{i}"], domain=DOMAIN, name=f"sparse{i}",
@@ -135,6 +135,8 @@ def run_kernel_bench(threads: int = 1, seconds: float = 1.0, shapes=SHAPES, rows
         models = {"MatMul fp32": matmul_model(n, k, 32), "MatMulNBits int4": matmul_model(n, k, 4)}
         for bits, label in ((32, "SparseMatMul fp32"), (8, "SparseMatMulInt8"), (4, "SparseMatMulInt4")):
             models[label] = sparse_model(n, k, bits)
+        for bits, label in ((8, "SparseMatMulInt8 a8"), (4, "SparseMatMulInt4 a8")):
+            models[label] = sparse_model(n, k, bits, activation_bits=8)
         for m in rows:
             x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
             io_bytes = (m * k + m * n) * 4

@@ -263,6 +263,7 @@ def test_kernel_bench_reports_every_op(tmp_path: Path, monkeypatch) -> None:
     result = kernelbench.run_kernel_bench(threads=1, seconds=0.01, shapes=((40, 48),), rows=(1, 3), report=report,
                                           json_path=tmp_path / "kernels.json", progress=lambda _: None)
     assert {row["op"] for row in result["rows"]} == {"MatMul fp32", "MatMulNBits int4", "SparseMatMul fp32",
-                                                     "SparseMatMulInt8", "SparseMatMulInt4"}
-    assert len(result["rows"]) == 10 and result["copy_gb_per_s"] > 0
+                                                     "SparseMatMulInt8", "SparseMatMulInt4", "SparseMatMulInt8 a8",
+                                                     "SparseMatMulInt4 a8"}
+    assert len(result["rows"]) == 14 and result["copy_gb_per_s"] > 0
     assert "<!-- BEGIN kernels -->" in report.read_text() and (tmp_path / "kernels.json").exists()

@@ -13,6 +13,7 @@ namespace {
 struct Avx512VnniQuant {
   static constexpr size_t kLanes = 64;
   static constexpr size_t kRows = 8;
+  static constexpr bool kPlacesNibbles = true;
   struct Weights {
     __m512i magnitude;
     __mmask64 negative;
@@ -23,6 +24,15 @@ struct Avx512VnniQuant {
   static Weights Expand(const int8_t*& p, uint64_t bits) {
     const __m512i w = _mm512_maskz_expand_epi8(bits, _mm512_loadu_si512(p));
     p += _mm_popcnt_u64(bits);
+    return {_mm512_abs_epi8(w), _mm512_movepi8_mask(w)};
+  }
+  // A group's (up to 32) packed bytes -> 64 values in order: each byte widened to 16 bits, its
+  // high nibble moved to the upper byte.
+  static Weights ExpandNibbles(const uint8_t*& p, uint64_t bits) {
+    const __m512i wide = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    const __m512i nibbles = _mm512_and_si512(_mm512_or_si512(wide, _mm512_slli_epi16(wide, 4)), _mm512_set1_epi8(0x0F));
+    const __m512i w = _mm512_maskz_expand_epi8(bits, _mm512_sub_epi8(nibbles, _mm512_set1_epi8(8)));
+    p += (_mm_popcnt_u64(bits) + 1) / 2;
     return {_mm512_abs_epi8(w), _mm512_movepi8_mask(w)};
   }
   static IAcc IZero() { return _mm512_setzero_si512(); }

@@ -271,7 +271,9 @@ void Gemm(const RowsView& w, const float* packed, size_t packed_cols, size_t cou
 // 8 up to 64), kRows (input rows per pass), Weights / Expand(p, bits) (the kept int8 values at
 // the cursor placed into the lanes whose bit is set, zeros elsewhere; advances p), IAcc / IZero
 // / Dot(acc, weights, q) (exact int32 dot product with kLanes activations at q), FAcc / FZero /
-// ScaleAdd(acc, dot, scale) (acc += float(dot) * scale) and Sum(acc).
+// ScaleAdd(acc, dot, scale) (acc += float(dot) * scale) and Sum(acc). kPlacesNibbles: it also
+// has ExpandNibbles(p, bits), the same from a whole int4 group's packed bytes (advances p past
+// the group).
 
 // The next `bytes` (<= kBytes) mask bytes as one word, bit i = column i of the step.
 template <size_t kBytes>
@@ -285,20 +287,39 @@ inline uint64_t MaskBits(const uint8_t* mask, size_t bytes) {
   return bits;
 }
 
+// Kept integers of one row, step by step: int8 values in place, int4 groups unpacked one ahead.
+template <class Isa, ValueType T>
+struct QuantSource {
+  Cursor<Isa, T> cursor;
+  QuantSource(const RowsView& w, size_t n) : cursor(w.row_values[n], w, n) {}
+  void AlignGroup() { cursor.AlignGroup(); }
+  typename Isa::Weights Expand(uint64_t bits) { return Isa::Expand(cursor.p, bits); }
+};
+
+// int4 groups of at most kLanes columns (one step, starting on a byte): placed straight from
+// the packed nibbles, without the unpacking round trip through memory.
+template <class Isa>
+struct NibbleSource {
+  const uint8_t* p;
+  NibbleSource(const RowsView& w, size_t n) : p(w.row_values[n]) {}
+  void AlignGroup() {}
+  typename Isa::Weights Expand(uint64_t bits) { return Isa::ExpandNibbles(p, bits); }
+};
+
 // Per output row: per group, exact integer dot products with every input row, then one scaled
 // fp32 accumulation per (input row, group). Groups without kept values cost one mask test.
-template <class Isa, ValueType T, size_t kRows>
+template <class Isa, class Source, size_t kRows>
 void QuantGemvBlock(const RowsView& w, const QuantInput& in, float* out, size_t ld_out, size_t n0, size_t n1) {
   constexpr size_t kStep = Isa::kLanes / 8;  // mask bytes per step
   const size_t group_bytes = w.group_size / 8;
   for (size_t n = n0; n < n1; ++n) {
     const uint8_t* mask = w.mask + n * w.row_bytes;
     const float* w_scales = w.scales + n * w.groups;
-    Cursor<Isa, T> cursor(w.row_values[n], w, n);
+    Source source(w, n);
     typename Isa::FAcc acc[kRows];
     for (size_t m = 0; m < kRows; ++m) acc[m] = Isa::FZero();
     for (size_t g = 0, b0 = 0; g < w.groups; ++g, b0 += group_bytes) {
-      cursor.AlignGroup();
+      source.AlignGroup();
       const size_t b1 = b0 + group_bytes < w.row_bytes ? b0 + group_bytes : w.row_bytes;
       typename Isa::IAcc dot[kRows];
       for (size_t m = 0; m < kRows; ++m) dot[m] = Isa::IZero();
@@ -307,7 +328,7 @@ void QuantGemvBlock(const RowsView& w, const QuantInput& in, float* out, size_t 
         const uint64_t bits = MaskBits<kStep>(mask + b, b1 - b < kStep ? b1 - b : kStep);
         if (bits == 0) continue;
         kept = true;
-        const typename Isa::Weights weights = Isa::Expand(cursor.p, bits);
+        const typename Isa::Weights weights = source.Expand(bits);
         for (size_t m = 0; m < kRows; ++m) dot[m] = Isa::Dot(dot[m], weights, in.q + m * in.ld_q + b * 8);
       }
       if (!kept) continue;
@@ -318,33 +339,34 @@ void QuantGemvBlock(const RowsView& w, const QuantInput& in, float* out, size_t 
   }
 }
 
-template <class Isa, ValueType T, size_t... kRows>
-void QuantGemvTail(std::index_sequence<kRows...>, size_t rows, const RowsView& w, const QuantInput& in, float* out,
+// QuantGemvBlock for `rows` (<= Isa::kRows, a run-time count) input rows.
+template <class Isa, class Source, size_t... kRows>
+void QuantGemvRows(std::index_sequence<kRows...>, size_t rows, const RowsView& w, const QuantInput& in, float* out,
                    size_t ld_out, size_t n0, size_t n1) {
-  ((rows == kRows ? QuantGemvBlock<Isa, T, kRows == 0 ? 1 : kRows>(w, in, out, ld_out, n0, n1) : void()), ...);
+  ((rows == kRows + 1 ? QuantGemvBlock<Isa, Source, kRows + 1>(w, in, out, ld_out, n0, n1) : void()), ...);
 }
 
 template <class Isa, ValueType T>
-void QuantGemvRows(const RowsView& w, const QuantInput& in, size_t count, float* out, size_t ld_out, size_t n0,
-                   size_t n1) {
-  constexpr size_t kMaxRows = Isa::kRows;
-  QuantInput block = in;
-  size_t m = 0;
-  for (; m + kMaxRows <= count; m += kMaxRows) {
-    block.q = in.q + m * in.ld_q;
-    block.scales = in.scales + m * in.ld_scales;
-    QuantGemvBlock<Isa, T, kMaxRows>(w, block, out + m * ld_out, ld_out, n0, n1);
-  }
-  if (m < count) {
-    block.q = in.q + m * in.ld_q;
-    block.scales = in.scales + m * in.ld_scales;
-    QuantGemvTail<Isa, T>(std::make_index_sequence<kMaxRows>{}, count - m, w, block, out + m * ld_out, ld_out, n0, n1);
+void QuantGemvAll(const RowsView& w, const QuantInput& in, size_t count, float* out, size_t ld_out, size_t n0,
+                  size_t n1) {
+  for (size_t m = 0; m < count; m += Isa::kRows) {
+    const size_t rows = count - m < Isa::kRows ? count - m : Isa::kRows;
+    const QuantInput block{in.q + m * in.ld_q, in.ld_q, in.scales + m * in.ld_scales, in.ld_scales};
+    if constexpr (T == ValueType::kI4 && Isa::kPlacesNibbles) {
+      if (w.group_size <= Isa::kLanes) {
+        QuantGemvRows<Isa, NibbleSource<Isa>>(std::make_index_sequence<Isa::kRows>{}, rows, w, block,
+                                             out + m * ld_out, ld_out, n0, n1);
+        continue;
+      }
+    }
+    QuantGemvRows<Isa, QuantSource<Isa, T>>(std::make_index_sequence<Isa::kRows>{}, rows, w, block, out + m * ld_out,
+                                            ld_out, n0, n1);
   }
 }
 
 template <class Isa>
 constexpr QuantGemv MakeQuantGemv() {
-  return QuantGemv{{QuantGemvRows<Isa, ValueType::kI8>, QuantGemvRows<Isa, ValueType::kI4>}};
+  return QuantGemv{{QuantGemvAll<Isa, ValueType::kI8>, QuantGemvAll<Isa, ValueType::kI4>}};
 }
 
 // The table of one kernel file: rows are walked (GEMV, panel expansion) on GemvIsa, the GEMM's
