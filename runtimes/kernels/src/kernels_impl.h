@@ -275,15 +275,17 @@ void Gemm(const RowsView& w, const float* packed, size_t packed_cols, size_t cou
 // has ExpandNibbles(p, bits), the same from a whole int4 group's packed bytes (advances p past
 // the group).
 
-// The next `bytes` (<= kBytes) mask bytes as one word, bit i = column i of the step.
+// The mask bits of a step, bit i = column b*8 + i, `valid` (> 0) bytes of them. `wide`: a
+// full-width load from any byte of this row stays inside the mask tensor (all rows but the last
+// few); otherwise only the valid bytes are read.
 template <size_t kBytes>
-inline uint64_t MaskBits(const uint8_t* mask, size_t bytes) {
+inline uint64_t MaskBits(const uint8_t* mask, size_t valid, bool wide) {
   uint64_t bits = 0;
-  if (bytes == kBytes) {
+  if (wide) {
     memcpy(&bits, mask, kBytes);  // little-endian: byte b -> bits 8b..8b+7
-    return bits;
+    return valid >= kBytes ? bits : bits & ((uint64_t{1} << (8 * valid)) - 1);
   }
-  for (size_t i = 0; i < bytes; ++i) bits |= static_cast<uint64_t>(mask[i]) << (8 * i);
+  for (size_t i = 0; i < valid && i < kBytes; ++i) bits |= static_cast<uint64_t>(mask[i]) << (8 * i);
   return bits;
 }
 
@@ -308,59 +310,71 @@ struct NibbleSource {
 
 // Per output row: per group, exact integer dot products with every input row, then one scaled
 // fp32 accumulation per (input row, group). Groups without kept values cost one mask test.
-template <class Isa, class Source, size_t kRows>
-void QuantGemvBlock(const RowsView& w, const QuantInput& in, float* out, size_t ld_out, size_t n0, size_t n1) {
+// kOneStep: groups of at most kLanes columns, one step each (the usual case: less bookkeeping).
+// Out of line, and `in` copied to locals: otherwise GCC ran out of registers and kept the
+// source pointer in memory, a store-to-load round trip on the loop's critical path.
+template <class Isa, class Source, size_t kRows, bool kOneStep>
+__attribute__((noinline)) void QuantGemvBlock(const RowsView& w, const QuantInput& in, float* out, size_t ld_out,
+                                              size_t n0, size_t n1) {
   constexpr size_t kStep = Isa::kLanes / 8;  // mask bytes per step
-  const size_t group_bytes = w.group_size / 8;
+  const int8_t* const q = in.q;
+  const float* const x_scales = in.scales;
+  const size_t ld_q = in.ld_q, ld_scales = in.ld_scales, group_bytes = w.group_size / 8, row_bytes = w.row_bytes;
   for (size_t n = n0; n < n1; ++n) {
-    const uint8_t* mask = w.mask + n * w.row_bytes;
+    const uint8_t* mask = w.mask + n * row_bytes;
+    const bool wide = (w.rows - n) * row_bytes >= row_bytes + kStep;
     const float* w_scales = w.scales + n * w.groups;
     Source source(w, n);
     typename Isa::FAcc acc[kRows];
     for (size_t m = 0; m < kRows; ++m) acc[m] = Isa::FZero();
-    for (size_t g = 0, b0 = 0; g < w.groups; ++g, b0 += group_bytes) {
+    for (size_t g = 0, b0 = 0; b0 < row_bytes; ++g, b0 += group_bytes) {
       source.AlignGroup();
-      const size_t b1 = b0 + group_bytes < w.row_bytes ? b0 + group_bytes : w.row_bytes;
+      const size_t b1 = b0 + group_bytes < row_bytes ? b0 + group_bytes : row_bytes;
       typename Isa::IAcc dot[kRows];
       for (size_t m = 0; m < kRows; ++m) dot[m] = Isa::IZero();
       bool kept = false;
       for (size_t b = b0; b < b1; b += kStep) {
-        const uint64_t bits = MaskBits<kStep>(mask + b, b1 - b < kStep ? b1 - b : kStep);
+        const uint64_t bits = MaskBits<kStep>(mask + b, b1 - b, wide);
+        if (kOneStep && bits == 0) break;
         if (bits == 0) continue;
         kept = true;
         const typename Isa::Weights weights = source.Expand(bits);
-        for (size_t m = 0; m < kRows; ++m) dot[m] = Isa::Dot(dot[m], weights, in.q + m * in.ld_q + b * 8);
+        for (size_t m = 0; m < kRows; ++m) dot[m] = Isa::Dot(dot[m], weights, q + m * ld_q + b * 8);
+        if (kOneStep) break;
       }
       if (!kept) continue;
-      for (size_t m = 0; m < kRows; ++m)
-        acc[m] = Isa::ScaleAdd(acc[m], dot[m], w_scales[g] * in.scales[m * in.ld_scales + g]);
+      for (size_t m = 0; m < kRows; ++m) acc[m] = Isa::ScaleAdd(acc[m], dot[m], w_scales[g] * x_scales[m * ld_scales + g]);
     }
     for (size_t m = 0; m < kRows; ++m) out[m * ld_out + n] = Isa::Sum(acc[m]);
   }
 }
 
 // QuantGemvBlock for `rows` (<= Isa::kRows, a run-time count) input rows.
-template <class Isa, class Source, size_t... kRows>
+template <class Isa, class Source, bool kOneStep, size_t... kRows>
 void QuantGemvRows(std::index_sequence<kRows...>, size_t rows, const RowsView& w, const QuantInput& in, float* out,
                    size_t ld_out, size_t n0, size_t n1) {
-  ((rows == kRows + 1 ? QuantGemvBlock<Isa, Source, kRows + 1>(w, in, out, ld_out, n0, n1) : void()), ...);
+  ((rows == kRows + 1 ? QuantGemvBlock<Isa, Source, kRows + 1, kOneStep>(w, in, out, ld_out, n0, n1) : void()), ...);
 }
 
 template <class Isa, ValueType T>
 void QuantGemvAll(const RowsView& w, const QuantInput& in, size_t count, float* out, size_t ld_out, size_t n0,
                   size_t n1) {
+  const auto all_rows = std::make_index_sequence<Isa::kRows>{};
+  const bool one_step = w.group_size <= Isa::kLanes;
   for (size_t m = 0; m < count; m += Isa::kRows) {
     const size_t rows = count - m < Isa::kRows ? count - m : Isa::kRows;
     const QuantInput block{in.q + m * in.ld_q, in.ld_q, in.scales + m * in.ld_scales, in.ld_scales};
+    float* block_out = out + m * ld_out;
     if constexpr (T == ValueType::kI4 && Isa::kPlacesNibbles) {
-      if (w.group_size <= Isa::kLanes) {
-        QuantGemvRows<Isa, NibbleSource<Isa>>(std::make_index_sequence<Isa::kRows>{}, rows, w, block,
-                                             out + m * ld_out, ld_out, n0, n1);
+      if (one_step) {
+        QuantGemvRows<Isa, NibbleSource<Isa>, true>(all_rows, rows, w, block, block_out, ld_out, n0, n1);
         continue;
       }
     }
-    QuantGemvRows<Isa, QuantSource<Isa, T>>(std::make_index_sequence<Isa::kRows>{}, rows, w, block, out + m * ld_out,
-                                            ld_out, n0, n1);
+    if (one_step)
+      QuantGemvRows<Isa, QuantSource<Isa, T>, true>(all_rows, rows, w, block, block_out, ld_out, n0, n1);
+    else
+      QuantGemvRows<Isa, QuantSource<Isa, T>, false>(all_rows, rows, w, block, block_out, ld_out, n0, n1);
   }
 }
 
