@@ -94,7 +94,7 @@ results-streaming: $(STAMP)
 # Every heavy step runs under nice (the machine is shared) and /usr/bin/time appends its wall
 # time and peak RSS to $(LARGE)/times.txt; steps whose output already exists are skipped (delete
 # $(LARGE) to redo them). Shrunk to fit the 2 cores: perplexity on the first 6,000 characters of
-# the held-out text, bench with one repeat, prompts of 32 and 128 tokens and 16 new tokens.
+# the held-out text, bench with one repeat, prompts of 128 and 512 tokens and 16 new tokens.
 LARGE := runs/large
 LARGE_MODEL := $(LARGE)/qwen2-0.5b-shape
 LARGE_TEXT := $(LARGE)/heldout-6k.txt
@@ -115,7 +115,7 @@ results-large: $(STAMP)
 	$(BIN)/sslc-export checkpoints $(LARGE_CKPT) --report docs/results.md --section large-checkpoints
 	$(BIN)/sslc-export sizes $(LARGE)/onnx-wanda-0.5-dense $(LARGE)/onnx-wanda-0.5-int8 --report docs/results.md --section large-sizes
 	$(TIMED) $(BIN)/sslc-export bench $(LARGE)/onnx-wanda-0.5-dense $(LARGE)/onnx-wanda-0.5-int8 --threads 2 --repeats 1 \
-	  --prompt-lengths 32,128 --decode-tokens 16 --text $(LARGE_TEXT) --out-dir docs/bench-large --report docs/results.md --section large-bench
+	  --prompt-lengths 128,512 --decode-tokens 16 --text $(LARGE_TEXT) --out-dir docs/bench-large --report docs/results.md --section large-bench
 	cat $(LARGE)/times.txt
 
 test: $(STAMP) kernels-or-skip
