@@ -64,7 +64,7 @@ void QuantizeRows(const float* in, size_t ld_in, size_t count, size_t cols, size
   alignas(16) float group[kMaxGroupSize];
   for (size_t m = 0; m < count; ++m) {
     const float* row = in + m * ld_in;
-    int8_t* q_row = q + m * ld_q;
+    int8_t* q_row = q != nullptr ? q + m * ld_q : nullptr;
     for (size_t c0 = 0, g = 0; c0 < cols; c0 += group_size, ++g) {
       const size_t n = cols - c0 < group_size ? cols - c0 : group_size, padded = (n + 3) / 4 * 4;
       std::memcpy(group, row + c0, n * sizeof(float));
@@ -77,20 +77,19 @@ void QuantizeRows(const float* in, size_t ld_in, size_t count, size_t cols, size
       const float scale = max / 127.0f;
       scales[m * ld_scales + g] = scale;
       const __m128 divisor = _mm_set1_ps(scale > 0.0f ? scale : 1.0f);
-      const __m128i limit = _mm_set1_epi32(127), neg_limit = _mm_set1_epi32(-127);
       for (size_t i = 0; i < padded; i += 4) {
-        __m128i v = _mm_cvtps_epi32(_mm_div_ps(_mm_load_ps(group + i), divisor));
-        const __m128i above = _mm_cmpgt_epi32(v, limit), below = _mm_cmplt_epi32(v, neg_limit);  // SSE2: no min_epi32
-        v = _mm_or_si128(_mm_andnot_si128(_mm_or_si128(above, below), v),
-                         _mm_or_si128(_mm_and_si128(above, limit), _mm_and_si128(below, neg_limit)));
-        _mm_store_ps(group + i, _mm_mul_ps(_mm_cvtepi32_ps(v), _mm_set1_ps(scale)));
-        alignas(16) int32_t ints[4];
-        _mm_store_si128(reinterpret_cast<__m128i*>(ints), v);
-        for (size_t j = 0; j < 4 && i + j < n; ++j) q_row[c0 + i + j] = static_cast<int8_t>(ints[j]);
+        // |x| <= max makes |x / x_scale| <= 127 up to rounding; the clamp only catches NaN/inf.
+        __m128i v = _mm_packs_epi32(_mm_cvtps_epi32(_mm_div_ps(_mm_load_ps(group + i), divisor)), _mm_setzero_si128());
+        v = _mm_max_epi16(_mm_min_epi16(v, _mm_set1_epi16(127)), _mm_set1_epi16(-127));
+        const __m128i wide = _mm_srai_epi32(_mm_unpacklo_epi16(v, v), 16);
+        _mm_store_ps(group + i, _mm_mul_ps(_mm_cvtepi32_ps(wide), _mm_set1_ps(scale)));
+        // 4 bytes even past `cols`: within the row (padded <= group_size), zeroed below past cols
+        const int32_t bytes = _mm_cvtsi128_si32(_mm_packs_epi16(v, v));
+        if (q_row != nullptr) std::memcpy(q_row + c0 + i, &bytes, sizeof(bytes));
       }
       if (dequantized != nullptr) std::memcpy(dequantized + m * ld_in + c0, group, n * sizeof(float));
     }
-    std::memset(q_row + cols, 0, ld_q - cols);
+    if (q_row != nullptr) std::memset(q_row + cols, 0, ld_q - cols);
   }
 }
 

@@ -62,9 +62,9 @@ void PackInput(const float* in, size_t ld_in, size_t count, size_t cols, size_t 
                size_t packed_cols, size_t col0);
 
 // activation_bits = 8, per row and per group of group_size columns: x_scale = max|x| / 127 (fp32),
-// q = x / x_scale rounded half to even, clamped to [-127, 127]; x_scale 0 gives q = 0. Writes q
-// (zero from `cols` to ld_q) and x_scales; when `dequantized` is not null, also q * x_scale there
-// (fp32, row stride ld_in: in place is fine) for the GEMM path.
+// q = x / x_scale rounded half to even, clamped to [-127, 127]; x_scale 0 gives q = 0. Writes
+// x_scales; q unless null (zero from `cols` to ld_q); q * x_scale (fp32, row stride ld_in: in
+// place is fine) unless `dequantized` is null, for the GEMM path.
 void QuantizeRows(const float* in, size_t ld_in, size_t count, size_t cols, size_t group_size, int8_t* q,
                   size_t ld_q, float* scales, size_t ld_scales, float* dequantized);
 

@@ -172,11 +172,9 @@ class SparseMatMulKernel {
     std::fill(packed, packed + packed_size, 0.0f);
     for (size_t m = 0; m < rows; ++m) std::copy(x + m * k_, x + (m + 1) * k_, joined + m * cols);
     auto pack = [&](size_t c0, size_t c1) {
-      if (quantize_inputs_) {  // q itself is not needed: a scratch of one row's size is reused
-        float* scales = ThreadScratch(Scratch::kQuant, w.groups + (padded + 64) / 4);
-        for (size_t m = 0; m < rows; ++m)
-          QuantizeRows(joined + m * cols, cols, 1, c1, w.group_size, reinterpret_cast<int8_t*>(scales + w.groups),
-                       padded + 64, scales, w.groups, joined + m * cols);
+      if (quantize_inputs_) {  // columns [0, c1) fake-quantized in place, then all packed
+        float* scales = ThreadScratch(Scratch::kQuant, rows * w.groups);
+        QuantizeRows(joined, cols, rows, c1, w.group_size, nullptr, 0, scales, w.groups, joined);
         c0 = 0;
       }
       PackInput(joined + c0, cols, rows, c1 - c0, mr, packed, padded, c0);
@@ -197,15 +195,16 @@ class SparseMatMulKernel {
   void RunQuantGemv(const Ort::KernelContext& ctx, float* joined, size_t rows, float* y) const {
     const size_t cols = k_ + r_, padded = PackedColumns(cols), ld_q = padded + 64, groups = w_->view().groups;
     float* scales = ThreadScratch(Scratch::kQuant, rows * groups + (rows * ld_q + 3) / 4);
-    const QuantInput in{reinterpret_cast<int8_t*>(scales + rows * groups), ld_q, scales, groups};
+    int8_t* q = reinterpret_cast<int8_t*>(scales + rows * groups);
+    const QuantInput in{q, ld_q, scales, groups};
     const QuantGemvFn gemv = table_->quant->gemv[static_cast<int>(type_) - 1];
     const RowsView &w = w_->view(), &v = v_->view();
     if (r_) {
-      QuantizeRows(joined, padded, rows, k_, v.group_size, const_cast<int8_t*>(in.q), ld_q, scales, groups, nullptr);
+      QuantizeRows(joined, padded, rows, k_, v.group_size, q, ld_q, scales, groups, nullptr);
       ParallelRows(ctx, r_, GemvUnit(v, rows),
                    [&](size_t n0, size_t n1) { gemv(v, in, rows, joined + k_, padded, n0, n1); });
     }
-    QuantizeRows(joined, padded, rows, cols, w.group_size, const_cast<int8_t*>(in.q), ld_q, scales, groups, nullptr);
+    QuantizeRows(joined, padded, rows, cols, w.group_size, q, ld_q, scales, groups, nullptr);
     ParallelRows(ctx, n_, GemvUnit(w, rows), [&](size_t n0, size_t n1) { gemv(w, in, rows, y, n_, n0, n1); });
   }
 
