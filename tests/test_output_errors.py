@@ -55,6 +55,8 @@ COMMANDS = {
     "compare --work-dir": lambda model, out, tmp: ["compare", "--model", model, "--work-dir", out / "work"],
     "compare --report": lambda model, out, tmp: ["compare", "--model", model, "--report", out / "results.md"],
     "compare --json": lambda model, out, tmp: ["compare", "--model", model, "--json", out / "c.json"],
+    "profile --report": lambda model, out, tmp: ["profile", tmp / "onnx", "--report", out / "results.md"],
+    "profile --json": lambda model, out, tmp: ["profile", tmp / "onnx", "--json", out / "p.json"],
     "kernel-bench --report": lambda model, out, tmp: ["kernel-bench", "--report", out / "results.md"],
     "kernel-bench --json": lambda model, out, tmp: ["kernel-bench", "--json", out / "k.json"],
 }
