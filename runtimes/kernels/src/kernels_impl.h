@@ -310,9 +310,9 @@ struct NibbleSource {
 
 // Per output row: per group, exact integer dot products with every input row, then one scaled
 // fp32 accumulation per (input row, group). Groups without kept values cost one mask test.
-// kOneStep: groups of at most kLanes columns, one step each (the usual case: less bookkeeping).
-// Out of line, and `in` copied to locals: otherwise GCC ran out of registers and kept the
-// source pointer in memory, a store-to-load round trip on the loop's critical path.
+// kOneStep: groups of at most kLanes columns, one step each (the usual case), walked with less
+// bookkeeping while whole mask words can be loaded. Out of line, `in` copied to locals:
+// otherwise GCC ran out of registers and kept the source pointer in memory.
 template <class Isa, class Source, size_t kRows, bool kOneStep>
 __attribute__((noinline)) void QuantGemvBlock(const RowsView& w, const QuantInput& in, float* out, size_t ld_out,
                                               size_t n0, size_t n1) {
@@ -320,6 +320,7 @@ __attribute__((noinline)) void QuantGemvBlock(const RowsView& w, const QuantInpu
   const int8_t* const q = in.q;
   const float* const x_scales = in.scales;
   const size_t ld_q = in.ld_q, ld_scales = in.ld_scales, group_bytes = w.group_size / 8, row_bytes = w.row_bytes;
+  const uint64_t group_keep = group_bytes >= 8 ? ~uint64_t{0} : (uint64_t{1} << (8 * group_bytes)) - 1;
   for (size_t n = n0; n < n1; ++n) {
     const uint8_t* mask = w.mask + n * row_bytes;
     const bool wide = (w.rows - n) * row_bytes >= row_bytes + kStep;
@@ -327,7 +328,28 @@ __attribute__((noinline)) void QuantGemvBlock(const RowsView& w, const QuantInpu
     Source source(w, n);
     typename Isa::FAcc acc[kRows];
     for (size_t m = 0; m < kRows; ++m) acc[m] = Isa::FZero();
-    for (size_t g = 0, b0 = 0; b0 < row_bytes; ++g, b0 += group_bytes) {
+    // Step at mask byte b with mask bits `bits` (not 0) into dot.
+    auto step = [&](typename Isa::IAcc* dot, size_t b, uint64_t bits) __attribute__((always_inline)) {
+      const typename Isa::Weights weights = source.Expand(bits);
+      for (size_t m = 0; m < kRows; ++m) dot[m] = Isa::Dot(dot[m], weights, q + m * ld_q + b * 8);
+    };
+    auto scale = [&](const typename Isa::IAcc* dot, size_t g) __attribute__((always_inline)) {
+      for (size_t m = 0; m < kRows; ++m) acc[m] = Isa::ScaleAdd(acc[m], dot[m], w_scales[g] * x_scales[m * ld_scales + g]);
+    };
+    size_t g = 0, b0 = 0;
+    if (kOneStep && wide) {  // every group but the last: one whole-word mask load
+      for (; b0 + group_bytes < row_bytes; ++g, b0 += group_bytes) {
+        source.AlignGroup();
+        uint64_t bits;
+        memcpy(&bits, mask + b0, sizeof(bits));
+        if ((bits &= group_keep) == 0) continue;
+        typename Isa::IAcc dot[kRows];
+        for (size_t m = 0; m < kRows; ++m) dot[m] = Isa::IZero();
+        step(dot, b0, bits);
+        scale(dot, g);
+      }
+    }
+    for (; b0 < row_bytes; ++g, b0 += group_bytes) {
       source.AlignGroup();
       const size_t b1 = b0 + group_bytes < row_bytes ? b0 + group_bytes : row_bytes;
       typename Isa::IAcc dot[kRows];
@@ -335,15 +357,11 @@ __attribute__((noinline)) void QuantGemvBlock(const RowsView& w, const QuantInpu
       bool kept = false;
       for (size_t b = b0; b < b1; b += kStep) {
         const uint64_t bits = MaskBits<kStep>(mask + b, b1 - b, wide);
-        if (kOneStep && bits == 0) break;
         if (bits == 0) continue;
         kept = true;
-        const typename Isa::Weights weights = source.Expand(bits);
-        for (size_t m = 0; m < kRows; ++m) dot[m] = Isa::Dot(dot[m], weights, q + m * ld_q + b * 8);
-        if (kOneStep) break;
+        step(dot, b, bits);
       }
-      if (!kept) continue;
-      for (size_t m = 0; m < kRows; ++m) acc[m] = Isa::ScaleAdd(acc[m], dot[m], w_scales[g] * x_scales[m * ld_scales + g]);
+      if (kept) scale(dot, g);
     }
     for (size_t m = 0; m < kRows; ++m) out[m * ld_out + n] = Isa::Sum(acc[m]);
   }
