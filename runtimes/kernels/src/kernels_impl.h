@@ -320,7 +320,9 @@ __attribute__((noinline)) void QuantGemvBlock(const RowsView& w, const QuantInpu
   const int8_t* const q = in.q;
   const float* const x_scales = in.scales;
   const size_t ld_q = in.ld_q, ld_scales = in.ld_scales, group_bytes = w.group_size / 8, row_bytes = w.row_bytes;
-  const uint64_t group_keep = group_bytes >= 8 ? ~uint64_t{0} : (uint64_t{1} << (8 * group_bytes)) - 1;
+  // Mask-word bits of a one-step group, and of the last group of a row (maybe narrower).
+  auto keep = [](size_t bytes) { return bytes >= 8 ? ~uint64_t{0} : (uint64_t{1} << (8 * bytes)) - 1; };
+  const uint64_t group_keep = keep(group_bytes), last_keep = keep(row_bytes - (w.groups - 1) * group_bytes);
   for (size_t n = n0; n < n1; ++n) {
     const uint8_t* mask = w.mask + n * row_bytes;
     const bool wide = (w.rows - n) * row_bytes >= row_bytes + kStep;
@@ -336,18 +338,22 @@ __attribute__((noinline)) void QuantGemvBlock(const RowsView& w, const QuantInpu
     auto scale = [&](const typename Isa::IAcc* dot, size_t g) __attribute__((always_inline)) {
       for (size_t m = 0; m < kRows; ++m) acc[m] = Isa::ScaleAdd(acc[m], dot[m], w_scales[g] * x_scales[m * ld_scales + g]);
     };
+    // A one-step group from one whole-word mask load.
+    auto one_step = [&](size_t g, size_t b0, uint64_t keep_bits) __attribute__((always_inline)) {
+      source.AlignGroup();
+      uint64_t bits;
+      memcpy(&bits, mask + b0, sizeof(bits));
+      if ((bits &= keep_bits) == 0) return;
+      typename Isa::IAcc dot[kRows];
+      for (size_t m = 0; m < kRows; ++m) dot[m] = Isa::IZero();
+      step(dot, b0, bits);
+      scale(dot, g);
+    };
     size_t g = 0, b0 = 0;
-    if (kOneStep && wide) {  // every group but the last: one whole-word mask load
-      for (; b0 + group_bytes < row_bytes; ++g, b0 += group_bytes) {
-        source.AlignGroup();
-        uint64_t bits;
-        memcpy(&bits, mask + b0, sizeof(bits));
-        if ((bits &= group_keep) == 0) continue;
-        typename Isa::IAcc dot[kRows];
-        for (size_t m = 0; m < kRows; ++m) dot[m] = Isa::IZero();
-        step(dot, b0, bits);
-        scale(dot, g);
-      }
+    if (kOneStep && wide) {
+      for (; g + 1 < w.groups; ++g, b0 += group_bytes) one_step(g, b0, group_keep);
+      one_step(g++, b0, last_keep);
+      b0 = row_bytes;
     }
     for (; b0 < row_bytes; ++g, b0 += group_bytes) {
       source.AlignGroup();
