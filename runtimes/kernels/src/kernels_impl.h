@@ -275,8 +275,8 @@ void Gemm(const RowsView& w, const float* packed, size_t packed_cols, size_t cou
 // has ExpandNibbles(p, bits), the same from a whole int4 group's packed bytes (advances p past
 // the group).
 
-// The mask bits of a step, bit i = column b*8 + i, `valid` (> 0) bytes of them. `wide`: a
-// full-width load from any byte of this row stays inside the mask tensor (all rows but the last
+// The mask bits of a step, bit i = column b*8 + i, `valid` (> 0) bytes of them. `wide`: an
+// 8-byte load from any byte of this row stays inside the mask tensor (all rows but the last
 // few); otherwise only the valid bytes are read.
 template <size_t kBytes>
 inline uint64_t MaskBits(const uint8_t* mask, size_t valid, bool wide) {
@@ -325,7 +325,7 @@ __attribute__((noinline)) void QuantGemvBlock(const RowsView& w, const QuantInpu
   const uint64_t group_keep = keep(group_bytes), last_keep = keep(row_bytes - (w.groups - 1) * group_bytes);
   for (size_t n = n0; n < n1; ++n) {
     const uint8_t* mask = w.mask + n * row_bytes;
-    const bool wide = (w.rows - n) * row_bytes >= row_bytes + kStep;
+    const bool wide = (w.rows - n) * row_bytes >= row_bytes + sizeof(uint64_t);  // see MaskBits
     const float* w_scales = w.scales + n * w.groups;
     Source source(w, n);
     typename Isa::FAcc acc[kRows];
