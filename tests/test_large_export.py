@@ -69,6 +69,25 @@ def test_save_past_the_limit_writes_one_data_file_that_onnxruntime_opens(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
+def test_small_export_past_a_lowered_limit_takes_both_external_data_paths(tiny_llama, tmp_path, monkeypatch):
+    """The two saves that crashed past 2 GB (issue 14), on a tiny model with the limit lowered: optimum's
+    tied-embedding post-processing and our own final save both go through save_onnx, the folder ends with
+    one model.onnx.data (no optimum model.onnx_data left), and it validates."""
+    from models.loading import load_model
+    from sslc_export.onnx.build import export_dense_model
+    from sslc_export.onnx.validate import validate
+
+    calls = []
+    original = onnx_io.save_onnx
+    monkeypatch.setattr(onnx_io, "INLINE_LIMIT", 1024)
+    monkeypatch.setattr(onnx_io, "save_onnx", lambda model, path: calls.append(Path(path).name) or original(model, path))
+    out = tmp_path / "onnx"
+    export_dense_model(str(tiny_llama), out)
+    assert calls == ["model.onnx"]  # the post-processing save (the final one is build.py's own import)
+    assert sorted(p.name for p in out.glob("model.onnx*")) == ["model.onnx", "model.onnx.data"]
+    assert validate(out, load_model(str(tiny_llama)), decode_steps=2).passed
+
+
 # 5 layers of hidden 2560, intermediate 11264: 2.25e9 bytes of fp32 weights, past 2 GiB (2.15e9).
 BIG_DIMS = dict(hidden_size=2560, intermediate_size=11264, num_hidden_layers=5, num_attention_heads=20, num_key_value_heads=20)
 
