@@ -256,6 +256,7 @@ def export_command(
     out_dir: Optional[Path] = typer.Argument(None, help="ONNX folder to create."),
     fmt: str = typer.Option("dense", "--format", "-f", help="LAYOUT or LAYOUT-int8/-int4. " + FORMAT_HELP),
     lm_head: str = typer.Option("fp32", "--lm-head", help="lm_head and token embedding: fp32 | int8 | int4 (MatMulNBits and GatherBlockQuantized, block 32); use the same choice for every model you compare."),
+    graph: str = typer.Option("fused", "--graph", help="fused: attention, rotary and RMSNorm as onnxruntime's contrib ops (GroupQueryAttention, SkipSimplifiedLayerNormalization), as onnxruntime-genai's builder does; optimum: optimum's graph unchanged (for providers without those ops, e.g. TensorRT; nm is never fused)."),
     dense: bool = typer.Option(False, "--dense", help="Export an uncompressed model as the baseline (SOURCE is a model)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing folder (only once the new one is complete)."),
     json_path: Optional[Path] = JsonOption,
@@ -274,9 +275,9 @@ def export_command(
         source, out_dir = None, Path(source)
     with console.status("exporting to ONNX"):
         if dense:
-            record = export_dense_model(source, out_dir, fmt, overwrite, lm_head)
+            record = export_dense_model(source, out_dir, fmt, overwrite, lm_head, graph)
         else:
-            record = export_checkpoint_dir(Path(source), out_dir, fmt, overwrite, lm_head)
+            record = export_checkpoint_dir(Path(source), out_dir, fmt, overwrite, lm_head, graph)
     out.print(f"{record['format']} ONNX written to {out_dir}: {record['onnx_bytes'] / 1e6:.1f} MB, "
               f"{record['compressed_layers']} rewritten layers, {record['export_seconds']} s")
     write_json(json_path, {k: v for k, v in record.items() if k != "files"})

@@ -47,7 +47,7 @@ def assert_same_logits(reference: list[np.ndarray], fused: list[np.ndarray], rto
 @pytest.fixture(scope="module")
 def dense_export(tiny_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dense") / "onnx"
-    export_dense_model(str(tiny_model), out)
+    export_dense_model(str(tiny_model), out, graph="optimum")  # the unfused graph these tests fuse themselves
     return out
 
 
@@ -118,7 +118,7 @@ def test_rewritten_formats_fuse_after_the_rewrite(checkpoint, tmp_path, fmt):
 
     if fmt == "sparse" and not kernels.availability()[0]:
         pytest.skip(kernels.availability()[1])
-    export_checkpoint_dir(checkpoint, tmp_path / "onnx", fmt)
+    export_checkpoint_dir(checkpoint, tmp_path / "onnx", fmt, graph="optimum")
     before = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
     fused = fused_copy(tmp_path / "onnx", tmp_path / "fused")
     after = onnx.load(str(fused / "model.onnx"))
@@ -128,7 +128,7 @@ def test_rewritten_formats_fuse_after_the_rewrite(checkpoint, tmp_path, fmt):
     counts = fused_op_counts(after)
     assert counts["GroupQueryAttention"] == 2 and counts["packed_qkv"] == 0  # each projection keeps its own S, U, V
     if fmt == "sparse":  # exact fp32 S, U, V: the unfused dense-format export of the same checkpoint is the reference
-        export_checkpoint_dir(checkpoint, tmp_path / "reference", "dense")
+        export_checkpoint_dir(checkpoint, tmp_path / "reference", "dense", graph="optimum")
         assert_same_logits(logits_trace(tmp_path / "reference"), logits_trace(fused), rtol=1e-4)
     else:  # MatMulNBits (accuracy level 4) quantizes its activations to int8: fused norms move them by rounding
         assert_same_logits(logits_trace(tmp_path / "onnx"), logits_trace(fused), rtol=2e-2)

@@ -24,14 +24,27 @@ from sslc_export.onnx.genai import GENAI_CONFIG, genai_config
 from sslc_export.onnx.onnx_io import PROTOBUF_LIMIT, save_onnx  # noqa: F401 (PROTOBUF_LIMIT: old import path)
 from sslc_export.onnx.formats import Format, check_pairing, get_format
 from sslc_export.onnx.formats.base import MATMULNBITS_RTOL
+from sslc_export.onnx.fuse import fuse, fused_op_counts
 from sslc_export.onnx.quantize import check_lm_head, decoder_matmuls, quantize_head, quantize_nodes
 from sslc_export.onnx.rewrite import rewrite
 
 
 
-def _build(loaded: LoadedModel, out: Path, transform: Callable[[onnx.ModelProto], onnx.ModelProto], record: dict) -> dict:
-    """Dense export into `.OUT.partial`, transform, save, then publish with export.json last.
-    On any failure the partial folder is removed: nothing half-written is left behind."""
+GRAPHS = ("fused", "optimum")
+
+
+def check_graph(graph: str) -> None:
+    if graph not in GRAPHS:
+        raise UserError(f"--graph must be one of {', '.join(GRAPHS)}, not {graph}")
+
+
+def _build(loaded: LoadedModel, out: Path, transform: Callable[[onnx.ModelProto], onnx.ModelProto], record: dict,
+           fused: bool = True) -> dict:
+    """Dense export into `.OUT.partial`, transform, fuse, save, then publish with export.json last.
+    On any failure the partial folder is removed: nothing half-written is left behind.
+
+    Fusing comes last, so it sees the rewritten and quantized nodes and leaves them as they are: optimum's
+    graph has thousands of small nodes and about half of a decode step was their overhead."""
     started = time.perf_counter()
     work = partial_path(out)
     shutil.rmtree(work, ignore_errors=True)
@@ -39,15 +52,22 @@ def _build(loaded: LoadedModel, out: Path, transform: Callable[[onnx.ModelProto]
     try:
         export_dense(loaded.model, loaded.tokenizer, work)
         loaded.tokenizer.save_pretrained(work)  # optimum skips it for some sources (a GGUF-loaded model); runtimes need it
-        library = str(kernels.library_path().resolve()) if record.get("custom_ops") else None
-        write_json_atomic(work / GENAI_CONFIG, genai_config(loaded.model.config, loaded.tokenizer, ONNX_FILE, library))
         model = onnx.load(str(work / ONNX_FILE))  # pulls in optimum's external data, if it wrote any
         for stale in work.glob(f"{ONNX_FILE}?*"):
             stale.unlink()
-        save_onnx(transform(model), work / ONNX_FILE)
+        model = transform(model)
+        config = loaded.model.config
+        if fused:
+            model = fuse(model, config)
+        counts = fused_op_counts(model)
+        save_onnx(model, work / ONNX_FILE)
+        library = str(kernels.library_path().resolve()) if record.get("custom_ops") else None
+        share_buffer = counts["GroupQueryAttention"] == config.num_hidden_layers  # GQA updates the KV cache in place
+        write_json_atomic(work / GENAI_CONFIG, genai_config(config, loaded.tokenizer, ONNX_FILE, library, share_buffer))
         record = {
             "tool": {"name": "sslc-export", "version": __version__},
             **record,
+            "graph": {"kind": "fused" if fused else "optimum", **counts},
             "export_seconds": round(time.perf_counter() - started, 1),
             "files": file_inventory(work),
         }
@@ -68,8 +88,10 @@ def _format_record(fmt: Format, lm_head: str) -> dict:
     return record
 
 
-def export_checkpoint_dir(checkpoint: Path, out: Path, fmt: str = "dense", overwrite: bool = False, lm_head: str = "fp32") -> dict:
+def export_checkpoint_dir(checkpoint: Path, out: Path, fmt: str = "dense", overwrite: bool = False, lm_head: str = "fp32",
+                          graph: str = "fused") -> dict:
     chosen = get_format(fmt)
+    check_graph(graph)
     manifest = read_manifest(checkpoint)
     check_pairing(chosen, manifest["pattern"]["kind"])
     check_lm_head(lm_head)
@@ -95,17 +117,19 @@ def export_checkpoint_dir(checkpoint: Path, out: Path, fmt: str = "dense", overw
                    "pattern": manifest["pattern"], "checkpoint_dense_sha256": manifest["files"]["dense.safetensors"]["sha256"]},
         "compressed_layers": len(layers),
     }
-    return _build(loaded, out, transform, record)
+    return _build(loaded, out, transform, record, fused=graph == "fused" and chosen.layout.fusable)
 
 
 BASELINE_BITS = {"dense": 32, "int8": 8, "int4": 4}
 
 
-def export_dense_model(source: str | None, out: Path, fmt: str = "dense", overwrite: bool = False, lm_head: str = "fp32") -> dict:
+def export_dense_model(source: str | None, out: Path, fmt: str = "dense", overwrite: bool = False, lm_head: str = "fp32",
+                       graph: str = "fused") -> dict:
     """The uncompressed baseline; int4/int8 quantize every decoder-block MatMul as onnxruntime's tool does."""
     if fmt not in BASELINE_BITS:
         raise UserError(f"a dense baseline can be exported as {', '.join(BASELINE_BITS)}, not {fmt}")
     check_lm_head(lm_head)
+    check_graph(graph)
     check_writable_target(out, overwrite)
     loaded = load_model(source)
     bits = BASELINE_BITS[fmt]
@@ -123,4 +147,4 @@ def export_dense_model(source: str | None, out: Path, fmt: str = "dense", overwr
         "source": loaded.identity,
         "compressed_layers": 0,
     }
-    return _build(loaded, out, transform, record)
+    return _build(loaded, out, transform, record, fused=graph == "fused")

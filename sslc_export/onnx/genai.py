@@ -12,9 +12,10 @@ GENAI_CONFIG = "genai_config.json"
 
 
 def genai_config(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, onnx_file: str,
-                 custom_ops_library: str | None = None) -> dict:
+                 custom_ops_library: str | None = None, share_buffer: bool = False) -> dict:
     """Every architecture we support (llama, qwen2, mistral) has a genai model type of the same name.
-    A folder whose graph uses our operators names the kernel library (an absolute path: genai loads it as given)."""
+    A folder whose graph uses our operators names the kernel library (an absolute path: genai loads it as given);
+    a graph whose every layer is a GroupQueryAttention lets genai keep one KV buffer (share_buffer)."""
     session_options: dict = {"log_id": "onnxruntime-genai", "provider_options": []}
     if custom_ops_library:
         session_options["custom_ops_library"] = custom_ops_library
@@ -55,6 +56,6 @@ def genai_config(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, o
             "do_sample": False, "num_beams": 1, "max_length": config.max_position_embeddings, "min_length": 0,
             "temperature": 1.0, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.0, "early_stopping": True,
             "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0, "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": share_buffer,
         },
     }

@@ -76,6 +76,7 @@ class Layout(ABC):
     bits: ClassVar[tuple[int, ...]] = (32, 8, 4)
     quantizes_itself: ClassVar[bool] = False  # True: bits are applied inside build(), not by MatMulNBits
     custom_domain: ClassVar[str | None] = None  # an opset domain whose ops need our kernel library
+    fusable: ClassVar[bool] = True  # the export fuses attention and norms into onnxruntime's contrib ops around it
 
     @abstractmethod
     def build(self, graph: Subgraph, x: str, output: str, layer: CompressedTensors, bits: int) -> None:

@@ -10,3 +10,4 @@ class NmLayout(DenseLayout):
     summary = "2:4 S for TensorRT's sparse tensor cores (dense MatMul elsewhere)"
     patterns = ("nm",)
     bits = (32,)
+    fusable = False  # for TensorRT, which does not run onnxruntime's com.microsoft operators
