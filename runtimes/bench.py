@@ -10,7 +10,6 @@ import json
 import multiprocessing
 import os
 import platform
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from runtimes.providers import get_provider
 from runtimes.session import EXPORT_MANIFEST, ONNX_FILE, OnnxCausalLM
 from sslc_export.errors import UserError
 from sslc_export.evaluate import perplexity
+from sslc_export.memory import peak_rss_bytes
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def _child(folder: str, provider: str, config: BenchConfig, queue) -> None:
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     try:
         result = bench_model(Path(folder), provider, config)
-        result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result["peak_rss_bytes"] = peak_rss_bytes()
         result["device_memory_bytes"] = get_provider(provider).device_memory_bytes()
         queue.put(("ok", result))
     except UserError as exc:

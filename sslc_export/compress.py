@@ -31,6 +31,7 @@ from sslc_export.checkpoint import FORMAT_VERSION, CheckpointWriter, CompressedT
 from sslc_export.layers import SparseLowRankLinear, replace_linear
 from sslc_export.methods import Method, Settings, get_method
 from sslc_export.patterns import Pattern
+from sslc_export.memory import peak_rss_bytes
 
 ProgressCallback = Callable[[int, int, str], None]  # (layers done, layers in all, what is next)
 
@@ -260,7 +261,7 @@ def _manifest(job: CompressJob, loaded: LoadedModel, layers: list[dict], num_blo
         "streaming": job.streaming,
         "device": job.device,
         "peak_device_bytes": torch.cuda.max_memory_allocated() if job.device.startswith("cuda") else None,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # whole process, so far
+        "peak_rss_bytes": peak_rss_bytes(),  # whole process, so far
         "memory_limits": _memory_limits(),
         "threads": torch.get_num_threads(),
         "layers": layers,
