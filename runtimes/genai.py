@@ -27,10 +27,7 @@ class GenaiCausalLM:
         if custom_ops_domain(folder):  # this machine's build, wherever the folder was exported
             from runtimes import kernels
 
-            available, reason = kernels.availability()
-            if not available:
-                raise UserError(reason)
-            session_options["custom_ops_library"] = str(kernels.library_path().resolve())
+            session_options["custom_ops_library"] = str(kernels.require())
         if session_options:
             config.overlay(json.dumps({"model": {"decoder": {"session_options": session_options}}}))
         self.model = og.Model(config)

@@ -31,12 +31,17 @@ def availability() -> tuple[bool, str]:
     return False, f"the ai.sslc kernel library {path} is missing: {BUILD_FIX}"
 
 
-def register(options: ort.SessionOptions) -> ort.SessionOptions:
-    """Adds the ai.sslc operators to ``options`` (returned for chaining)."""
+def require() -> Path:
+    """The library's absolute path, or a UserError naming the fix."""
     available, reason = availability()
     if not available:
         raise UserError(reason)
-    options.register_custom_ops_library(str(library_path()))
+    return library_path().resolve()
+
+
+def register(options: ort.SessionOptions) -> ort.SessionOptions:
+    """Adds the ai.sslc operators to ``options`` (returned for chaining)."""
+    options.register_custom_ops_library(str(require()))
     return options
 
 
@@ -51,10 +56,7 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 def isa() -> str:
     """The kernel path a session created now would use: "scalar", "avx2" or "avx512"."""
-    available, reason = availability()
-    if not available:
-        raise UserError(reason)
-    library = ctypes.CDLL(str(library_path()))
+    library = ctypes.CDLL(str(require()))
     library.sslc_kernels_isa.restype = ctypes.c_char_p
     answer = library.sslc_kernels_isa().decode()
     if answer.startswith("error: "):

@@ -21,7 +21,7 @@ from sslc_export.checkpoint import CompressedTensors, load_checkpoint, read_bloc
 from sslc_export.onnx.export import ONNX_FILE, dense_equivalent, export_dense
 from sslc_export.errors import UserError
 from sslc_export.onnx.genai import GENAI_CONFIG, genai_config
-from sslc_export.onnx.onnx_io import PROTOBUF_LIMIT, save_onnx  # noqa: F401 (PROTOBUF_LIMIT: old import path)
+from sslc_export.onnx.onnx_io import save_onnx
 from sslc_export.onnx.formats import Format, check_pairing, get_format
 from sslc_export.onnx.formats.base import MATMULNBITS_RTOL
 from sslc_export.onnx.fuse import fuse, fused_op_counts
@@ -61,7 +61,7 @@ def _build(loaded: LoadedModel, out: Path, transform: Callable[[onnx.ModelProto]
             model = fuse(model, config)
         counts = fused_op_counts(model)
         save_onnx(model, work / ONNX_FILE)
-        library = str(kernels.library_path().resolve()) if record.get("custom_ops") else None
+        library = str(kernels.require()) if record.get("custom_ops") else None
         share_buffer = counts["GroupQueryAttention"] == config.num_hidden_layers  # GQA updates the KV cache in place
         write_json_atomic(work / GENAI_CONFIG, genai_config(config, loaded.tokenizer, ONNX_FILE, library, share_buffer))
         record = {
@@ -95,8 +95,8 @@ def export_checkpoint_dir(checkpoint: Path, out: Path, fmt: str = "dense", overw
     manifest = read_manifest(checkpoint)
     check_pairing(chosen, manifest["pattern"]["kind"])
     check_lm_head(lm_head)
-    if chosen.needs_kernels and not kernels.availability()[0]:
-        raise UserError(f"format {chosen.name} needs our operators: {kernels.availability()[1]}")
+    if chosen.needs_kernels:
+        kernels.require()
     check_writable_target(out, overwrite)
     loaded, manifest = load_checkpoint(checkpoint)
     layers: dict[str, CompressedTensors] = {}

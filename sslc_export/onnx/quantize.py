@@ -36,22 +36,24 @@ def quantize_nodes(model: onnx.ModelProto, bits: int, matmuls: list[str], gather
     return quantizer.model.model
 
 
-def _constant_weight(model: onnx.ModelProto, node: onnx.NodeProto, index: int) -> bool:
-    names = {init.name for init in model.graph.initializer}
-    return len(node.input) > index and node.input[index] in names
+def _reads_constant(node: onnx.NodeProto, index: int, initializers: set[str]) -> bool:
+    return len(node.input) > index and node.input[index] in initializers
 
 
 def decoder_matmuls(model: onnx.ModelProto) -> list[str]:
     """Every constant-weight MatMul inside the decoder blocks (what the dense int4/int8 baselines quantize)."""
+    initializers = {init.name for init in model.graph.initializer}
     return [node.name for node in model.graph.node
-            if node.op_type == "MatMul" and node.name.startswith(DECODER_SCOPE) and _constant_weight(model, node, 1)]
+            if node.op_type == "MatMul" and node.name.startswith(DECODER_SCOPE) and _reads_constant(node, 1, initializers)]
 
 
 def head_and_embedding(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     """The lm_head MatMul (it writes the `logits` output) and the token-embedding Gather (it reads `input_ids`)."""
-    heads = [node.name for node in model.graph.node if node.op_type == "MatMul" and "logits" in node.output and _constant_weight(model, node, 1)]
+    initializers = {init.name for init in model.graph.initializer}
+    heads = [node.name for node in model.graph.node
+             if node.op_type == "MatMul" and "logits" in node.output and _reads_constant(node, 1, initializers)]
     embeddings = [node.name for node in model.graph.node
-                  if node.op_type == "Gather" and node.input[1:2] == ["input_ids"] and _constant_weight(model, node, 0)]
+                  if node.op_type == "Gather" and node.input[1:2] == ["input_ids"] and _reads_constant(node, 0, initializers)]
     return heads, embeddings
 
 
