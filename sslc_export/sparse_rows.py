@@ -120,13 +120,28 @@ def pack_rows(dense: np.ndarray, keep: np.ndarray, bits: int, group_size: int) -
     packed_mask = np.packbits(keep, axis=1, bitorder="little").reshape(rows, (cols + 7) // 8)
     if bits == 32:
         return RowsPart(packed_mask, dense[keep].astype(np.float32), None, cols)
-    grouped_keep, grouped = _grouped(keep, group_size), _grouped(np.where(keep, dense, 0), group_size)
+    grouped = _grouped(np.where(keep, dense, 0), group_size)
     scales = (np.abs(grouped).max(axis=2, initial=0.0) / QMAX[bits]).astype(np.float32)
     safe = np.where(scales > 0, scales, 1.0)[:, :, None]
     q = np.clip(np.rint(grouped / safe), -QMAX[bits] - (bits == 4), QMAX[bits]).astype(np.int8)
+    return pack_quantized_rows(keep, q.reshape(rows, q.shape[1] * group_size)[:, :cols], scales, bits, group_size)
+
+
+def pack_quantized_rows(keep: np.ndarray, q: np.ndarray, scales: np.ndarray, bits: int, group_size: int) -> RowsPart:
+    """Integers already chosen (``q`` [rows, cols], entries outside ``keep`` ignored; ``scales``
+    [rows, ceil(cols/group_size)]) to a RowsPart, exactly: no second rounding."""
+    rows, cols = keep.shape
+    lowest = -QMAX[bits] - (bits == 4)
+    if q.shape != (rows, cols) or scales.shape != (rows, -(-cols // group_size)):
+        raise ValueError(f"q {q.shape} and scales {scales.shape} do not fit a {rows}x{cols} mask in groups of {group_size}")
+    if keep.any() and (q[keep].min() < lowest or q[keep].max() > QMAX[bits]):
+        raise ValueError(f"{bits}-bit integers must lie in [{lowest}, {QMAX[bits]}]")
+    packed_mask = np.packbits(keep, axis=1, bitorder="little").reshape(rows, (cols + 7) // 8)
+    grouped_keep, grouped_q = _grouped(keep, group_size), _grouped(q.astype(np.int8), group_size)
+    scales = scales.astype(np.float32)
     if bits == 8:
-        return RowsPart(packed_mask, q[grouped_keep], scales, cols)
-    return RowsPart(packed_mask, _pack_nibbles(q, grouped_keep), scales, cols)
+        return RowsPart(packed_mask, grouped_q[grouped_keep], scales, cols)
+    return RowsPart(packed_mask, _pack_nibbles(grouped_q, grouped_keep), scales, cols)
 
 
 def _grouped(a: np.ndarray, group_size: int) -> np.ndarray:
