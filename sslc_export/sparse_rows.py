@@ -26,6 +26,11 @@ to [-127, 127], all 0 when x_scale is 0; then
 integers (``activation_quantize`` and ``reference``). The kernels compute the integer sums
 exactly (decode) or multiply the dequantized factors in fp32 (prefill): fp32 rounding apart,
 the same value; a t that differs by fp32 rounding may move its q by one step.
+
+Attribute ``activation`` (absent, or ``"swiglu"``): with ``"swiglu"`` the rows of W' are
+(gate, up) pairs, interleaved, and the node outputs ``silu(y[..., 0::2]) · y[..., 1::2]``: a gated
+MLP's gate_proj, up_proj and activation in one node. ``merge`` builds such nodes (and q/k/v ones)
+from the per-Linear packings, exactly: every kept value, integer and scale is carried over.
 """
 from __future__ import annotations
 
@@ -61,6 +66,7 @@ class SparseRows:
     bits: int
     group_size: int
     activation_bits: int = 32
+    activation: str | None = None  # "swiglu": interleaved (gate, up) rows, N/2 outputs
 
     @property
     def in_features(self) -> int:
@@ -68,7 +74,9 @@ class SparseRows:
 
     @property
     def out_features(self) -> int:
-        return self.main.mask.shape[0]
+        """Outputs per input row: W''s rows, or half of them after a swiglu."""
+        rows = self.main.mask.shape[0]
+        return rows // 2 if self.activation == "swiglu" else rows
 
     @property
     def rank(self) -> int:
@@ -82,13 +90,33 @@ class SparseRows:
         """The constant inputs 1.. of the operator, in its input order."""
         return self.main.arrays() + self.v.arrays()
 
-    def attributes(self) -> dict[str, int]:
-        attrs = {"in_features": self.in_features}
+    def attributes(self) -> dict[str, int | str]:
+        attrs: dict[str, int | str] = {"in_features": self.in_features}
         if self.bits != 32:
             attrs["group_size"] = self.group_size
         if self.activation_bits != 32:
             attrs["activation_bits"] = self.activation_bits
+        if self.activation is not None:
+            attrs["activation"] = self.activation
         return attrs
+
+    @classmethod
+    def from_node(cls, op_type: str, arrays: list[np.ndarray], attributes: dict) -> SparseRows:
+        """The packing an ai.sslc node carries (its constant inputs after x, its attributes)."""
+        bits = {name: b for b, name in OP_TYPES.items()}.get(op_type)
+        if bits is None:
+            raise ValueError(f"{op_type} is not an operator of domain {DOMAIN}")
+        per_part = 2 if bits == 32 else 3
+        if len(arrays) != 2 * per_part:
+            raise ValueError(f"{op_type} takes {2 * per_part} constant inputs, got {len(arrays)}")
+        k = int(attributes["in_features"])
+        main, v = arrays[:per_part], arrays[per_part:]
+        rank = v[0].shape[0]
+        scales = (lambda part: None) if bits == 32 else (lambda part: part[2])
+        activation = attributes.get("activation")
+        return cls(RowsPart(main[0], main[1], scales(main), k + rank), RowsPart(v[0], v[1], scales(v), k), bits,
+                   int(attributes.get("group_size", 64)), int(attributes.get("activation_bits", 32)),
+                   activation.decode() if isinstance(activation, bytes) else activation)
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.inputs())
@@ -142,6 +170,66 @@ def pack_quantized_rows(keep: np.ndarray, q: np.ndarray, scales: np.ndarray, bit
     if bits == 8:
         return RowsPart(packed_mask, grouped_q[grouped_keep], scales, cols)
     return RowsPart(packed_mask, _pack_nibbles(grouped_q, grouped_keep), scales, cols)
+
+
+def merge(parts: list[SparseRows], interleave: bool = False) -> SparseRows:
+    """One node for several products of the same input: W' rows stacked (or, with ``interleave``,
+    two parts' rows alternated, for a swiglu), V rows stacked, and each part's U columns moved to
+    its own rank range, so that row i of part p still meets only t_p. Quantized parts keep their
+    integers and scales: each rank range starts on a group boundary (its padding columns and V
+    rows are empty), so every group holds the same kept values as before and the node computes
+    what the separate nodes did, activation quantization included (fp32 parts need no padding). Raises ValueError when the
+    parts differ in kind or K is not a whole number of groups."""
+    first = parts[0]
+    kinds = {(p.bits, p.group_size, p.activation_bits, p.in_features, p.activation) for p in parts}
+    k, bits, g = first.in_features, first.bits, first.group_size
+    if len(kinds) != 1 or first.activation is not None:
+        raise ValueError("only plain ai.sslc nodes of one kind (bits, group size, input width) merge")
+    if interleave and (len(parts) != 2 or parts[0].out_features != parts[1].out_features):
+        raise ValueError("interleaving takes two parts with as many rows each")
+    align = 1 if bits == 32 else g
+    if k % align:
+        raise ValueError(f"in_features {k} is not a multiple of the group size {g}")
+    starts = np.cumsum([0] + [-(-p.rank // align) * align for p in parts])
+    rank, rows = int(starts[-2]) + parts[-1].rank, sum(p.out_features for p in parts)  # the last needs no padding
+    w_keep, w_values = np.zeros((rows, k + rank), bool), np.zeros((rows, k + rank), np.float32)
+    v_keep, v_values = np.zeros((rank, k), bool), np.zeros((rank, k), np.float32)
+    w_scales = np.zeros((rows, -(-(k + rank) // g)), np.float32)
+    v_scales = np.zeros((rank, -(-k // g)), np.float32)
+    row = 0
+    for part, start in zip(parts, starts[:-1]):
+        n, r = part.out_features, part.rank
+        keep, values = _unpacked(part.main, bits, g)
+        columns = np.r_[0:k, k + start:k + start + r]
+        w_keep[row:row + n, columns], w_values[row:row + n, columns] = keep, values
+        keep, values = _unpacked(part.v, bits, g)
+        v_keep[start:start + r], v_values[start:start + r] = keep, values
+        if bits != 32:
+            w_scales[row:row + n, : k // g] = part.main.scales[:, : k // g]
+            w_scales[row:row + n, (k + start) // g:(k + start) // g + part.main.scales.shape[1] - k // g] = part.main.scales[:, k // g:]
+            v_scales[start:start + r] = part.v.scales
+        row += n
+    if interleave:
+        order = np.arange(rows).reshape(2, -1).T.ravel()  # gate 0, up 0, gate 1, up 1, ...
+        w_keep, w_values, w_scales = w_keep[order], w_values[order], w_scales[order]
+    if bits == 32:
+        main, v = pack_rows(w_values, w_keep, 32, g), pack_rows(v_values, v_keep, 32, g)
+    else:
+        main = pack_quantized_rows(w_keep, w_values, w_scales, bits, g)
+        v = pack_quantized_rows(v_keep, v_values, v_scales, bits, g)
+    return SparseRows(main, v, bits, g, first.activation_bits, "swiglu" if interleave else None)
+
+
+def _unpacked(part: RowsPart, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keep mask, kept values: floats for fp32, the stored integers otherwise)."""
+    keep = np.unpackbits(part.mask, axis=1, count=part.cols, bitorder="little").astype(bool)
+    return keep, dequantize(part, bits, group_size, scaled=False)
+
+
+def swiglu(y: np.ndarray) -> np.ndarray:
+    """silu(gate)·up over interleaved (gate, up) columns."""
+    gate, up = y[..., 0::2], y[..., 1::2]
+    return gate / (1 + np.exp(-gate)) * up
 
 
 def _grouped(a: np.ndarray, group_size: int) -> np.ndarray:
@@ -211,12 +299,18 @@ def quantized_product(x: np.ndarray, part: RowsPart, bits: int, group_size: int)
 
 def reference(x: np.ndarray, packed: SparseRows) -> np.ndarray:
     """What the operator computes, in float64: ``[x, x·Vᵀ]·W'ᵀ`` from the dequantized parts, or
-    with activation_bits=8 the integer arithmetic of the module docstring (t rounded to fp32)."""
+    with activation_bits=8 the integer arithmetic of the module docstring (t rounded to fp32);
+    then the swiglu, if the node has one."""
+    y = _product(x, packed)
+    return swiglu(y) if packed.activation == "swiglu" else y
+
+
+def _product(x: np.ndarray, packed: SparseRows) -> np.ndarray:
     if packed.activation_bits == 8:
         rows = x.reshape(-1, packed.in_features).astype(np.float32)
         t = quantized_product(rows, packed.v, packed.bits, packed.group_size).astype(np.float32)
         y = quantized_product(np.concatenate([rows, t], axis=1), packed.main, packed.bits, packed.group_size)
-        return y.reshape(*x.shape[:-1], packed.out_features)
+        return y.reshape(*x.shape[:-1], packed.main.mask.shape[0])
     w = dequantize(packed.main, packed.bits, packed.group_size).astype(np.float64)
     v = dequantize(packed.v, packed.bits, packed.group_size).astype(np.float64)
     x64 = x.astype(np.float64)

@@ -59,7 +59,7 @@ def test_fused_graph_gives_the_same_logits(dense_export, tmp_path):
     layers = config.num_hidden_layers
     model = onnx.load(str(fused / "model.onnx"))
     assert fused_op_counts(model) == {"GroupQueryAttention": layers, "SimplifiedLayerNormalization": 1,
-                                      "SkipSimplifiedLayerNormalization": 2 * layers, "packed_qkv": layers}
+                                      "SkipSimplifiedLayerNormalization": 2 * layers, "packed_qkv": layers, "swiglu": 0}
     ops = Counter(node.op_type for node in model.graph.node)
     assert ops["Softmax"] == ops["Pow"] == ops["Cast"] - 2 == 0  # nothing of the unfused attention or RMSNorm is left
     assert ops["MatMul"] == 5 * layers + 1  # per layer one packed q/k/v MatMul, o, gate, up, down; and the lm_head
@@ -122,13 +122,18 @@ def test_rewritten_formats_fuse_after_the_rewrite(checkpoint, tmp_path, fmt):
     before = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
     fused = fused_copy(tmp_path / "onnx", tmp_path / "fused")
     after = onnx.load(str(fused / "model.onnx"))
-    theirs = {"MatMulNBits", "SparseRowsMatMul"} | {n.op_type for n in before.graph.node if n.domain == "ai.sslc"}
-    untouched = lambda m: sorted(n.SerializeToString() for n in m.graph.node if n.op_type in theirs)  # noqa: E731
-    assert untouched(before) and untouched(after) == untouched(before)
     counts = fused_op_counts(after)
-    assert counts["GroupQueryAttention"] == 2 and counts["packed_qkv"] == 0  # each projection keeps its own S, U, V
-    if fmt == "sparse":  # exact fp32 S, U, V: the unfused dense-format export of the same checkpoint is the reference
+    if fmt == "sparse":
+        # q/k/v and gate/up(+silu) merge into one ai.sslc node each: with o and down, 4 per layer
+        assert counts["GroupQueryAttention"] == counts["packed_qkv"] == counts["swiglu"] == 2
+        assert Counter(n.op_type for n in after.graph.node if n.domain == "ai.sslc") == {"SparseMatMul": 8}
+        assert not {"Sigmoid", "QuickGelu"} & {n.op_type for n in after.graph.node}
+        # exact fp32 S, U, V: the unfused dense-format export of the same checkpoint is the reference
         export_checkpoint_dir(checkpoint, tmp_path / "reference", "dense", graph="optimum")
         assert_same_logits(logits_trace(tmp_path / "reference"), logits_trace(fused), rtol=1e-4)
-    else:  # MatMulNBits (accuracy level 4) quantizes its activations to int8: fused norms move them by rounding
-        assert_same_logits(logits_trace(tmp_path / "onnx"), logits_trace(fused), rtol=2e-2)
+        return
+    untouched = lambda m: sorted(n.SerializeToString() for n in m.graph.node if n.op_type == "MatMulNBits")  # noqa: E731
+    assert untouched(before) and untouched(after) == untouched(before)
+    assert counts["GroupQueryAttention"] == 2 and counts["packed_qkv"] == 0  # each projection keeps its own S, U, V
+    # MatMulNBits (accuracy level 4) quantizes its activations to int8: fused norms move them by rounding
+    assert_same_logits(logits_trace(tmp_path / "onnx"), logits_trace(fused), rtol=2e-2)

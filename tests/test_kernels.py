@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from runtimes import kernels
 from sslc_export.errors import UserError
-from sslc_export.sparse_rows import (DOMAIN, SparseRows, activation_quantize, dequantize, pack, quantized_product,
+from sslc_export.sparse_rows import (DOMAIN, SparseRows, activation_quantize, dequantize, merge, pack, quantized_product,
                                      reference)
 
 ISAS = ["scalar", "avx2", "avx512"]
@@ -164,6 +164,59 @@ def test_activation_bits_8_matches_reference(isa: str, bits: int, case) -> None:
     assert_matches_quantized_reference(y, x, packed)
 
 
+# q, k, v of one attention (k and v with odd ranks), or gate and up of one MLP; K a multiple of the group.
+MERGED = {"qkv": [(40, 64, 5), (16, 64, 3), (16, 64, 0)], "gate_up": [(36, 64, 7), (36, 64, 9)]}
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits,activation_bits", [(32, 32), (8, 32), (4, 32), (8, 8), (4, 8)])
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 65)], ids=["m1", "m3", "m130"])
+@pytest.mark.parametrize("kind", list(MERGED))
+def test_merged_node_computes_what_its_parts_did(isa: str, bits: int, activation_bits: int, lead, kind: str) -> None:
+    """One node for q/k/v (outputs side by side) or gate/up with the swiglu, against the separate
+    parts' reference: the merge carries every kept value, integer and scale over unchanged."""
+    require_isa(isa)
+    parts = [random_layer(n, k, r, 0.45, bits, 32, seed=seed, activation_bits=activation_bits)
+             for seed, (n, k, r) in enumerate(MERGED[kind])]
+    swiglu = kind == "gate_up"
+    merged = merge(parts, interleave=swiglu)
+    x = np.random.default_rng(3).standard_normal((*lead, 64)).astype(np.float32)
+    y = session(model_bytes(merged, x_shape=(*[None] * len(lead), 64)), isa).run(None, {"x": x})[0]
+    outputs = [reference(x, p) for p in parts]
+    if swiglu:
+        gate, up = outputs
+        want = gate / (1 + np.exp(-gate)) * up
+        scale = np.abs(gate).max() * np.abs(up).max()
+    else:
+        want = np.concatenate(outputs, axis=-1)
+        scale = np.abs(want).max()
+    assert y.shape == want.shape
+    # fp32 sums (and, with int8 activations, t rounded to a neighbouring q) as in the per-part tests
+    tolerance = 1e-5 if activation_bits == 32 else 2e-2
+    assert np.abs(y - want).max() <= tolerance * scale
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_swiglu_is_accurate_over_a_wide_range(isa: str) -> None:
+    """The epilogue's exp: gate values from -100 to 100 (silu saturates both ways), 1e-6 relative."""
+    require_isa(isa)
+    n = 2000
+    mask = np.zeros((2 * n, 16), bool)
+    mask[:, 0] = True
+    values = np.zeros((2 * n, 16), np.float32)
+    values[0::2, 0] = np.linspace(-100, 100, n, dtype=np.float32)  # gate row j = g_j · x0
+    values[1::2, 0] = 1.0  # up row j = x0
+    packed = pack(values, mask, np.zeros((2 * n, 0), np.float32), np.zeros((0, 16), np.float32))
+    packed = SparseRows(packed.main, packed.v, 32, 64, activation="swiglu")
+    x = np.zeros((1, 16), np.float32)
+    x[0, 0] = 1.0
+    y = session(model_bytes(packed, x_shape=(None, 16)), isa).run(None, {"x": x})[0]
+    gate = values[0::2, 0].astype(np.float64)
+    want = gate / (1 + np.exp(-gate))
+    assert np.abs(y[0] - want).max() <= 1e-6 * np.maximum(np.abs(want), 1e-3).max()
+    assert (np.abs(y[0] - want) <= 2e-6 * np.abs(want) + 1e-30).all()
+
+
 def test_default_isa_is_the_best_this_cpu_has() -> None:
     assert kernels.isa() in ("avx2", "avx512")
     os.environ["SSLC_KERNEL_ISA"] = "sse9"
@@ -201,6 +254,8 @@ def malformed_cases():
     yield "activation bits", model_bytes(i8, activation_bits=16), "activation_bits must be 8 or 32, got 16"
     yield "fp32 activation bits", model_bytes(f32, activation_bits=8), "activation_bits must be 32, got 8"
     yield "not constant", model_bytes(f32, graph_inputs=("values",)), "input 2 \\(values\\) must be a constant initializer"
+    yield "activation", model_bytes(f32, activation="gelu"), 'activation must be absent or "swiglu", got "gelu"'
+    yield "odd swiglu rows", model_bytes(f32, activation="swiglu"), "activation swiglu needs \\(gate, up\\) row pairs, but W' has 19 rows"
 
 
 @pytest.mark.parametrize("case", list(malformed_cases()), ids=lambda c: c[0])

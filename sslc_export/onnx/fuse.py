@@ -11,13 +11,17 @@ What is fused, per decoder layer of a LLaMA / Qwen2 / Mistral export (task text-
   and SkipSimplifiedLayerNormalization where a residual Add feeds it (the Add's sum comes out of the fused
   node's fourth output).
 
-- q/k/v packing: where q, k and v are three plain weight nodes on one input (MatMul, or MatMulNBits with equal
-  settings, each with an optional bias Add: the dense and int4 baselines), they become one node whose output
-  GroupQueryAttention reads as its packed query, as in the model builder's graph.
+- q/k/v packing: where q, k and v are three weight nodes on one input (MatMul, MatMulNBits with equal
+  settings, or our `ai.sslc` operators of one kind, each with an optional bias Add: the dense and int4
+  baselines, the sparse formats), they become one node whose output GroupQueryAttention reads as its packed
+  query, as in the model builder's graph. `ai.sslc` nodes merge exactly (sparse_rows.merge).
+- gated MLP: where gate_proj and up_proj are `ai.sslc` nodes on one input and the graph computes
+  silu(gate)·up (optimum's Sigmoid and two Muls), the five nodes become one `ai.sslc` node with
+  activation "swiglu" (onnxruntime has no CPU SwiGLU operator for plain MatMuls to use).
 
-What is never touched: whatever the rewrite put in place of a projection (our `ai.sslc` custom ops, the
-joined/structured layouts, their MatMulNBits; each on its own input, so never packed), the o_proj, the MLP and
-the lm_head; they only get new neighbours. The fusion reads no shapes and creates
+What is never touched: the joined/structured layouts' MatMul chains (each projection on its own input,
+so never packed), the o_proj, the down_proj and the lm_head; they only get new neighbours. About half of
+a decode step is per-node cost, so fewer, larger nodes pay twice. The fusion reads no shapes and creates
 no onnxruntime session: it matches node patterns by their structure (anchored on the graph outputs
 present.N.key / present.N.value), so it works on graphs onnxruntime could not even load without our
 custom-op library. A layer whose attention does not match the expected structure is left unfused
@@ -39,6 +43,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from transformers import PretrainedConfig
 
+from sslc_export.sparse_rows import DOMAIN as SPARSE_DOMAIN
+from sslc_export.sparse_rows import SparseRows, merge
+
 MS_DOMAIN = "com.microsoft"
 FUSED_OPS = ("GroupQueryAttention", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
 _BNSH = [0, 2, 1, 3]  # (batch, seq, heads, dim) <-> (batch, heads, seq, dim)
@@ -46,8 +53,8 @@ _SEARCH_LIMIT = 400  # nodes visited per bounded walk: a layer's attention core 
 
 
 def fuse(model: onnx.ModelProto, config: PretrainedConfig, attention: bool = True, norms: bool = True,
-         pack_qkv: bool = True) -> onnx.ModelProto:
-    """Return `model` (changed in place) with attention and RMSNorm fused; see the module docstring."""
+         pack_qkv: bool = True, gated_mlp: bool = True) -> onnx.ModelProto:
+    """Return `model` (changed in place) with attention, RMSNorm and gated MLPs fused; see the module docstring."""
     if not _fp32(model):
         return model  # the patterns below skip optimum's Casts to float, which are identities only on an fp32 graph
     graph = _Graph(model)
@@ -55,6 +62,8 @@ def fuse(model: onnx.ModelProto, config: PretrainedConfig, attention: bool = Tru
         _fuse_attention(graph, config, pack_qkv)
     if norms:
         _fuse_rms_norms(graph)
+    if gated_mlp:
+        _fuse_gated_mlps(graph)
     graph.finish()
     if not any(opset.domain == MS_DOMAIN for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
@@ -67,10 +76,12 @@ def _fp32(model: onnx.ModelProto) -> bool:
 
 
 def fused_op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    """How many of each fused operator the graph holds, and how many attentions read one packed q/k/v projection."""
+    """How many of each fused operator the graph holds, how many attentions read one packed q/k/v
+    projection, and how many gated MLPs run as one swiglu node."""
     counts = Counter(node.op_type for node in model.graph.node if node.domain in ("", MS_DOMAIN))
     packed = sum(1 for node in model.graph.node if node.op_type == "GroupQueryAttention" and len(node.input) > 1 and not node.input[1])
-    return {**{op: counts.get(op, 0) for op in FUSED_OPS}, "packed_qkv": packed}
+    swiglu = sum(1 for node in model.graph.node if node.domain == SPARSE_DOMAIN and _attr(node, "activation") == b"swiglu")
+    return {**{op: counts.get(op, 0) for op in FUSED_OPS}, "packed_qkv": packed, "swiglu": swiglu}
 
 
 class _Graph:
@@ -341,8 +352,10 @@ def _projection(g: _Graph, name: str):
             return None
         if node is None or len(g.consumers.get(node.output[0], [])) != 1:
             return None
-    if node is None or node.domain not in ("", MS_DOMAIN):
+    if node is None or node.domain not in ("", MS_DOMAIN, SPARSE_DOMAIN):
         return None
+    if node.domain == SPARSE_DOMAIN:
+        return (node, bias) if all(i in g.initializers for i in node.input[1:]) else None
     if node.op_type == "MatMul" and node.input[1] in g.initializers:
         return node, bias
     if node.op_type == "MatMulNBits" and len(node.input) == 3 and all(i in g.initializers for i in node.input[1:]):
@@ -365,7 +378,12 @@ def _pack_qkv(g: _Graph, layer: int, q: str, k: str, v: str):
     packed = g.unique(prefix + "/output_0")
     matmul_out = g.unique(prefix + "/MatMul_output_0") if biases[0] is not None else packed
     new: list[onnx.NodeProto] = []
-    if nodes[0].op_type == "MatMul":
+    if nodes[0].domain == SPARSE_DOMAIN:
+        merged = _merged_sparse(g, nodes, interleave=False)
+        if merged is None:
+            return None
+        new.append(_sparse_node(g, prefix, nodes[0].input[0], matmul_out, merged))
+    elif nodes[0].op_type == "MatMul":
         weights = [numpy_helper.to_array(g.initializers[n.input[1]]) for n in nodes]
         if any(w.ndim != 2 or w.shape[0] != weights[0].shape[0] for w in weights):
             return None
@@ -392,6 +410,84 @@ def _pack_qkv(g: _Graph, layer: int, q: str, k: str, v: str):
         g.added_initializers.append(numpy_helper.from_array(np.concatenate(biases).astype(np.float32), bias))
         new.append(helper.make_node("Add", [matmul_out, bias], [packed], name=g.unique(prefix + "/Add")))
     return packed, new
+
+
+def _sparse_packing(g: _Graph, node: onnx.NodeProto) -> SparseRows:
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return SparseRows.from_node(node.op_type, [numpy_helper.to_array(g.initializers[i]) for i in node.input[1:]], attributes)
+
+
+def _merged_sparse(g: _Graph, nodes: list[onnx.NodeProto], interleave: bool) -> SparseRows | None:
+    """The ai.sslc nodes' packings merged into one, or None when they are not of one kind."""
+    try:
+        return merge([_sparse_packing(g, n) for n in nodes], interleave=interleave)
+    except ValueError:
+        return None
+
+
+def _sparse_node(g: _Graph, prefix: str, x: str, output: str, packed: SparseRows) -> onnx.NodeProto:
+    from sslc_export.onnx.formats.sparse import INPUT_NAMES
+
+    names = []
+    for suffix, array in zip(INPUT_NAMES[packed.bits], packed.inputs(), strict=True):
+        names.append(g.unique(f"{prefix}.{suffix}"))
+        g.added_initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), names[-1]))
+    return helper.make_node(packed.op_type, [x, *names], [output], name=g.unique(prefix + "/sparse_matmul"),
+                            domain=SPARSE_DOMAIN, **packed.attributes())
+
+
+# ---------------------------------------------------------------- gate_proj, up_proj, silu(gate)·up -> one ai.sslc node
+
+
+def _fuse_gated_mlps(g: _Graph) -> int:
+    """Mul(Mul(a, Sigmoid(a)), b) with a = gate_proj(x), b = up_proj(x) two ai.sslc nodes (no bias) on one x,
+    no other reader of any intermediate: one node with interleaved rows and activation "swiglu"."""
+    fused = 0
+    removed: set[int] = set()
+    added: list[onnx.NodeProto] = []
+    for mul in g.nodes:
+        if mul.op_type != "Mul" or mul.domain or id(mul) in removed:
+            continue
+        match = _match_gated_mlp(g, mul)
+        if match is None:
+            continue
+        gate, up, silu_nodes = match
+        merged = _merged_sparse(g, [gate, up], interleave=True)
+        if merged is None:
+            continue
+        scope = gate.name.rsplit("/", 1)[0]  # model.layers.N.mlp.gate_proj
+        prefix = scope.replace("gate_proj", "gate_up_proj") if "gate_proj" in scope else scope + ".gate_up"
+        added.append(_sparse_node(g, prefix, gate.input[0], mul.output[0], merged))
+        removed.update(id(n) for n in (gate, up, mul, *silu_nodes))
+        fused += 1
+    g.nodes = [n for n in g.nodes if id(n) not in removed] + added
+    g.reindex()
+    return fused
+
+
+def _match_gated_mlp(g: _Graph, mul: onnx.NodeProto):
+    """(gate node, up node, [Sigmoid, Mul]) when `mul` computes silu(gate(x))·up(x), else None."""
+    def only_reader(name: str, reader: onnx.NodeProto) -> bool:
+        return name not in g.outputs and [id(n) for n in g.consumers.get(name, [])] == [id(reader)]
+
+    for silu_out, up_out in (mul.input, reversed(mul.input)):
+        silu = g.producer.get(silu_out)
+        up = g.producer.get(up_out)
+        if silu is None or up is None or silu.op_type != "Mul" or silu.domain or up.domain != SPARSE_DOMAIN:
+            continue
+        for gate_out, sigmoid_out in (silu.input, reversed(silu.input)):
+            sigmoid, gate = g.producer.get(sigmoid_out), g.producer.get(gate_out)
+            if (sigmoid is None or gate is None or sigmoid.op_type != "Sigmoid" or sigmoid.input[0] != gate_out
+                    or gate.domain != SPARSE_DOMAIN or gate.input[0] != up.input[0] or gate is up):
+                continue
+            readers = sorted(id(n) for n in g.consumers.get(gate_out, []))
+            if (gate_out in g.outputs or readers != sorted((id(sigmoid), id(silu))) or not only_reader(sigmoid_out, silu)
+                    or not only_reader(silu_out, mul) or not only_reader(up_out, mul)):
+                continue
+            if not all(i in g.initializers for i in [*gate.input[1:], *up.input[1:]]):
+                continue
+            return gate, up, [sigmoid, silu]
+    return None
 
 
 def _match_attention(g: _Graph, layer: int):

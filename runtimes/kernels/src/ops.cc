@@ -8,6 +8,9 @@
 // and y[m,n] = sum_g w_scale[n,g]·x_scale[m,g]·(sum_{c in g} W_int[n,c]·q[m,c]). Decode computes
 // this with exact integer dot products; prefill multiplies the dequantized weights with the
 // dequantized q·x_scale in fp32: the same value up to fp32 rounding.
+// Attribute activation (any op): absent or "swiglu". With "swiglu" the rows of W' are pairs
+// (gate, up) interleaved, and the output holds N/2 values: y[m,j] = silu(y'[m,2j])·y'[m,2j+1],
+// the gated MLP's first half in one node (the export merges gate_proj and up_proj into it).
 // Inputs 1.. are initializers: they are validated once, when the session creates the kernel,
 // and a bad model is refused there with the node's name in the message. The kernels then read
 // them in place (onnxruntime keeps initializers for the session's life); only the last rows'
@@ -99,6 +102,14 @@ class SparseMatMulKernel {
       throw std::invalid_argument(std::string("attribute activation_bits must be ") + (quantized ? "8 or 32" : "32") +
                                   ", got " + std::to_string(activation_bits));
     quantize_inputs_ = activation_bits == 8;
+    std::string activation;
+    try {
+      activation = info.GetAttribute<std::string>("activation");
+    } catch (const Ort::Exception&) {  // absent: none
+    }
+    if (!activation.empty() && activation != "swiglu")
+      throw std::invalid_argument("attribute activation must be absent or \"swiglu\", got \"" + activation + "\"");
+    swiglu_ = activation == "swiglu";
     if (quantized) {
       Ort::Status status(Ort::GetApi().KernelInfoGetAttribute_int64(kernel_info, "group_size", &group_size));
       if (!status.IsOK()) group_size = 64;
@@ -120,6 +131,9 @@ class SparseMatMulKernel {
     w_ = std::make_unique<SparseRows>("W' = [S | U]", type, k_ + r_, g, main_part[0], main_part[1],
                                       quantized ? &main_part[2] : nullptr);
     n_ = w_->view().rows;
+    if (swiglu_ && n_ % 2)
+      throw std::invalid_argument("activation swiglu needs (gate, up) row pairs, but W' has " + std::to_string(n_) +
+                                  " rows");
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -136,7 +150,7 @@ class SparseMatMulKernel {
                            ORT_INVALID_ARGUMENT)
             .release();
       const size_t rows = static_cast<size_t>(x_info.GetElementCount()) / (k_ ? k_ : 1);
-      shape.back() = static_cast<int64_t>(n_);
+      shape.back() = static_cast<int64_t>(swiglu_ ? n_ / 2 : n_);
       float* y = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
       if (rows && n_) Run(ctx, x.GetTensorData<float>(), rows, y);
       return nullptr;
@@ -161,8 +175,9 @@ class SparseMatMulKernel {
       const GemvFn gemv = table_->gemv[t];
       ParallelRows(ctx, r_, GemvUnit(v, rows),
                    [&](size_t n0, size_t n1) { gemv(v, joined, padded, rows, joined + k_, padded, n0, n1); });
-      ParallelRows(ctx, n_, GemvUnit(w, rows), [&](size_t n0, size_t n1) { gemv(w, joined, padded, rows, y, n_, n0, n1); });
-      return;
+      return OutputRows(ctx, rows, GemvUnit(w, rows), y, [&](float* out, size_t n0, size_t n1) {
+        gemv(w, joined, padded, rows, out, n_, n0, n1);
+      });
     }
     // joined: [x, t] rows (stride cols); with activation_bits = 8 the packed copy holds the
     // inputs fake-quantized (q·x_scale), by V's groups for t and by W''s groups for y.
@@ -188,7 +203,21 @@ class SparseMatMulKernel {
         for (size_t m = 0; m < rows; ++m) std::copy(x + m * k_, x + (m + 1) * k_, joined + m * cols);
       pack(k_, cols);
     }
-    ParallelRows(ctx, n_, table_->gemm_nr, [&](size_t n0, size_t n1) { gemm(w, packed, padded, rows, y, n_, n0, n1); });
+    OutputRows(ctx, rows, table_->gemm_nr, y,
+               [&](float* out, size_t n0, size_t n1) { gemm(w, packed, padded, rows, out, n_, n0, n1); });
+  }
+
+  // y = the products of W''s rows [n0, n1) (stride n_), `product(out, n0, n1)` on onnxruntime's
+  // pool; with swiglu they go to a scratch first and each task combines its own (gate, up) pairs.
+  template <class F>
+  void OutputRows(const Ort::KernelContext& ctx, size_t rows, size_t unit, float* y, F&& product) const {
+    if (!swiglu_) return ParallelRows(ctx, n_, unit, [&](size_t n0, size_t n1) { product(y, n0, n1); });
+    float* full = ThreadScratch(Scratch::kOutput, rows * n_);
+    const size_t half = n_ / 2;
+    ParallelRows(ctx, n_, unit + unit % 2, [&](size_t n0, size_t n1) {  // even ranges: whole pairs
+      product(full, n0, n1);
+      for (size_t m = 0; m < rows; ++m) table_->swiglu(full + m * n_ + n0, (n1 - n0) / 2, y + m * half + n0 / 2);
+    });
   }
 
   // activation_bits = 8, decode: V and W' as integer GEMVs over the quantized rows of joined.
@@ -205,11 +234,12 @@ class SparseMatMulKernel {
                    [&](size_t n0, size_t n1) { gemv(v, in, rows, joined + k_, padded, n0, n1); });
     }
     QuantizeRows(joined, padded, rows, cols, w.group_size, q, ld_q, scales, groups, nullptr);
-    ParallelRows(ctx, n_, GemvUnit(w, rows), [&](size_t n0, size_t n1) { gemv(w, in, rows, y, n_, n0, n1); });
+    OutputRows(ctx, rows, GemvUnit(w, rows), y, [&](float* out, size_t n0, size_t n1) { gemv(w, in, rows, out, n_, n0, n1); });
   }
 
   ValueType type_;
   bool quantize_inputs_ = false;  // activation_bits = 8
+  bool swiglu_ = false;           // activation = "swiglu"
   const KernelTable* table_;
   size_t k_ = 0, r_ = 0, n_ = 0;
   std::unique_ptr<SparseRows> w_, v_;
@@ -248,6 +278,15 @@ struct SparseMatMulOp : Ort::CustomOpBase<SparseMatMulOp<kType>, SparseMatMulKer
     for (const auto& dim : shape)
       if (dim.IsInt() && dim.AsInt() < 0) return nullptr;
     shape.back() = mask[0];
+    std::string activation;
+    try {
+      activation = ctx.GetAttrString("activation");
+    } catch (const Ort::Exception&) {  // absent
+    }
+    if (activation == "swiglu") {
+      if (!mask[0].IsInt()) return nullptr;
+      shape.back() = Ort::ShapeInferContext::SymbolicInteger(mask[0].AsInt() / 2);
+    }
     return ctx.SetOutputShape(0, shape).release();
   }
 
