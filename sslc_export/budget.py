@@ -30,17 +30,24 @@ class Budget:
         return self.rank * (self.out_features + self.in_features) + self.nnz
 
 
-def check_ratio(ratio: float) -> None:
+def check_ratio(ratio: float, quantized: bool = False) -> None:
+    """0 < ratio < 1; a quantized run may also take 0 (nothing removed: a quantized dense model)."""
+    if quantized and ratio == 0:
+        return
     if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0.0 < ratio < 1.0):
-        raise UserError(f"--ratio must be a number strictly between 0 and 1 (fraction of parameters removed), got {ratio}")
+        hint = " (--ratio 0 needs --bits 8 or 4: a quantized dense model)" if ratio == 0 else ""
+        raise UserError(f"--ratio must be a number strictly between 0 and 1 (fraction of parameters removed), got {ratio}{hint}")
 
 
 def plan_budget(out_features: int, in_features: int, ratio: float, rank_ratio: float, pattern: Pattern) -> Budget:
-    """rank_ratio is the share of the kept budget given to U and V: 0 = pruning only, 1 = low-rank only."""
-    check_ratio(ratio)
+    """rank_ratio is the share of the kept budget given to U and V: 0 = pruning only, 1 = low-rank only.
+    Ratio 0 (allowed for quantized runs) keeps every entry in S and no low-rank pair."""
+    check_ratio(ratio, quantized=True)
     if not 0.0 <= rank_ratio <= 1.0:
         raise UserError(f"--rank-ratio must be in [0, 1], got {rank_ratio}")
     m, n = out_features, in_features
+    if ratio == 0:
+        return Budget(m, n, 0, m * n, m * n)
     allowed = math.floor((1.0 - ratio) * m * n)
     rank = min(math.floor(rank_ratio * allowed / (m + n)), min(m, n))
     if pattern.kind == "nm":

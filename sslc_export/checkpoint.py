@@ -7,6 +7,10 @@
         <linear>.u (m x r)  <linear>.v (r x n)  <linear>.bias (if any)
         <linear>.s_mask     S's support as packed bits, row-major (m*n/8 bytes)
         <linear>.s_values   S's kept values in the same order (never a zero-filled matrix)
+    quantized (compress --bits; format_version 2, manifest "quantization": bits, group_size), instead of
+    u, v and s_values: the integers (int8, whatever the bits) and fp32 scales per (row, group of input columns)
+        <linear>.u_q <linear>.u_scales  <linear>.v_q <linear>.v_scales
+        <linear>.s_q (S's kept integers in mask order)  <linear>.s_scales
 
 While compression runs the folder is `.NAME.partial`, holding progress for --resume.
 """
@@ -28,11 +32,14 @@ from models.loading import LoadedModel, fix_end_token, load_model
 from sslc_export.atomic import file_inventory, partial_path, publish_directory, verify_inventory, write_file_atomic, write_json_atomic
 from sslc_export.errors import UserError
 from sslc_export.layers import SparseLowRankLinear, replace_linear
+from sslc_export.quantization import Grid, Quantized, QuantizedFactors
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 HIDDEN = "progress-hidden.safetensors"
 FORMAT_VERSION = 1
+QUANTIZED_FORMAT_VERSION = 2  # integers and scales: an older tool must refuse, not misread
+READABLE_VERSIONS = (FORMAT_VERSION, QUANTIZED_FORMAT_VERSION)
 
 
 @dataclass
@@ -44,6 +51,7 @@ class CompressedTensors:
     sparse: torch.Tensor
     mask: torch.Tensor
     bias: torch.Tensor | None = None
+    quantized: QuantizedFactors | None = None  # the integers u, v and sparse were dequantized from (compress --bits)
 
 
 def block_file(index: int) -> str:
@@ -51,29 +59,43 @@ def block_file(index: int) -> str:
 
 
 def encode_layer(name: str, layer: CompressedTensors) -> dict[str, torch.Tensor]:
-    mask = layer.mask.flatten().numpy()
-    tensors = {
-        f"{name}.u": layer.u.contiguous(),
-        f"{name}.v": layer.v.contiguous(),
-        f"{name}.s_mask": torch.from_numpy(np.packbits(mask)),
-        f"{name}.s_values": layer.sparse.flatten()[layer.mask.flatten()].contiguous(),
-    }
+    mask = layer.mask.flatten()
+    tensors = {f"{name}.s_mask": torch.from_numpy(np.packbits(mask.numpy()))}
+    if layer.quantized is None:
+        tensors.update({f"{name}.u": layer.u.contiguous(), f"{name}.v": layer.v.contiguous(),
+                        f"{name}.s_values": layer.sparse.flatten()[mask].contiguous()})
+    else:
+        factors = layer.quantized
+        for part, matrix in (("u", factors.u), ("v", factors.v)):
+            tensors.update({f"{name}.{part}_q": matrix.q.contiguous(), f"{name}.{part}_scales": matrix.scales.contiguous()})
+        tensors.update({f"{name}.s_q": factors.sparse.q.flatten()[mask].contiguous(),
+                        f"{name}.s_scales": factors.sparse.scales.contiguous()})
     if layer.bias is not None:
         tensors[f"{name}.bias"] = layer.bias.contiguous()
     return tensors
 
 
-def decode_layer(name: str, tensors: dict[str, torch.Tensor]) -> CompressedTensors:
-    u, v = tensors[f"{name}.u"], tensors[f"{name}.v"]
-    rows, cols = u.shape[0], v.shape[1]
+def decode_layer(name: str, tensors: dict[str, torch.Tensor], grid: Grid | None = None) -> CompressedTensors:
+    """One Linear from its tensors; a quantized one (its manifest's `grid`) is dequantized for torch, integers kept."""
+    if (grid is None) != (f"{name}.u" in tensors):
+        raise UserError(f"layer {name}: its tensors and the manifest's quantization disagree: the checkpoint is corrupt")
+    suffix = "" if grid is None else "_q"
+    rows, cols = tensors[f"{name}.u{suffix}"].shape[0], tensors[f"{name}.v{suffix}"].shape[1]
     bits = np.unpackbits(tensors[f"{name}.s_mask"].numpy(), count=rows * cols).astype(bool)
     mask = torch.from_numpy(bits).reshape(rows, cols)
-    values = tensors[f"{name}.s_values"]
+    values = tensors[f"{name}.s_values" if grid is None else f"{name}.s_q"]
     if values.numel() != int(mask.sum()):
         raise UserError(f"layer {name}: {values.numel()} sparse values for {int(mask.sum())} mask bits: the checkpoint is corrupt")
     sparse = torch.zeros(rows * cols, dtype=values.dtype)
     sparse[mask.flatten()] = values
-    return CompressedTensors(u, v, sparse.reshape(rows, cols), mask, tensors.get(f"{name}.bias"))
+    sparse = sparse.reshape(rows, cols)
+    bias = tensors.get(f"{name}.bias")
+    if grid is None:
+        return CompressedTensors(tensors[f"{name}.u"], tensors[f"{name}.v"], sparse, mask, bias)
+    factors = QuantizedFactors(grid, Quantized(sparse, tensors[f"{name}.s_scales"]),
+                               *(Quantized(tensors[f"{name}.{part}_q"], tensors[f"{name}.{part}_scales"]) for part in ("u", "v")))
+    return CompressedTensors(factors.u.dequantize(grid), factors.v.dequantize(grid), factors.sparse.dequantize(grid), mask, bias,
+                             factors)
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -117,8 +139,8 @@ class CheckpointWriter:
     def load_hidden(self) -> torch.Tensor:
         return _load_tensors(self.work / HIDDEN)["hidden"]
 
-    def load_block(self, index: int) -> dict[str, CompressedTensors]:
-        return read_block(self.work, index)
+    def load_block(self, index: int, grid: Grid | None) -> dict[str, CompressedTensors]:
+        return read_block(self.work, index, grid)
 
     def save_block(self, index: int, layers: dict[str, CompressedTensors], reports: list[dict], hidden: torch.Tensor) -> None:
         """Block file, then the activations the next block needs, then the progress record that points at both."""
@@ -163,10 +185,17 @@ class CheckpointWriter:
         return manifest
 
 
-def read_block(folder: Path, index: int) -> dict[str, CompressedTensors]:
+def read_block(folder: Path, index: int, grid: Grid | None = None) -> dict[str, CompressedTensors]:
+    """One block's Linears; `grid` is the manifest's (checkpoint_grid), None for an fp32 checkpoint."""
     tensors = _load_tensors(folder / block_file(index))
     names = sorted({key.rsplit(".", 1)[0] for key in tensors})
-    return {name: decode_layer(name, tensors) for name in names}
+    return {name: decode_layer(name, tensors, grid) for name in names}
+
+
+def checkpoint_grid(manifest: dict) -> Grid | None:
+    """The integer grid a checkpoint's factors lie on (compress --bits), None for fp32."""
+    quantization = manifest.get("quantization")
+    return None if quantization is None else Grid(quantization["bits"], quantization["group_size"])
 
 
 def read_manifest(folder: Path, verify: bool = True) -> dict:
@@ -179,8 +208,9 @@ def read_manifest(folder: Path, verify: bool = True) -> dict:
         files = manifest["files"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise UserError(f"{path} is not a valid manifest ({exc}): re-create the checkpoint") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path} has format_version {manifest.get('format_version')}; this tool reads {FORMAT_VERSION}")
+    if manifest.get("format_version") not in READABLE_VERSIONS:
+        raise UserError(f"{path} has format_version {manifest.get('format_version')}; this tool reads "
+                        f"{' and '.join(map(str, READABLE_VERSIONS))}")
     if verify:
         verify_inventory(folder, files)
     return manifest
@@ -196,7 +226,7 @@ def load_checkpoint(folder: Path) -> tuple[LoadedModel, dict]:
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     for index in range(manifest["num_blocks"]):
-        for name, layer in read_block(folder, index).items():
+        for name, layer in read_block(folder, index, checkpoint_grid(manifest)).items():
             try:
                 replace_linear(model, name, SparseLowRankLinear(layer.sparse, layer.u, layer.v, layer.bias))
             except AttributeError:

@@ -27,7 +27,7 @@ from sslc_export.blockwalk import BlockInputs, walk_block
 from sslc_export.budget import check_ratio, plan_budget
 from sslc_export.calibration import DEFAULT_CALIBRATION_TEXT, InputStatistics, read_text, token_batches
 from sslc_export.errors import UserError
-from sslc_export.checkpoint import FORMAT_VERSION, CheckpointWriter, CompressedTensors
+from sslc_export.checkpoint import FORMAT_VERSION, QUANTIZED_FORMAT_VERSION, CheckpointWriter, CompressedTensors
 from sslc_export.layers import SparseLowRankLinear, replace_linear
 from sslc_export.methods import Method, Settings, get_method
 from sslc_export.patterns import Pattern
@@ -118,7 +118,7 @@ def fingerprint(job: CompressJob, model_identity: dict, calib_text: str) -> dict
 def compress(job: CompressJob, progress: ProgressCallback | None = None) -> CompressOutcome:
     """Compress every decoder Linear of the model and write the checkpoint."""
     method = get_method(job.method)
-    check_ratio(job.ratio)
+    check_ratio(job.ratio, quantized=job.settings.grid is not None)
     job = replace(job, settings=method.resolve(job.settings, job.pattern))
     method.check(job.pattern, job.settings)
     if job.batch_size < 1:
@@ -145,7 +145,7 @@ def compress(job: CompressJob, progress: ProgressCallback | None = None) -> Comp
         for index, block in enumerate(blocks):
             if index < writer.completed:  # finished before a resume: its outputs are the saved hidden states
                 if not loaded.streamer:
-                    for name, layer in writer.load_block(index).items():
+                    for name, layer in writer.load_block(index, job.settings.grid).items():
                         replace_linear(loaded.model, name, SparseLowRankLinear(layer.sparse, layer.u, layer.v, layer.bias))
                 continue
             if loaded.streamer:
@@ -193,7 +193,8 @@ def _compress_block(
             result = method.decompose(weight, stats, budget, job.pattern, job.settings)
             bias = None if linear.bias is None else linear.bias.detach().float()
             layers[f"{prefix}.{name}"] = CompressedTensors(
-                result.u.cpu(), result.v.cpu(), result.sparse.cpu(), result.mask.cpu(), None if bias is None else bias.cpu()
+                result.u.cpu(), result.v.cpu(), result.sparse.cpu(), result.mask.cpu(), None if bias is None else bias.cpu(),
+                None if result.quantized is None else result.quantized.to("cpu"),
             )
             replace_linear(block, name, SparseLowRankLinear(result.sparse, result.u, result.v, bias))
             nnz = int(result.mask.sum())
@@ -244,12 +245,13 @@ def _manifest(job: CompressJob, loaded: LoadedModel, layers: list[dict], num_blo
     kept = sum(layer["params_kept"] for layer in layers)
     total = sum(layer["params_total"] for layer in layers)
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if job.settings.grid is None else QUANTIZED_FORMAT_VERSION,
         "tool": {"name": "sslc-export", "version": __version__, "torch": torch.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source_model": loaded.identity,
         "model_type": loaded.model.config.model_type,
         "num_blocks": num_blocks,
+        "quantization": None if job.settings.grid is None else job.settings.grid.record(),
         "method": job.method,
         "ratio": job.ratio,
         "pattern": asdict(job.pattern),

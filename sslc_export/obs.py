@@ -2,13 +2,21 @@
 and the exact-loss variant of `sslc`.
 
 Columns are processed left to right in blocks; each pruned weight's error is pushed onto
-the not-yet-processed columns through the inverse Hessian's Cholesky factor.
+the not-yet-processed columns through the inverse Hessian's Cholesky factor. With a grid
+(compress --bits) the sweep also quantizes, as SparseGPT does for joint sparsification and
+quantization: each block's mask is chosen first, then every column is rounded in order (kept
+entries to q·scale, pruned ones to 0) and its whole error is pushed on; a group's scales are
+taken when the sweep reaches its first column, from the group's kept values as updated so far.
+With every entry kept this is GPTQ.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from sslc_export.patterns import Pattern, select
+from sslc_export.quantization import Grid, Quantized
 
 
 class ObsPruner:
@@ -25,12 +33,34 @@ class ObsPruner:
         self, weight: torch.Tensor, keep: int, pattern: Pattern, forced: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(pruned weight, keep-mask): all but `keep` entries zeroed, the survivors updated to compensate."""
+        work, keep_mask, _ = self._sweep(weight, keep, pattern, forced, None)
+        return work * keep_mask, keep_mask
+
+    def prune_quantized(
+        self, weight: torch.Tensor, keep: int, pattern: Pattern, grid: Grid, forced: torch.Tensor | None = None
+    ) -> tuple[Quantized, torch.Tensor]:
+        """(integers and scales, keep-mask): pruned as `prune` does, the survivors on `grid` (0 where pruned)."""
+        _, keep_mask, quantized = self._sweep(weight, keep, pattern, forced, grid)
+        return quantized, keep_mask
+
+    def _blocksize(self, pattern: Pattern, grid: Grid | None) -> int:
+        """Blocks hold whole N:M runs and whole quantization groups, so a group's scales see its final mask."""
+        unit = math.lcm(pattern.m if pattern.kind == "nm" else 1, grid.group_size if grid else 1)
+        return max(unit, self.blocksize - self.blocksize % unit)
+
+    def _sweep(
+        self, weight: torch.Tensor, keep: int, pattern: Pattern, forced: torch.Tensor | None, grid: Grid | None
+    ) -> tuple[torch.Tensor, torch.Tensor, Quantized | None]:
         work = weight.clone().float()
         keep_mask = torch.zeros_like(work, dtype=torch.bool)
         work[:, self.dead] = 0
         rows, cols = work.shape
         hinv = self.inverse_factor
-        blocksize = self.blocksize - self.blocksize % pattern.m if pattern.kind == "nm" else self.blocksize
+        blocksize = self._blocksize(pattern, grid)
+        quantized = None
+        if grid is not None:
+            quantized = Quantized(torch.zeros(rows, cols, dtype=torch.int8, device=work.device),
+                                  work.new_zeros(rows, grid.groups(cols)))
         for start in range(0, cols, blocksize):
             end = min(start + blocksize, cols)
             block = work[:, start:end].clone()
@@ -42,15 +72,48 @@ class ObsPruner:
             keep_mask[:, start:end] = mask
             # Rows of the transposed block are columns of W: each update touches contiguous memory.
             columns = block.T.contiguous()
-            errors = torch.empty_like(columns)
-            drop_scaled = (~mask).T.to(block.dtype) / diag[:, None]  # error_i = w_i * [pruned] / Hinv_ii
-            # Views made once: in this loop per-call overhead, not arithmetic, is the cost.
-            column, error, drop, hinv_row = columns.unbind(0), errors.unbind(0), drop_scaled.unbind(0), hinv_block.unbind(0)
-            for i in range(end - start):
-                torch.mul(column[i], drop[i], out=error[i])
-                # Zeroes column i where pruned and pushes its error onto the later columns (hinv_row[i] is 0 before i).
-                columns.addr_(hinv_row[i], error[i], alpha=-1)
+            if grid is None:
+                errors = self._prune_columns(columns, mask, hinv_block)
+            else:
+                errors = self._quantize_columns(columns, mask, hinv_block, grid, quantized, start)
             work[:, start:end] = columns.T
             errors = errors.T
             work[:, end:] -= errors @ hinv[start:end, end:]
-        return work * keep_mask, keep_mask
+        return work, keep_mask, quantized
+
+    @staticmethod
+    def _prune_columns(columns: torch.Tensor, mask: torch.Tensor, hinv_block: torch.Tensor) -> torch.Tensor:
+        """Zero the pruned entries of each column in turn, pushing their errors onto the later columns."""
+        errors = torch.empty_like(columns)
+        drop_scaled = (~mask).T.to(columns.dtype) / hinv_block.diagonal()[:, None]  # error_i = w_i * [pruned] / Hinv_ii
+        # Views made once: in this loop per-call overhead, not arithmetic, is the cost.
+        column, error, drop, hinv_row = columns.unbind(0), errors.unbind(0), drop_scaled.unbind(0), hinv_block.unbind(0)
+        for i in range(columns.shape[0]):
+            torch.mul(column[i], drop[i], out=error[i])
+            # Zeroes column i where pruned and pushes its error onto the later columns (hinv_row[i] is 0 before i).
+            columns.addr_(hinv_row[i], error[i], alpha=-1)
+        return errors
+
+    @staticmethod
+    def _quantize_columns(columns: torch.Tensor, mask: torch.Tensor, hinv_block: torch.Tensor, grid: Grid,
+                          quantized: Quantized, start: int) -> torch.Tensor:
+        """Round each column in turn (kept entries onto the grid, pruned ones to 0), pushing the errors on;
+        the integers and scales go into `quantized` (block columns start at `start`, a group boundary)."""
+        errors = torch.empty_like(columns)
+        kept = mask.T.to(columns.dtype)
+        q_block = torch.empty_like(columns)
+        rounded = torch.empty_like(columns[0])
+        diag = hinv_block.diagonal()
+        column, error, keep_row, q_row, hinv_row = (columns.unbind(0), errors.unbind(0), kept.unbind(0), q_block.unbind(0),
+                                                     hinv_block.unbind(0))
+        for i in range(columns.shape[0]):
+            if i % grid.group_size == 0:  # the group's scales from its kept values, as updated so far
+                scale = grid.scales((columns[i:i + grid.group_size] * kept[i:i + grid.group_size]).T)
+                quantized.scales[:, (start + i) // grid.group_size] = scale
+                inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))  # an all-zero group stays 0
+            torch.mul(column[i], inverse, out=q_row[i]).round_().clamp_(grid.qmin, grid.qmax).mul_(keep_row[i])
+            torch.mul(q_row[i], scale, out=rounded)
+            torch.sub(column[i], rounded, out=error[i]).div_(diag[i])
+            columns.addr_(hinv_row[i], error[i], alpha=-1)  # column i becomes exactly its rounded value (up to fp32)
+        quantized.q[:, start:start + columns.shape[0]] = q_block.T.to(torch.int8)
+        return errors

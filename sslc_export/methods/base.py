@@ -13,6 +13,7 @@ from sslc_export.calibration import InputStatistics
 from sslc_export.errors import UserError
 from sslc_export.lowrank import empty_factors
 from sslc_export.patterns import Pattern
+from sslc_export.quantization import Grid, QuantizedFactors, make_grid
 
 LOSSES = ("diag", "exact")
 
@@ -28,6 +29,12 @@ class Settings:
     tol: float = 1e-4  # stop when one iteration improves the loss by less than this fraction
     damp: float = 0.01  # Gram damping, as a fraction of its mean diagonal
     seed: int = 0
+    bits: int = 32  # 8 or 4: S, U and V end on an integer grid chosen inside the decomposition
+    group_size: int = 32  # input columns per quantization scale
+
+    @property
+    def grid(self) -> Grid | None:
+        return make_grid(self.bits, self.group_size)
 
 
 @dataclass
@@ -40,6 +47,7 @@ class Decomposition:
     mask: torch.Tensor  # m x n bool
     loss_history: list[float] = field(default_factory=list)  # the method's objective, where it checked it
     iterations: int = 1
+    quantized: QuantizedFactors | None = None  # with --bits: the stored integers; u, v and sparse are their dequantized values
 
     @property
     def rank(self) -> int:
@@ -53,6 +61,7 @@ class Method(ABC):
     name: ClassVar[str]
     patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm", "structured")
     losses: ClassVar[tuple[str, ...]] = ("diag",)
+    quantizes: ClassVar[bool] = False  # whether --bits 8|4 is built into the method's sweep
 
     default_iters: ClassVar[dict[str, int]] = {}
 
@@ -69,6 +78,9 @@ class Method(ABC):
     def check(self, pattern: Pattern, settings: Settings) -> None:
         if pattern.kind not in self.patterns:
             raise UserError(f"method {self.name} does not support --pattern {pattern.kind}: use one of {', '.join(self.patterns)}")
+        if settings.grid is not None and not self.quantizes:
+            raise UserError(f"method {self.name} has no --bits {settings.bits}: quantization runs inside the OBS sweep of "
+                            "sslc (--loss exact) and sparsegpt; use one of those")
         if settings.loss is None:
             return
         if settings.loss not in LOSSES:
@@ -84,6 +96,13 @@ class Method(ABC):
 
 def sparse_only(sparse: torch.Tensor, mask: torch.Tensor) -> Decomposition:
     return Decomposition(*empty_factors(sparse), sparse, mask)
+
+
+def on_grid(factors: QuantizedFactors, mask: torch.Tensor, loss_history: list[float] | None = None, iterations: int = 1) -> Decomposition:
+    """The decomposition a quantized method returns: the integers, and beside them the values they stand for."""
+    grid = factors.grid
+    return Decomposition(factors.u.dequantize(grid), factors.v.dequantize(grid), factors.sparse.dequantize(grid), mask,
+                         loss_history or [], iterations, factors)
 
 
 def activation_scale(stats: InputStatistics) -> torch.Tensor:

@@ -5,6 +5,9 @@ S_t = the budgeted largest |Ws - L_t| plus the salient top 1 % of |Ws|; undo D a
 exact (beyond the paper): the same alternation on the true loss ‖(W - L - S)X‖: the SVD
 step is whitened by the Cholesky factor of XᵀX and the sparse step is OBS pruning of the
 residual with XᵀX as Hessian.
+With --bits (exact loss only) the alternation stays fp32 and one more step quantizes: U and V are
+balanced and put on the grid, then the OBS step prunes and quantizes S on W - U_q·V_q in one sweep,
+so S also absorbs the low-rank pair's rounding error (`quantized_step`).
 """
 from __future__ import annotations
 
@@ -14,11 +17,13 @@ from typing import Callable
 
 import torch
 
+from sslc_export.calibration import InputStatistics
 from sslc_export.errors import UserError
-from sslc_export.lowrank import Whitening, empty_factors, randomized_svd
-from sslc_export.methods.base import Decomposition, Method, activation_scale
+from sslc_export.lowrank import Whitening, balance, empty_factors, randomized_svd
+from sslc_export.methods.base import Decomposition, Method, activation_scale, on_grid
 from sslc_export.obs import ObsPruner
 from sslc_export.patterns import Pattern, select
+from sslc_export.quantization import Grid, Quantized, QuantizedFactors, empty_low_rank
 
 LowRankStep = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 SparseStep = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -55,8 +60,29 @@ def alternate(
     return Decomposition(u, v, sparse, mask, history, iterations=step)
 
 
+def quantize_low_rank(u: torch.Tensor, v: torch.Tensor, gram: torch.Tensor, damp: float, grid: Grid) -> tuple[Quantized, Quantized]:
+    """U and V on the grid, GPTQ-style on the whitened problem: V (grouped along n) against XᵀX, then U
+    (grouped along r) against the Hessian of its own input, V_q·XᵀX·V_qᵀ, so U absorbs V's rounding error."""
+    keep_all = Pattern()
+    v_q, _ = ObsPruner(gram, damp).prune_quantized(v, v.numel(), keep_all, grid)
+    v_dequantized = v_q.dequantize(grid)
+    u_q, _ = ObsPruner(v_dequantized @ gram @ v_dequantized.T, damp).prune_quantized(u, u.numel(), keep_all, grid)
+    return u_q, v_q
+
+
+def quantized_step(weight: torch.Tensor, fitted: Decomposition, stats: InputStatistics, pruner: ObsPruner, nnz: int,
+                   pattern: Pattern, grid: Grid, damp: float, salient: torch.Tensor | None) -> Decomposition:
+    """The last step of a quantized decomposition: balanced U, V on the grid, then S pruned and quantized in one
+    OBS sweep of W - U_q·V_q, so S absorbs the low-rank rounding error as well as the pruning error."""
+    u, v = balance(fitted.u, fitted.v)
+    u_q, v_q = quantize_low_rank(u, v, stats.gram, damp, grid) if u.shape[1] else empty_low_rank(weight, grid)
+    sparse_q, mask = pruner.prune_quantized(weight - u_q.dequantize(grid) @ v_q.dequantize(grid), nnz, pattern, grid, salient)
+    return on_grid(QuantizedFactors(grid, sparse_q, u_q, v_q), mask, fitted.loss_history, fitted.iterations)
+
+
 class Sslc(Method):
     name = "sslc"
+    quantizes = True
     losses = ("exact", "diag")  # exact first: on SmolLM2 it beat diag by far at equal budget (docs/results.md)
     default_iters = {"exact": 16, "diag": 40}  # exact: the most that keeps SmolLM2 within 5 min here (docs/results.md)
 
@@ -78,6 +104,8 @@ class Sslc(Method):
             raise UserError(f"--salient must be in [0, 1), got {settings.salient_fraction}")
         if settings.loss == "exact" and pattern.kind == "structured":
             raise UserError("--loss exact has no structured sparse step: use --loss diag with --pattern structured")
+        if settings.grid is not None and settings.loss != "exact":
+            raise UserError(f"--bits {settings.bits} quantizes inside the OBS sweep of --loss exact: use --loss exact")
 
     def decompose(self, weight, stats, budget, pattern, settings):
         rows, cols = weight.shape
@@ -102,7 +130,11 @@ class Sslc(Method):
             whitening = Whitening(stats.gram, settings.damp)
             pruner = ObsPruner(stats.gram, settings.damp)
             reference = stats.error_energy(weight)
-            return alternate(
+            grid = settings.grid
+            if grid is not None and not budget.rank:  # nothing to alternate (e.g. --ratio 0): one quantized sweep
+                return quantized_step(weight, Decomposition(*empty_factors(weight), weight, weight != 0), stats, pruner,
+                                      budget.nnz, pattern, grid, settings.damp, salient)
+            fitted = alternate(
                 weight,
                 (lambda residual, warm: whitening.low_rank(residual, budget.rank, warm)) if budget.rank else no_low_rank,
                 lambda residual: pruner.prune(residual, budget.nnz, pattern, salient),
@@ -110,6 +142,9 @@ class Sslc(Method):
                 iters,
                 settings.tol,
             )
+            if grid is None:
+                return fitted
+            return quantized_step(weight, fitted, stats, pruner, budget.nnz, pattern, grid, settings.damp, salient)
 
         norm = scaled.norm()
 

@@ -17,12 +17,12 @@ from runtimes import kernels
 from runtimes.session import EXPORT_MANIFEST
 from sslc_export import __version__
 from sslc_export.atomic import check_writable_target, file_inventory, partial_path, publish_directory, write_json_atomic
-from sslc_export.checkpoint import CompressedTensors, load_checkpoint, read_block, read_manifest
+from sslc_export.checkpoint import CompressedTensors, checkpoint_grid, load_checkpoint, read_block, read_manifest
 from sslc_export.onnx.export import ONNX_FILE, dense_equivalent, export_dense
 from sslc_export.errors import UserError
 from sslc_export.onnx.genai import GENAI_CONFIG, genai_config
 from sslc_export.onnx.onnx_io import save_onnx
-from sslc_export.onnx.formats import Format, check_pairing, get_format
+from sslc_export.onnx.formats import Format, check_checkpoint_bits, check_pairing, get_format
 from sslc_export.onnx.formats.base import MATMULNBITS_RTOL
 from sslc_export.onnx.fuse import fuse, fused_op_counts
 from sslc_export.onnx.quantize import check_lm_head, decoder_matmuls, quantize_head, quantize_nodes
@@ -94,6 +94,7 @@ def export_checkpoint_dir(checkpoint: Path, out: Path, fmt: str = "dense", overw
     check_graph(graph)
     manifest = read_manifest(checkpoint)
     check_pairing(chosen, manifest["pattern"]["kind"])
+    check_checkpoint_bits(chosen, manifest)
     check_lm_head(lm_head)
     if chosen.needs_kernels:
         kernels.require()
@@ -101,7 +102,7 @@ def export_checkpoint_dir(checkpoint: Path, out: Path, fmt: str = "dense", overw
     loaded, manifest = load_checkpoint(checkpoint)
     layers: dict[str, CompressedTensors] = {}
     for index in range(manifest["num_blocks"]):
-        layers.update(read_block(checkpoint, index))
+        layers.update(read_block(checkpoint, index, checkpoint_grid(manifest)))
     dense_equivalent(loaded.model)
 
     def transform(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -117,6 +118,9 @@ def export_checkpoint_dir(checkpoint: Path, out: Path, fmt: str = "dense", overw
                    "pattern": manifest["pattern"], "checkpoint_dense_sha256": manifest["files"]["dense.safetensors"]["sha256"]},
         "compressed_layers": len(layers),
     }
+    grid = checkpoint_grid(manifest)
+    if grid is not None and record["quantization"] is not None:  # the checkpoint's integers, written as they are
+        record["quantization"] = {**record["quantization"], **grid.record(), "integers_from": "the checkpoint (compress --bits)"}
     return _build(loaded, out, transform, record, fused=graph == "fused" and chosen.layout.fusable)
 
 

@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 from models.loading import LoadedModel
 from runtimes.session import OnnxCausalLM
-from sslc_export.checkpoint import read_block, read_manifest
+from sslc_export.checkpoint import checkpoint_grid, read_block, read_manifest
 from sslc_export.layers import SparseLowRankLinear, replace_linear
 from sslc_export.onnx.formats import get_format
 from sslc_export.onnx.formats.base import FP32_RTOL
@@ -37,7 +37,7 @@ def exact_reference(record: dict, checkpoint: Path, loaded: LoadedModel) -> Load
         return loaded
     manifest = read_manifest(checkpoint)
     for index in range(manifest["num_blocks"]):
-        for name, layer in read_block(checkpoint, index).items():
+        for name, layer in read_block(checkpoint, index, checkpoint_grid(manifest)).items():
             exact = fmt.reference(layer)
             replace_linear(loaded.model, name, SparseLowRankLinear(exact.sparse, exact.u, exact.v, exact.bias))
     return loaded

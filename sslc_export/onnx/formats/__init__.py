@@ -77,10 +77,28 @@ def check_pairing(fmt: Format, pattern_kind: str) -> None:
         raise UserError(f"format {fmt.name} needs a checkpoint compressed with --pattern {needed}; this one is {pattern_kind}")
 
 
+def check_checkpoint_bits(fmt: Format, manifest: dict) -> None:
+    """A quantized checkpoint exports its own integers (sparse-intB with its bits) or, in fp32 formats, the values
+    they stand for; anything that would round them a second time is refused."""
+    quantization = manifest.get("quantization")
+    if quantization is None or fmt.bits == 32:
+        return
+    bits, group_size = quantization["bits"], quantization["group_size"]
+    if not fmt.layout.quantizes_itself or fmt.bits != bits:
+        raise UserError(f"this checkpoint holds {bits}-bit integers from compress --bits {bits}; format {fmt.name} would round "
+                        f"them again: export it as sparse-int{bits} (its own integers) or an fp32 format (their values)")
+    for layer in manifest["layers"]:
+        cols = layer["shape"][1]
+        if layer["rank"] and cols % group_size:
+            raise UserError(f"layer {layer['name']} has {cols} input columns, not a multiple of --group-size {group_size}, so "
+                            f"[S | U] groups would straddle S and U: recompress with a --group-size that divides {cols}")
+
+
 def help_text() -> str:
     """One line per layout for --help."""
     lines = [f"{layout.name}: {layout.summary}" + ("" if layout.bits == (32,) else " (also -int8, -int4)") for layout in LAYOUTS.values()]
     return "; ".join(lines) + "; int4/int8 = joined-int4/joined-int8."
 
 
-__all__ = ["ALIASES", "FORMATS", "Format", "LAYOUTS", "Layout", "Subgraph", "check_pairing", "get_format", "help_text"]
+__all__ = ["ALIASES", "FORMATS", "Format", "LAYOUTS", "Layout", "Subgraph", "check_checkpoint_bits", "check_pairing", "get_format",
+           "help_text"]

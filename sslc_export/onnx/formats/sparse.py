@@ -9,14 +9,15 @@ only, and the operator quantizes its activations to int8 per group as well (acti
 integer dot products, as MatMulNBits' accuracy_level 4 does; the float path costs several times
 more instructions than the bytes it saves). `reference` gives the exact dequantized factors: with
 ACTIVATION_BITS = 32 the ONNX equals them at fp32 tolerance (a test checks it), with 8 it differs
-only by the activations' rounding.
+only by the activations' rounding. A quantized checkpoint (compress --bits) already holds its integers
+and scales: they are packed as they are (no second rounding), in the checkpoint's group size.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from sslc_export.onnx.formats.base import MATMULNBITS_RTOL, Layout, Subgraph
-from sslc_export.sparse_rows import DOMAIN, OP_TYPES, SparseRows, dequantize, pack
+from sslc_export.sparse_rows import DOMAIN, OP_TYPES, SparseRows, dequantize, pack, pack_quantized_rows
 
 if TYPE_CHECKING:
     from sslc_export.checkpoint import CompressedTensors
@@ -33,11 +34,29 @@ INPUT_NAMES[4] = INPUT_NAMES[8]
 
 
 def _packed(layer: CompressedTensors, bits: int) -> SparseRows:
+    if layer.quantized is not None and bits != 32:
+        return _packed_integers(layer)
     from sslc_export.lowrank import balance
 
     u, v = balance(layer.u, layer.v)
     return pack(layer.sparse.numpy(), layer.mask.numpy(), u.numpy(), v.numpy(), bits, GROUP_SIZE,
                 ACTIVATION_BITS if bits != 32 else 32)
+
+
+def _packed_integers(layer: CompressedTensors) -> SparseRows:
+    """The checkpoint's own integers and scales: W' = [S | U] (its groups run over S's K columns, then U's R;
+    exact because K is a multiple of the group size, see check_checkpoint_bits) and V, all rows fully kept."""
+    import numpy as np
+
+    factors = layer.quantized
+    grid = factors.grid
+    keep = np.concatenate([layer.mask.numpy(), np.ones(factors.u.q.shape, bool)], axis=1)
+    q = np.concatenate([factors.sparse.q.numpy(), factors.u.q.numpy()], axis=1)
+    scales = np.concatenate([factors.sparse.scales.numpy(), factors.u.scales.numpy()], axis=1)
+    v = factors.v
+    return SparseRows(pack_quantized_rows(keep, q, scales, grid.bits, grid.group_size),
+                      pack_quantized_rows(np.ones(v.q.shape, bool), v.q.numpy(), v.scales.numpy(), grid.bits, grid.group_size),
+                      grid.bits, grid.group_size, ACTIVATION_BITS)
 
 
 class SparseLayout(Layout):
@@ -53,7 +72,7 @@ class SparseLayout(Layout):
         graph.domains[DOMAIN] = DOMAIN_VERSION
 
     def reference(self, layer: CompressedTensors, bits: int) -> CompressedTensors:
-        if bits == 32:
+        if bits == 32 or layer.quantized is not None:  # a quantized checkpoint's values are already the dequantized ones
             return layer
         import torch
 
