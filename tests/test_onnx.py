@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import onnx
+from transformers import AutoConfig
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -66,7 +67,7 @@ def test_sparse_quantized_formats_equal_their_dequantized_checkpoint(tiny_model,
     assert record["rtol"] == (1e-5 if activation_bits == 32 else sparse.ACTIVATION_RTOL)
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
     ops = [n for n in graph.graph.node if n.domain == "ai.sslc"]
-    assert len(ops) == 14 and {n.op_type for n in ops} == {f"SparseMatMulInt{bits}"}
+    assert len(ops) == 4 * 2 and {n.op_type for n in ops} == {f"SparseMatMulInt{bits}"}  # q/k/v and gate/up merged
     assert not [n for n in graph.graph.node if n.op_type in ("MatMulNBits", "MatMul") and n.name.startswith("model.layers")]
     assert record["quantization"]["bits"] == bits and record["custom_ops"] == "ai.sslc"
     exact = exact_reference(record, ckpt, load_checkpoint(ckpt)[0])
@@ -295,15 +296,27 @@ def test_quantization_touches_exactly_the_intended_nodes(tmp_path):
         assert report.passed, report
 
 
-def test_tied_lm_head_int4_baseline(tiny_llama, tmp_path):
-    """A tied lm_head reads Transpose(embedding): --lm-head int4 gives it its own quantized copy."""
-    record = build.export_dense_model(str(tiny_llama), tmp_path / "int4", "int4", lm_head="int4")
-    nodes = onnx.load(str(tmp_path / "int4" / "model.onnx")).graph.node
-    assert {"GatherBlockQuantized", "MatMulNBits"} <= {n.op_type for n in nodes}
-    assert [n for n in nodes if n.op_type == "MatMulNBits" and "logits" in n.output]
-    report = validate(tmp_path / "int4", load_model(str(tiny_llama)),
-                      rtol=record["rtol"], require_same_tokens=False)
+@pytest.mark.parametrize("lm_head", ["int4", "int8"])
+def test_tied_lm_head_is_quantized_once_and_stays_tied(tiny_llama, tmp_path, lm_head):
+    """A tied lm_head reads Transpose(embedding): --lm-head int4/int8 quantizes it once, and the embedding
+    reads the head's own bytes (GatherBlockQuantized over a Reshape of MatMulNBits' weight and scales)."""
+    from runtimes.genai import GenaiCausalLM
+
+    folder = tmp_path / lm_head
+    record = build.export_dense_model(str(tiny_llama), folder, "int4", lm_head=lm_head)
+    model = onnx.load(str(folder / "model.onnx"))
+    nodes = {n.op_type: n for n in model.graph.node if n.op_type in ("GatherBlockQuantized",) or "logits" in n.output}
+    head, gather = nodes["MatMulNBits"], nodes["GatherBlockQuantized"]
+    producers = {out: n for n in model.graph.node for out in n.output}
+    assert [producers[gather.input[i]].input[0] for i in (0, 2)] == list(head.input[1:3])
+    config = AutoConfig.from_pretrained(tiny_llama)
+    float_tables = [i for i in model.graph.initializer
+                    if i.data_type == onnx.TensorProto.FLOAT and sorted(i.dims) == sorted([config.vocab_size, config.hidden_size])]
+    assert not float_tables  # no fp32 copy left, and no second quantized one
+    report = validate(folder, load_model(str(tiny_llama)), rtol=record["rtol"], require_same_tokens=False)
     assert report.passed, report
+    tokens, _ = GenaiCausalLM(folder, threads=1).greedy([5, 17, 42], 3)
+    assert len(tokens) == 3
 
 
 def test_sparse_folder_runs_in_optimum_and_genai(tiny_llama, tmp_path):

@@ -8,7 +8,7 @@ import logging
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from sslc_export.errors import UserError
 
@@ -57,8 +57,9 @@ def head_and_embedding(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     return heads, embeddings
 
 
-def _materialize_tied_head(model: onnx.ModelProto) -> None:
-    """A tied lm_head reads Transpose(embedding) at run time; give it a constant transposed copy so it can be quantized."""
+def _materialize_tied_head(model: onnx.ModelProto) -> str | None:
+    """A tied lm_head reads Transpose(embedding) at run time; give it a constant transposed copy so it can be
+    quantized. Returns the embedding's initializer name when the head was tied."""
     initializers = {init.name: init for init in model.graph.initializer}
     producers = {output: node for node in model.graph.node for output in node.output}
     for node in model.graph.node:
@@ -73,6 +74,38 @@ def _materialize_tied_head(model: onnx.ModelProto) -> None:
         node.input[1] = name
         if not any(transpose.output[0] in other.input for other in model.graph.node):
             model.graph.node.remove(transpose)
+        return transpose.input[0]
+    return None
+
+
+def _share_tied_embedding(model: onnx.ModelProto, embedding: str, bits: int) -> bool:
+    """The token embedding read from the quantized lm_head's own bytes (GatherBlockQuantized over a Reshape of
+    MatMulNBits' weight and scales), as onnxruntime-genai's builder does for tied models: one quantized copy
+    on disk instead of two, and embedding and head stay tied. False (nothing changed) if the graph differs."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    head = next((n for n in model.graph.node if n.op_type == "MatMulNBits" and "logits" in n.output), None)
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[:1] == [embedding] and n.input[1:2] == ["input_ids"]]
+    if head is None or len(head.input) != 3 or len(gathers) != 1 or any(i not in initializers for i in head.input[1:]):
+        return False
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    rows, cols, block = attrs["N"], attrs["K"], attrs["block_size"]
+    gather = gathers[0]
+    shapes = {"data": [rows, cols * bits // 8], "scales": [rows, -(-cols // block)]}
+    inputs = []
+    for role, source in zip(("data", "scales"), head.input[1:]):
+        shape = f"{gather.name}/{role}_shape"
+        model.graph.initializer.append(numpy_helper.from_array(np.array(shapes[role], np.int64), shape))
+        model.graph.node.append(helper.make_node("Reshape", [source, shape], [f"{gather.name}/{role}"], name=f"{gather.name}/Reshape_{role}"))
+        inputs.append(f"{gather.name}/{role}")
+    shared = helper.make_node("GatherBlockQuantized", [inputs[0], "input_ids", inputs[1]], list(gather.output),
+                              name=gather.name + "_shared", domain="com.microsoft", bits=bits, block_size=block,
+                              gather_axis=0, quantize_axis=1)
+    index = list(model.graph.node).index(gather)
+    model.graph.node.remove(gather)
+    model.graph.node.insert(index, shared)
+    if not any(embedding in node.input for node in model.graph.node):
+        model.graph.initializer.remove(initializers[embedding])
+    return True
 
 
 def check_lm_head(choice: str) -> None:
@@ -85,6 +118,12 @@ def quantize_head(model: onnx.ModelProto, choice: str) -> onnx.ModelProto:
     check_lm_head(choice)
     if choice == "fp32":
         return model
-    _materialize_tied_head(model)
+    bits = int(choice.removeprefix("int"))
+    tied = _materialize_tied_head(model)
     heads, embeddings = head_and_embedding(model)
-    return quantize_nodes(model, int(choice.removeprefix("int")), heads, embeddings)
+    if tied is None or not heads:
+        return quantize_nodes(model, bits, heads, embeddings)
+    model = quantize_nodes(model, bits, heads)
+    if not _share_tied_embedding(model, tied, bits):
+        model = quantize_nodes(model, bits, [], head_and_embedding(model)[1])
+    return model
