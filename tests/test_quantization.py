@@ -1,0 +1,196 @@
+"""compress --bits: integers chosen inside the decomposition, stored as they are, exported as they are."""
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cli import app
+from sslc_export.budget import plan_budget
+from sslc_export.calibration import InputStatistics
+from sslc_export.checkpoint import checkpoint_grid, encode_layer, load_checkpoint, read_block, read_manifest
+from sslc_export.compress import CompressJob, compress
+from sslc_export.errors import UserError
+from sslc_export.lowrank import balance
+from sslc_export.methods import Settings, get_method
+from sslc_export.obs import ObsPruner
+from sslc_export.onnx.build import export_checkpoint_dir
+from sslc_export.onnx.formats import sparse
+from sslc_export.onnx.validate import validate
+from sslc_export.patterns import Pattern
+from sslc_export.quantization import Grid, round_to_nearest
+from sslc_export.sparse_rows import dequantize
+from test_cli_errors import assert_clean_failure
+
+GRID4 = Grid(4, 32)
+
+
+def correlated_problem(seed: int, rows: int = 64, cols: int = 128, tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight and inputs with strongly correlated columns, where error feedback has something to exploit."""
+    torch.manual_seed(seed)
+    inputs = torch.randn(tokens, cols) @ torch.randn(cols, cols)
+    return torch.randn(rows, cols), inputs
+
+
+def output_error(weight: torch.Tensor, approximation: torch.Tensor, inputs: torch.Tensor) -> float:
+    return float(((weight - approximation) @ inputs.T).norm())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_quantizing_inside_the_sweep_beats_quantizing_after_it(seed):
+    weight, inputs = correlated_problem(seed)
+    pruner = ObsPruner(inputs.T @ inputs, 0.01)
+    keep = weight.numel() * 3 // 4
+    joint, mask = pruner.prune_quantized(weight, keep, Pattern(), GRID4)
+    pruned, _ = pruner.prune(weight, keep, Pattern())
+    after = round_to_nearest(pruned, GRID4).dequantize(GRID4)  # zeros outside the mask: scales from kept values
+    assert int(mask.sum()) == keep
+    assert output_error(weight, joint.dequantize(GRID4), inputs) < 0.95 * output_error(weight, after, inputs)
+
+
+def test_everything_kept_is_gptq_and_beats_round_to_nearest():
+    weight, inputs = correlated_problem(3)
+    gptq, mask = ObsPruner(inputs.T @ inputs, 0.01).prune_quantized(weight, weight.numel(), Pattern(), GRID4)
+    assert bool(mask.all())
+    nearest = round_to_nearest(weight, GRID4).dequantize(GRID4)
+    assert output_error(weight, gptq.dequantize(GRID4), inputs) < 0.9 * output_error(weight, nearest, inputs)
+
+
+@pytest.mark.parametrize("grid", [Grid(8, 32), Grid(4, 32), Grid(4, 48)])
+def test_integers_stay_in_range_and_vanish_outside_the_mask(grid):
+    weight, inputs = correlated_problem(4, cols=144)
+    quantized, mask = ObsPruner(inputs.T @ inputs, 0.01).prune_quantized(weight, weight.numel() // 2, Pattern(), grid)
+    assert quantized.q.dtype == torch.int8 and quantized.scales.shape == (64, grid.groups(144))
+    assert int(quantized.q.min()) >= grid.qmin and int(quantized.q.max()) <= grid.qmax
+    assert not quantized.q[~mask].any()
+    assert int(quantized.q.abs().max()) >= grid.qmax  # the grid is used, not collapsed
+
+
+def test_scales_come_from_the_kept_values_only():
+    """A diagonal Hessian pushes no error between columns, so each scale is max|kept| / qmax of the weight itself;
+    a large weight on a rarely active input is pruned and must not stretch its group's scale."""
+    torch.manual_seed(5)
+    weight = torch.randn(16, 64)
+    activity = torch.ones(64)
+    activity[::8] = 1e-6  # inputs that barely fire: their weights go first
+    weight[:, ::8] = 50.0
+    quantized, mask = ObsPruner(torch.diag(activity), 0.0).prune_quantized(weight, weight.numel() // 2, Pattern(), GRID4)
+    assert not mask[:, ::8].any()
+    kept = (weight * mask).abs().reshape(16, 2, 32).amax(dim=2)
+    torch.testing.assert_close(quantized.scales, kept / GRID4.qmax)
+
+
+def statistics(inputs: torch.Tensor) -> InputStatistics:
+    stats = InputStatistics(inputs.shape[1])
+    stats.add_batch(inputs)
+    return stats
+
+
+def test_sslc_with_bits_beats_quantizing_its_fp32_factors_afterwards():
+    weight, inputs = correlated_problem(6, rows=96, cols=128, tokens=2048)
+    stats, pattern = statistics(inputs), Pattern()
+    method = get_method("sslc")
+    budget = plan_budget(96, 128, 0.2, 0.1, pattern)  # at 0.2 rounding, not pruning, dominates the error
+    settings = method.resolve(Settings(iters=4), pattern)
+    fp32 = method.decompose(weight, stats, budget, pattern, settings)
+    joint = method.decompose(weight, stats, budget, pattern, method.resolve(Settings(iters=4, bits=4), pattern))
+    assert joint.rank == fp32.rank > 0 and int(joint.mask.sum()) == budget.nnz
+    u, v = balance(fp32.u, fp32.v)
+    after = (round_to_nearest(fp32.sparse, GRID4).dequantize(GRID4)
+             + round_to_nearest(u, GRID4).dequantize(GRID4) @ round_to_nearest(v, GRID4).dequantize(GRID4))
+    torch.testing.assert_close(joint.dense(), joint.quantized.sparse.dequantize(GRID4)
+                               + joint.quantized.u.dequantize(GRID4) @ joint.quantized.v.dequantize(GRID4))
+    assert output_error(weight, joint.dense(), inputs) < 0.95 * output_error(weight, after, inputs)
+
+
+@pytest.fixture(scope="module")
+def quantized_checkpoint(tiny_llama, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("quantized") / "ckpt"
+    compress(CompressJob(out=folder, model=str(tiny_llama), ratio=0.4, settings=Settings(iters=3, bits=4), nsamples=4, seqlen=32,
+                         batch_size=4))
+    return folder
+
+
+def test_checkpoint_stores_integers_and_reads_back_bit_exactly(quantized_checkpoint):
+    manifest = read_manifest(quantized_checkpoint)
+    assert manifest["quantization"]["bits"] == 4 and manifest["quantization"]["group_size"] == 32
+    assert manifest["format_version"] == 2
+    stored = load_file(str(quantized_checkpoint / "blocks" / "block-0000.safetensors"))
+    assert {stored[key].dtype for key in stored if key.endswith("_q")} == {torch.int8}
+    assert not any(key.endswith((".u", ".v", ".s_values")) for key in stored)
+    layers = read_block(quantized_checkpoint, 0, checkpoint_grid(manifest))
+    for name, layer in layers.items():
+        again = encode_layer(name, layer)
+        assert again.keys() == {key for key in stored if key.startswith(f"{name}.")}
+        assert all(torch.equal(again[key], stored[key]) for key in again)
+        factors = layer.quantized
+        assert torch.equal(layer.sparse, factors.sparse.dequantize(GRID4)) and not factors.sparse.q[~layer.mask].any()
+
+
+def test_sparse_export_packs_the_checkpoint_integers_unchanged(quantized_checkpoint):
+    from sslc_export.onnx.formats.sparse import _packed
+
+    grid = checkpoint_grid(read_manifest(quantized_checkpoint))
+    for layer in read_block(quantized_checkpoint, 0, grid).values():
+        packed = _packed(layer, 4)
+        assert packed.group_size == 32
+        joined = np.concatenate([layer.sparse.numpy(), layer.u.numpy()], axis=1)
+        assert np.array_equal(dequantize(packed.main, 4, 32), joined)
+        assert np.array_equal(dequantize(packed.v, 4, 32), layer.v.numpy())
+
+
+@pytest.mark.parametrize("activation_bits", [32, 8])
+def test_quantized_export_equals_the_dequantized_checkpoint(quantized_checkpoint, tmp_path, monkeypatch, activation_bits):
+    """fp32 activations: exact at fp32 tolerance, same greedy tokens; the default int8 activations: within their bound."""
+    monkeypatch.setattr(sparse, "ACTIVATION_BITS", activation_bits)
+    record = export_checkpoint_dir(quantized_checkpoint, tmp_path / "onnx", "sparse-int4")
+    assert record["quantization"]["group_size"] == 32 and record["quantization"]["integers_from"]
+    assert record["rtol"] == (1e-5 if activation_bits == 32 else sparse.ACTIVATION_RTOL)
+    report = validate(tmp_path / "onnx", load_checkpoint(quantized_checkpoint)[0], rtol=record["rtol"],
+                      require_same_tokens=activation_bits == 32)
+    assert report.passed, report
+
+
+def test_fp32_format_of_a_quantized_checkpoint_writes_its_values(quantized_checkpoint, tmp_path):
+    record = export_checkpoint_dir(quantized_checkpoint, tmp_path / "onnx", "joined")
+    assert validate(tmp_path / "onnx", load_checkpoint(quantized_checkpoint)[0], rtol=record["rtol"]).passed
+
+
+@pytest.mark.parametrize("fmt, expected", [("sparse-int8", "export it as sparse-int4"), ("joined-int4", "would round them again")])
+def test_formats_that_would_round_again_are_refused(quantized_checkpoint, tmp_path, fmt, expected):
+    with pytest.raises(UserError, match=expected):
+        export_checkpoint_dir(quantized_checkpoint, tmp_path / "onnx", fmt)
+    assert not list(tmp_path.iterdir())
+
+
+def test_ratio_zero_is_a_quantized_dense_model(tiny_llama, tmp_path, monkeypatch):
+    folder = tmp_path / "gptq"
+    manifest = compress(CompressJob(out=folder, model=str(tiny_llama), ratio=0.0, settings=Settings(bits=4), nsamples=4, seqlen=32,
+                                    batch_size=4)).manifest
+    assert all(layer["rank"] == 0 and layer["nnz"] == layer["params_total"] for layer in manifest["layers"])
+    monkeypatch.setattr(sparse, "ACTIVATION_BITS", 32)
+    record = export_checkpoint_dir(folder, tmp_path / "onnx", "sparse-int4")
+    assert validate(tmp_path / "onnx", load_checkpoint(folder)[0], rtol=record["rtol"]).passed
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--bits", "5"], "--bits must be one of 32, 8, 4"),
+        (["--bits", "4", "--group-size", "24"], "--group-size must be a positive multiple of 16"),
+        (["--bits", "4", "--group-size", "0"], "--group-size must be a positive multiple of 16"),
+        (["--bits", "4", "--method", "wanda"], "method wanda has no --bits 4"),
+        (["--bits", "4", "--loss", "diag"], "use --loss exact"),
+        (["--ratio", "0"], "--ratio 0 needs --bits"),
+    ],
+)
+def test_bad_quantization_flags(tiny_llama, tmp_path, flags, expected):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["compress", "--model", str(tiny_llama), "--out", str(out), *flags])
+    assert_clean_failure(result, out, expected)
+
+
+def test_export_cli_refuses_a_mismatched_format(quantized_checkpoint, tmp_path):
+    out = tmp_path / "onnx"
+    result = CliRunner().invoke(app, ["export", str(quantized_checkpoint), str(out), "--format", "sparse-int8"])
+    assert_clean_failure(result, out, "export it as sparse-int4")
