@@ -92,6 +92,10 @@ FORMAT_HELP = _format_help()
 ModelOption = typer.Option(None, "--model", "-m", help="Hugging Face model folder or .gguf file; default: bundled SmolLM2-135M-Instruct.")
 ThreadsOption = typer.Option(None, help="Torch CPU threads (default: all cores).")
 JsonOption = typer.Option(None, "--json", help="Also write the reported figures to this JSON file.")
+HELDOUT_HELP = "Held-out texts: comma-separated bundled names (prose = Alice, technical, code) or text files/folders; default: every bundled one."
+HeldoutOption = typer.Option(None, "--heldout", "--text", help=HELDOUT_HELP)
+CalibOption = typer.Option(None, "--calib", help="Calibration: 'mix' (default: equal shares of the bundled prose, technical and code texts), "
+                           "comma-separated bundled names (e.g. 'prose': Pride and Prejudice alone) or a text file/folder.")
 
 
 def print_table(title: str, headers: list[str], rows: list[list]) -> None:
@@ -117,11 +121,12 @@ def compress(
     tol: float = typer.Option(1e-4, help="sslc: stop when an iteration improves the loss by less than this fraction."),
     bits: int = typer.Option(32, help="32 (fp32) | 8 | 4: S, U and V quantized inside the decomposition (sslc --loss exact, sparsegpt; S in the OBS sweep); with --ratio 0, a GPTQ-quantized dense model."),
     group_size: int = typer.Option(32, "--group-size", help="With --bits: input columns per scale (a positive multiple of 16)."),
+    damp: float = typer.Option(0.01, help="Exact loss (sslc, svd, sparsegpt): damping added to XᵀX, as a fraction of its mean diagonal; (0, 1]."),
     pattern: str = typer.Option("unstructured", help="Sparsity of S: unstructured | nm | structured."),
     nm: str = typer.Option("2:4", help="N:M for --pattern nm."),
     scope: str = typer.Option("row", help="unstructured: budget per output row (row) or per matrix (layer)."),
     axis: str = typer.Option("columns", help="structured: keep whole input columns or output rows of S."),
-    calib: Optional[Path] = typer.Option(None, help="Calibration text file or folder (default: bundled public-domain text)."),
+    calib: Optional[str] = CalibOption,
     nsamples: int = typer.Option(64, help="Calibration sequences."),
     seqlen: int = typer.Option(256, help="Tokens per calibration sequence."),
     seed: int = typer.Option(0, help="Seed for calibration sampling and randomized SVD."),
@@ -145,7 +150,7 @@ def compress(
         ratio=ratio,
         model=model,
         pattern=Pattern.parse(pattern, nm, scope, axis),
-        settings=Settings(rank_ratio=rank_ratio, iters=iters, salient_fraction=salient, loss=loss, tol=tol, seed=seed,
+        settings=Settings(rank_ratio=rank_ratio, iters=iters, salient_fraction=salient, loss=loss, tol=tol, damp=damp, seed=seed,
                           bits=bits, group_size=group_size),
         calib=calib,
         nsamples=nsamples,
@@ -216,7 +221,7 @@ def convert_command(
 @handles_user_errors
 def evaluate_command(
     model_or_checkpoint: Optional[str] = typer.Argument(None, help="Checkpoint folder, HF model folder or .gguf; default: bundled model."),
-    text: Optional[Path] = typer.Option(None, help="Text for perplexity (default: bundled held-out text, never used for calibration)."),
+    heldout: Optional[str] = HeldoutOption,
     window: int = typer.Option(512, help="Tokens per perplexity window."),
     stride: Optional[int] = typer.Option(None, help="Tokens between window starts (default: = window, no overlap)."),
     prompt: str = typer.Option("The capital of France is", help="Prompt for a greedy generation."),
@@ -224,31 +229,35 @@ def evaluate_command(
     threads: Optional[int] = ThreadsOption,
     json_path: Optional[Path] = JsonOption,
 ):
-    """Perplexity on a text and a greedy generation, for the dense model or a checkpoint."""
-    from sslc_export.calibration import DEFAULT_HELDOUT_TEXT, read_text
-    from sslc_export.evaluate import greedy_generate, perplexity
+    """Perplexity on each held-out text and a greedy generation, for the dense model or a checkpoint."""
+    from sslc_export.corpus import heldout_texts, read_heldout
+    from sslc_export.evaluate import greedy_generate, perplexity_per_text
     from sslc_export.checkpoint import load_model_or_checkpoint
     from sslc_export.report import write_json
 
     set_threads(threads)
-    text_path = text or DEFAULT_HELDOUT_TEXT
-    content = read_text(text_path)
+    texts = read_heldout(heldout)
     loaded = load_model_or_checkpoint(model_or_checkpoint)
     with progress_bar() as bar:
         task = bar.add_task("perplexity", total=None)
-        result = perplexity(
-            loaded.model, loaded.tokenizer, content, window, stride, lambda done, total: bar.update(task, completed=done, total=total)
+        per_text = perplexity_per_text(
+            loaded.model, loaded.tokenizer, texts, window, stride,
+            lambda name, done, total: bar.update(task, completed=done, total=total, description=f"perplexity {name}"),
         )
-    result.update(model=loaded.identity["source"], text=str(text_path))
+    paths = {text.name: str(text.path) for text in heldout_texts(heldout)}
+    result = {"model": loaded.identity["source"], "window": window, "stride": stride or window,
+              "heldout": {name: {"path": paths[name], "perplexity": value["perplexity"], "tokens": value["tokens"]}
+                          for name, value in per_text.items()}}
     if max_new_tokens > 0:
         result.update(prompt=prompt, generation=greedy_generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens))
-    table = Table(title="evaluation")
-    table.add_column("figure")
-    table.add_column("value")
-    for key in ("model", "text", "window", "stride", "tokens", "perplexity", "prompt", "generation"):
-        if key in result:
-            table.add_row(key, f"{result[key]:.3f}" if isinstance(result[key], float) else str(result[key]))
+    table = Table(title=f"evaluation of {result['model']} (window {window}, stride {stride or window})")
+    for column in ("held-out text", "file", "tokens", "perplexity"):
+        table.add_column(column)
+    for name, value in result["heldout"].items():
+        table.add_row(name, Path(value["path"]).name, str(value["tokens"]), f"{value['perplexity']:.3f}")
     out.print(table)
+    if max_new_tokens > 0:
+        out.print(f"{prompt!r} -> {result['generation']!r}", highlight=False, markup=False)
     write_json(json_path, result)
 
 
@@ -451,7 +460,7 @@ def bench_command(
     onnx_dirs: list[Path] = typer.Argument(..., help="Folders written by `sslc-export export`; the first is the baseline for ratios."),
     provider: str = typer.Option("cpu", help="Comma-separated execution providers, all measured in this one run."),
     threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads (default: all cores)."),
-    text: Optional[Path] = typer.Option(None, help="Held-out text: token ids for timing and perplexity through the same session (default: bundled)."),
+    heldout: Optional[str] = typer.Option(None, "--heldout", "--text", help=HELDOUT_HELP + " Timing takes its ids from the first; perplexity is measured on each through the same session."),
     no_perplexity: bool = typer.Option(False, "--no-perplexity", help="Skip perplexity (timing only)."),
     genai: bool = typer.Option(False, "--genai", help="Also decode through onnxruntime-genai (CPU) and report its speed and whether it picks our greedy tokens."),
     prompt_lengths: str = typer.Option("32,128,512", help="Prompt lengths for prefill timing."),
@@ -464,10 +473,9 @@ def bench_command(
     """Latency, throughput, memory, size and perplexity of ONNX models, side by side in one run."""
     from runtimes.bench import BenchConfig, bench, columns, plot, table_rows
     from sslc_export.atomic import write_file_atomic
-    from sslc_export.calibration import DEFAULT_HELDOUT_TEXT, read_text
+    from sslc_export.corpus import read_heldout
     from sslc_export.report import markdown_table, update_markdown_section, write_json
 
-    text_path = text or DEFAULT_HELDOUT_TEXT
     try:
         lengths = tuple(int(v) for v in prompt_lengths.split(",") if v)
     except ValueError:
@@ -475,7 +483,7 @@ def bench_command(
     if decode_tokens < 1 or repeats < 1 or (threads is not None and threads < 1):
         raise UserError("--decode-tokens, --repeats and --threads must be >= 1")
     config = BenchConfig(prompt_lengths=lengths, decode_tokens=decode_tokens, repeats=repeats, threads=threads,
-                         text=read_text(text_path), measure_perplexity=not no_perplexity, genai=genai)
+                         texts=read_heldout(heldout), measure_perplexity=not no_perplexity, genai=genai)
     providers = [p for p in provider.split(",") if p]
     from runtimes.providers import get_provider
 
@@ -485,7 +493,6 @@ def bench_command(
             raise UserError(f"provider {name} is not available: {state.reason}")
     with console.status(f"benchmarking {len(onnx_dirs)} model(s) on {', '.join(providers)}"):
         result = bench(onnx_dirs, providers, config)
-    result["text"] = str(text_path)
     rows = table_rows(result)
     print_table(f"{result['machine']['cpu']}, {result['machine']['cores']} cores, {result['threads']} threads", columns(result), rows)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -520,7 +527,7 @@ def profile_command(
     from transformers import AutoTokenizer
 
     from runtimes.profile import profile_decode
-    from sslc_export.calibration import DEFAULT_HELDOUT_TEXT, read_text
+    from sslc_export.corpus import HELDOUT_TEXTS, read_text
     from sslc_export.report import markdown_table, update_markdown_section, write_json
 
     if steps < 1 or prompt_length < 1:
@@ -528,7 +535,7 @@ def profile_command(
     results, bodies = [], []
     for folder in onnx_dirs:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        ids = tokenizer(read_text(DEFAULT_HELDOUT_TEXT), return_tensors="np", add_special_tokens=False).input_ids[:, :prompt_length]
+        ids = tokenizer(read_text(HELDOUT_TEXTS["prose"]), return_tensors="np", add_special_tokens=False).input_ids[:, :prompt_length]
         with console.status(f"profiling {folder}"):
             result = profile_decode(folder, ids, steps, threads)
         results.append(result)
@@ -579,19 +586,20 @@ def compare_command(
     ratios: str = typer.Option("0.3,0.5", help="Comma-separated compression ratios."),
     extra_losses: str = typer.Option("sslc:diag,svd:diag", help="Also run these method:loss pairs (each method also runs at its default loss)."),
     model: Optional[str] = ModelOption,
-    text: Optional[Path] = typer.Option(None, help="Held-out text for perplexity (default: bundled, never used for calibration)."),
+    heldout: Optional[str] = HeldoutOption,
     window: int = typer.Option(512, help="Perplexity window (stride = window)."),
     work_dir: Path = typer.Option(Path("runs/compare"), help="Where checkpoints go; finished ones are reused."),
     rank_ratio: float = typer.Option(0.10, help="sslc rank ratio."),
     iters: Optional[int] = typer.Option(None, help="sslc iterations (default: 16 exact, 40 diag)."),
     nsamples: int = typer.Option(64, help="Calibration sequences."),
     seqlen: int = typer.Option(256, help="Tokens per calibration sequence."),
+    calib: Optional[str] = CalibOption,
     report: Optional[Path] = typer.Option(None, help="Markdown file whose 'compression' section gets the table (e.g. docs/results.md)."),
     threads: Optional[int] = ThreadsOption,
     json_path: Optional[Path] = JsonOption,
 ):
-    """Compress with several methods at equal budgets and tabulate held-out perplexity."""
-    from sslc_export.calibration import DEFAULT_HELDOUT_TEXT, read_text
+    """Compress with several methods at equal budgets and tabulate perplexity on each held-out text."""
+    from sslc_export.corpus import read_heldout
     from sslc_export.compare import compare, parse_variants
     from sslc_export.compress import CompressJob
     from sslc_export.methods import Settings, get_method
@@ -601,42 +609,41 @@ def compare_command(
     variants = parse_variants(methods, ratios, extra_losses)
     for variant in variants:
         get_method(variant.method)
-    text_path = text or DEFAULT_HELDOUT_TEXT
-    content = read_text(text_path)
+    texts = read_heldout(heldout)
     base = CompressJob(
-        out=work_dir, model=model, settings=Settings(rank_ratio=rank_ratio, iters=iters), nsamples=nsamples, seqlen=seqlen
+        out=work_dir, model=model, settings=Settings(rank_ratio=rank_ratio, iters=iters), calib=calib, nsamples=nsamples, seqlen=seqlen
     )
     with progress_bar() as bar:
         task = bar.add_task("dense", total=len(variants) + 1)
-        rows = compare(variants, base, work_dir, content, window, lambda label: bar.update(task, advance=1, description=label))
+        rows = compare(variants, base, work_dir, texts, window, lambda label: bar.update(task, advance=1, description=label))
         bar.update(task, advance=1, description="done")
-    headers = ["method", "loss", "ratio", "kept", "perplexity", "vs dense", "mean rel. loss", "compress s"]
+    headers = ["method", "loss", "ratio", "kept", *(f"ppl {name}" for name in texts), "worst vs dense", "mean rel. loss", "compress s"]
     table_rows = [
         [
             row["method"],
             row["loss"],
             row["ratio"],
             f"{row['params_kept'] / row['params_total']:.1%}" if "params_kept" in row else "100%",
-            f"{row['perplexity']:.2f}",
-            f"{row.get('perplexity_vs_dense', 1.0):.2f}x",
+            *(f"{row['perplexity'][name]:.2f}" for name in texts),
+            f"{max(row.get('perplexity_vs_dense', {'dense': 1.0}).values()):.2f}x",
             f"{row['mean_relative_loss']:.4f}" if "mean_relative_loss" in row else "",
             row.get("compression_seconds", ""),
         ]
         for row in rows
     ]
-    print_table(f"held-out perplexity ({text_path.name}, window {window})", headers, table_rows)
+    print_table(f"held-out perplexity ({', '.join(texts)}; window {window})", headers, table_rows)
     import torch
 
     command = "sslc-export compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "sslc-export compare"
     body = (
         f"Measured by `{command}` on this machine ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads); "
-        f"held-out text `{text_path.name}`, window {window}, stride {window}; calibration {nsamples} x {seqlen} tokens "
-        f"of the bundled calibration text; sslc rank ratio {rank_ratio}, at most {iters or '16 (exact) / 40 (diag)'} iterations.\n\n"
+        f"held-out texts {', '.join(f'`{name}`' for name in texts)}, window {window}, stride {window}; calibration {nsamples} x {seqlen} tokens "
+        f"of `{calib or 'mix'}`; sslc rank ratio {rank_ratio}, at most {iters or '16 (exact) / 40 (diag)'} iterations.\n\n"
         + markdown_table(headers, table_rows)
     )
     if report is not None:
         update_markdown_section(report, "compression", body)
-    write_json(json_path, {"text": str(text_path), "window": window, "rows": rows})
+    write_json(json_path, {"heldout": list(texts), "calibration": calib or "mix", "window": window, "rows": rows})
 
 
 def main() -> None:

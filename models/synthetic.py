@@ -15,7 +15,7 @@ import typer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
-from sslc_export.calibration import DEFAULT_CALIBRATION_TEXT
+from sslc_export.corpus import CALIBRATION_TEXTS
 
 TINY_DIMS = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
@@ -29,7 +29,7 @@ def small_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tokenizer.train_from_iterator([DEFAULT_CALIBRATION_TEXT.read_text()[:60000]], trainer)
+    tokenizer.train_from_iterator([CALIBRATION_TEXTS["prose"].read_text()[:60000]], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", bos_token="<|endoftext|>")
 
 

@@ -1,6 +1,7 @@
 """The benchmark protocol (DESIGN.md): per model folder and provider, prompt processing at
 32/128/512 tokens and decode over >= 64 new tokens at batch 1, warm-up first, p50 and p90,
-peak RSS, file size, and perplexity through the same onnxruntime session.
+peak RSS, file size, and perplexity on each held-out text through the same onnxruntime session
+(three bundled texts, about 1.8x the tokens Alice alone took; `--heldout prose` for that alone).
 
 Each (model, provider) pair runs in its own child process so that its peak RSS is its own.
 """
@@ -11,7 +12,7 @@ import multiprocessing
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from models.loading import fix_end_token
 from runtimes.providers import get_provider
 from runtimes.session import EXPORT_MANIFEST, ONNX_FILE, OnnxCausalLM
 from sslc_export.errors import UserError
-from sslc_export.evaluate import perplexity
+from sslc_export.evaluate import perplexity_per_text
 from sslc_export.memory import peak_rss_bytes
 
 
@@ -34,7 +35,7 @@ class BenchConfig:
     repeats: int = 5
     warmup: int = 2
     threads: int | None = None
-    text: str = ""  # token ids for timing come from it, and perplexity is measured on it
+    texts: dict[str, str] = field(default_factory=dict)  # name -> held-out text: timing ids from the first, perplexity on each
     measure_perplexity: bool = True
     window: int = 512
     genai: bool = False  # also decode through onnxruntime-genai and compare its greedy tokens with ours
@@ -76,7 +77,7 @@ def bench_model(folder: Path, provider: str, config: BenchConfig) -> dict:
     runtime = OnnxCausalLM(folder, provider, config.threads)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     fix_end_token(tokenizer, AutoConfig.from_pretrained(folder))
-    ids = tokenizer(config.text, return_tensors="np", add_special_tokens=False).input_ids
+    ids = tokenizer(next(iter(config.texts.values())), return_tensors="np", add_special_tokens=False).input_ids
     longest = max(*config.prompt_lengths, config.decode_prompt)
     if ids.shape[1] < longest:
         raise UserError(f"the benchmark text has {ids.shape[1]} tokens; it needs at least {longest}")
@@ -118,7 +119,7 @@ def bench_model(folder: Path, provider: str, config: BenchConfig) -> dict:
 
         # A window past the model's context is not a perplexity the model defines (a fused graph's rotary cache ends there).
         window = min(config.window, AutoConfig.from_pretrained(folder).max_position_embeddings)
-        result["perplexity"] = perplexity(onnx_logits, tokenizer, config.text, window)["perplexity"]
+        result["perplexity"] = {name: value["perplexity"] for name, value in perplexity_per_text(onnx_logits, tokenizer, config.texts, window).items()}
     result["file_bytes"] = sum(p.stat().st_size for p in folder.glob(f"{ONNX_FILE}*"))
     return result
 
@@ -180,12 +181,12 @@ def bench(folders: list[Path], providers: list[str], config: BenchConfig) -> dic
             if status == "error":
                 raise UserError(payload)
             rows.append(payload)
-    settings = {key: value for key, value in asdict(config).items() if key != "text"}
+    settings = {key: value for key, value in asdict(config).items() if key != "texts"}
     return {"machine": machine(), "threads": config.threads or os.cpu_count(), "config": settings, "rows": rows}
 
 
 COLUMNS = ["model", "provider", "format", "lm_head", "size MB", "prefill 128 tok/s", "prefill 512 tok/s", "decode ms/tok p50", "decode p90",
-           "decode tok/s", "decode speed-up", "peak RSS MB", "perplexity"]
+           "decode tok/s", "decode speed-up", "peak RSS MB"]
 GPU_COLUMNS = ["GPU memory MB"]
 GENAI_COLUMNS = ["genai decode ms/tok p50", "genai greedy = ours"]
 
@@ -194,14 +195,20 @@ def _on_gpu(report: dict) -> bool:
     return any(row.get("device_memory_bytes") for row in report["rows"])
 
 
+def _heldout_names(report: dict) -> list[str]:
+    return list(next((row["perplexity"] for row in report["rows"] if "perplexity" in row), {}))
+
+
 def columns(report: dict) -> list[str]:
-    return COLUMNS + GPU_COLUMNS * _on_gpu(report) + GENAI_COLUMNS * any("genai" in row for row in report["rows"])
+    perplexity_columns = [f"ppl {name}" for name in _heldout_names(report)]
+    return COLUMNS + perplexity_columns + GPU_COLUMNS * _on_gpu(report) + GENAI_COLUMNS * any("genai" in row for row in report["rows"])
 
 
 def table_rows(report: dict) -> list[list[str]]:
     rows = report["rows"]
     base = {row["provider"]: row for row in rows if row["model"] == rows[0]["model"]}
     on_gpu = _on_gpu(report)
+    names = _heldout_names(report)
     out = []
     for row in rows:
         ref = base[row["provider"]]
@@ -212,8 +219,8 @@ def table_rows(report: dict) -> list[list[str]]:
             f"{row['decode']['p50_ms']:.1f}", f"{row['decode']['p90_ms']:.1f}", f"{row['decode']['tokens_per_s']:.1f}",
             f"{ref['decode']['p50_ms'] / row['decode']['p50_ms']:.2f}x",
             f"{row['peak_rss_bytes'] / 1e6:.0f}",
-            f"{row['perplexity']:.2f}" if "perplexity" in row else "",
         ]
+        cells += [f"{row['perplexity'][name]:.2f}" if "perplexity" in row else "" for name in names]
         if on_gpu:
             cells.append(f"{(row.get('device_memory_bytes') or 0) / 1e6:.0f}")
         if "genai" in row:
@@ -223,7 +230,7 @@ def table_rows(report: dict) -> list[list[str]]:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Decode speed against perplexity (or size, without --text): the trade-off users pick from."""
+    """Decode speed against the worst held-out perplexity (or size, with --no-perplexity): the trade-off users pick from."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,13 +242,13 @@ def plot(report: dict, path: Path) -> None:
     axes[0].barh(labels, [r["decode"]["tokens_per_s"] for r in rows], color="#4477aa")
     axes[0].set_xlabel("decode tokens/s (batch 1, p50)")
     axes[0].invert_yaxis()
-    y_key = "perplexity" if all("perplexity" in r for r in rows) else None
+    with_perplexity = all("perplexity" in r for r in rows)
     for row, label in zip(rows, labels):
-        y = row[y_key] if y_key else row["file_bytes"] / 1e6
+        y = max(row["perplexity"].values()) if with_perplexity else row["file_bytes"] / 1e6
         axes[1].scatter(row["decode"]["tokens_per_s"], y)
         axes[1].annotate(label, (row["decode"]["tokens_per_s"], y), fontsize=7)
     axes[1].set_xlabel("decode tokens/s")
-    axes[1].set_ylabel("held-out perplexity" if y_key else "file size (MB)")
+    axes[1].set_ylabel("worst held-out perplexity" if with_perplexity else "file size (MB)")
     figure.suptitle(f"{report['machine']['cpu']}, {report['threads']} threads")
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -5,39 +5,14 @@ stream activations through hooks without keeping them.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import hashlib
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from sslc_export.corpus import NamedText, calibration_texts, read_text
 from sslc_export.errors import UserError
-
-DATA_DIR = Path(__file__).parent / "data"
-DEFAULT_CALIBRATION_TEXT = DATA_DIR / "calibration.txt"  # Pride and Prejudice ch. II-XXX (Project Gutenberg #1342, public domain)
-DEFAULT_HELDOUT_TEXT = DATA_DIR / "heldout.txt"  # Alice's Adventures in Wonderland (Project Gutenberg #11, public domain)
-TEXT_SUFFIXES = (".txt", ".md", ".text")
-
-
-def read_text(path: Path) -> str:
-    """One file, or every .txt/.md file of a folder in name order; must be non-empty UTF-8 text."""
-    if not path.exists():
-        raise UserError(f"text path {path} does not exist: pass a UTF-8 text file or a folder of .txt files")
-    files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES) if path.is_dir() else [path]
-    if not files:
-        raise UserError(f"folder {path} holds no .txt or .md files")
-    parts = []
-    for file in files:
-        raw = file.read_bytes()
-        if b"\x00" in raw:
-            raise UserError(f"{file} looks binary (it contains NUL bytes): pass a UTF-8 text file")
-        try:
-            parts.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{file} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    text = "\n\n".join(parts)
-    if not text.strip():
-        raise UserError(f"{path} is empty: pass a text with at least one calibration sequence")
-    return text
 
 
 def token_batches(
@@ -55,6 +30,43 @@ def token_batches(
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=generator)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """The calibration texts of one run, read (and so checked) before any model is loaded.
+
+    `nsamples` is split in equal shares across the texts (the first ones take the remainder), so a
+    long text does not outweigh a short domain; each share is drawn with the run's seed, so one
+    text alone samples exactly the windows a single-text run always did."""
+
+    texts: tuple[NamedText, ...]
+    contents: tuple[str, ...]
+
+    @classmethod
+    def read(cls, choice: str | None) -> CalibrationSet:
+        texts = tuple(calibration_texts(choice))
+        return cls(texts, tuple(read_text(text.path) for text in texts))
+
+    def shares(self, nsamples: int) -> list[int]:
+        return [nsamples // len(self.texts) + (index < nsamples % len(self.texts)) for index in range(len(self.texts))]
+
+    def tokens(self, tokenizer: PreTrainedTokenizerBase, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+        if nsamples < 1:
+            raise UserError(f"--nsamples must be >= 1, got {nsamples}")
+        batches = [
+            token_batches(tokenizer, content, share, seqlen, seed, str(text.path))
+            for text, content, share in zip(self.texts, self.contents, self.shares(nsamples))
+            if share
+        ]
+        return torch.cat(batches)
+
+    def record(self, nsamples: int) -> list[dict]:
+        """What the manifest keeps: each text's name, path, hash and number of sequences."""
+        return [
+            {"name": text.name, "path": str(text.path), "sha256": hashlib.sha256(content.encode()).hexdigest(), "sequences": share}
+            for text, content, share in zip(self.texts, self.contents, self.shares(nsamples))
+        ]
 
 
 class InputStatistics:

@@ -1,5 +1,5 @@
-"""Side-by-side quality of methods at equal budgets: compress each variant, measure held-out
-perplexity, return rows for a table. Finished checkpoints are reused, so an interrupted
+"""Side-by-side quality of methods at equal budgets: compress each variant, measure perplexity on
+every held-out text, return rows for a table. Finished checkpoints are reused, so an interrupted
 sweep picks up where it stopped."""
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 from models.loading import load_model
+from sslc_export.calibration import CalibrationSet
 from sslc_export.checkpoint import MANIFEST, load_checkpoint
-from sslc_export.compress import CompressJob, compress
+from sslc_export.compress import CompressJob, calibration_record, compress
 from sslc_export.errors import UserError
-from sslc_export.evaluate import perplexity
+from sslc_export.evaluate import perplexity_per_text
 from sslc_export.methods import get_method
 
 
@@ -54,8 +57,7 @@ def _reusable(folder: Path, job: CompressJob) -> bool:
         and manifest.get("ratio") == job.ratio
         and manifest.get("settings") == asdict(job.settings)  # resolved: loss and iterations included
         and manifest.get("pattern") == asdict(job.pattern)
-        and manifest.get("calibration", {}).get("nsamples") == job.nsamples
-        and manifest.get("calibration", {}).get("seqlen") == job.seqlen
+        and manifest.get("calibration") == calibration_record(job, CalibrationSet.read(job.calib))
     )
 
 
@@ -63,13 +65,13 @@ def compare(
     variants: list[Variant],
     base_job: CompressJob,
     work_dir: Path,
-    text: str,
+    texts: dict[str, str],
     window: int,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
-    """Rows of figures: the dense model first, then each variant."""
+    """Rows of figures: the dense model first, then each variant; perplexity is a name -> value map, one per text."""
     dense = load_model(base_job.model)
-    dense_ppl = perplexity(dense.model, dense.tokenizer, text, window)["perplexity"]
+    dense_ppl = _perplexities(dense.model, dense.tokenizer, texts, window)
     rows = [{"variant": "dense", "method": "dense", "ratio": 0.0, "loss": "", "perplexity": dense_ppl}]
     for variant in variants:
         if progress:
@@ -87,7 +89,7 @@ def compare(
         else:
             outcome = compress(job)
             loaded, manifest = outcome.loaded, outcome.manifest
-        ppl = perplexity(loaded.model, loaded.tokenizer, text, window)["perplexity"]
+        ppl = _perplexities(loaded.model, loaded.tokenizer, texts, window)
         losses = [layer["relative_loss"] for layer in manifest["layers"]]
         rows.append(
             {
@@ -96,7 +98,7 @@ def compare(
                 "ratio": variant.ratio,
                 "loss": job.settings.loss,
                 "perplexity": ppl,
-                "perplexity_vs_dense": ppl / dense_ppl,
+                "perplexity_vs_dense": {name: value / dense_ppl[name] for name, value in ppl.items()},
                 "params_kept": manifest["params_kept"],
                 "params_total": manifest["params_total"],
                 "mean_relative_loss": sum(losses) / len(losses),
@@ -105,3 +107,7 @@ def compare(
             }
         )
     return rows
+
+
+def _perplexities(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: dict[str, str], window: int) -> dict[str, float]:
+    return {name: result["perplexity"] for name, result in perplexity_per_text(model, tokenizer, texts, window).items()}

@@ -8,7 +8,6 @@ its statistics and a budget.
 """
 from __future__ import annotations
 
-import hashlib
 import resource
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -25,7 +24,7 @@ from sslc_export import __version__
 from sslc_export.atomic import check_writable_target
 from sslc_export.blockwalk import BlockInputs, walk_block
 from sslc_export.budget import check_ratio, plan_budget
-from sslc_export.calibration import DEFAULT_CALIBRATION_TEXT, InputStatistics, read_text, token_batches
+from sslc_export.calibration import CalibrationSet, InputStatistics
 from sslc_export.errors import UserError
 from sslc_export.checkpoint import FORMAT_VERSION, QUANTIZED_FORMAT_VERSION, CheckpointWriter, CompressedTensors
 from sslc_export.layers import SparseLowRankLinear, replace_linear
@@ -44,7 +43,7 @@ class CompressJob:
     model: str | None = None  # None: the bundled default
     pattern: Pattern = field(default_factory=Pattern)
     settings: Settings = field(default_factory=Settings)
-    calib: Path | None = None  # None: the bundled calibration text
+    calib: str | None = None  # bundled names or a path (sslc_export/corpus.py); None: the mix of every bundled domain
     nsamples: int = 64
     seqlen: int = 256
     batch_size: int = 8  # calibration sequences per forward pass
@@ -101,7 +100,7 @@ def _block_inputs(
     return BlockInputs(hidden.to(device), position_embeddings, None if mask is None else mask.to(device), batch_size)
 
 
-def fingerprint(job: CompressJob, model_identity: dict, calib_text: str) -> dict:
+def fingerprint(job: CompressJob, model_identity: dict, calibration: CalibrationSet) -> dict:
     """What must match for --resume to continue a run rather than mix two."""
     return {
         "model_sha256": model_identity["sha256"],
@@ -109,7 +108,7 @@ def fingerprint(job: CompressJob, model_identity: dict, calib_text: str) -> dict
         "ratio": job.ratio,
         "pattern": asdict(job.pattern),
         "settings": asdict(job.settings),
-        "calibration_sha256": hashlib.sha256(calib_text.encode()).hexdigest(),
+        "calibration": calibration.record(job.nsamples),
         "nsamples": job.nsamples,
         "seqlen": job.seqlen,
     }
@@ -125,20 +124,19 @@ def compress(job: CompressJob, progress: ProgressCallback | None = None) -> Comp
         raise UserError(f"--batch-size must be >= 1, got {job.batch_size}")
     device = compute_device(job.device)
     check_writable_target(job.out, job.overwrite)
-    calib_path = job.calib or DEFAULT_CALIBRATION_TEXT
-    calib_text = read_text(calib_path)
+    calibration = CalibrationSet.read(job.calib)
     resolve_source(job.model)
 
     started = time.perf_counter()
     loaded = load_model(job.model, streaming=job.streaming)
-    tokens = token_batches(loaded.tokenizer, calib_text, job.nsamples, job.seqlen, job.settings.seed, str(calib_path))
+    tokens = calibration.tokens(loaded.tokenizer, job.nsamples, job.seqlen, job.settings.seed)
     architecture = loaded.architecture
     blocks = architecture.blocks(loaded.model)
     rank_ratio = method.rank_ratio(job.settings)
     for block in blocks:  # every budget error surfaces before anything is written (shapes work on meta too)
         for name in architecture.linear_names:
             plan_budget(*block.get_submodule(name).weight.shape, job.ratio, rank_ratio, job.pattern)
-    writer = CheckpointWriter(job.out, fingerprint(job, loaded.identity, calib_text), job.resume)
+    writer = CheckpointWriter(job.out, fingerprint(job, loaded.identity, calibration), job.resume)
     inputs = _block_inputs(loaded, tokens, writer.load_hidden() if writer.completed else None, job.batch_size, device)
     compressed_names = {f"{architecture.blocks_path}.{i}.{name}" for i in range(len(blocks)) for name in architecture.linear_names}
     try:
@@ -160,7 +158,7 @@ def compress(job: CompressJob, progress: ProgressCallback | None = None) -> Comp
         writer.discard_if_empty()  # a bad input found mid-way leaves nothing behind
         raise
 
-    manifest = _manifest(job, loaded, writer.layers, len(blocks), calib_path, time.perf_counter() - started)
+    manifest = _manifest(job, loaded, writer.layers, len(blocks), calibration, time.perf_counter() - started)
     return CompressOutcome(writer.finish(loaded, compressed_names, manifest), None if loaded.streamer else loaded)
 
 
@@ -241,7 +239,14 @@ def _memory_limits() -> dict:
     return limits
 
 
-def _manifest(job: CompressJob, loaded: LoadedModel, layers: list[dict], num_blocks: int, calib: Path, seconds: float) -> dict:
+def calibration_record(job: CompressJob, calibration: CalibrationSet) -> dict:
+    """What calibrated a checkpoint; `compare` reuses a checkpoint only when this matches."""
+    return {"source": job.calib or "mix", "texts": calibration.record(job.nsamples), "nsamples": job.nsamples, "seqlen": job.seqlen}
+
+
+def _manifest(
+    job: CompressJob, loaded: LoadedModel, layers: list[dict], num_blocks: int, calibration: CalibrationSet, seconds: float
+) -> dict:
     kept = sum(layer["params_kept"] for layer in layers)
     total = sum(layer["params_total"] for layer in layers)
     return {
@@ -256,7 +261,7 @@ def _manifest(job: CompressJob, loaded: LoadedModel, layers: list[dict], num_blo
         "ratio": job.ratio,
         "pattern": asdict(job.pattern),
         "settings": asdict(job.settings),
-        "calibration": {"source": str(calib), "nsamples": job.nsamples, "seqlen": job.seqlen},
+        "calibration": calibration_record(job, calibration),
         "params_kept": kept,
         "params_total": total,
         "compression_seconds": round(seconds, 1),

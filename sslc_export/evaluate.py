@@ -56,6 +56,22 @@ def perplexity(
     return {"perplexity": math.exp(total_nll / scored), "tokens": scored, "window": window, "stride": stride}
 
 
+def perplexity_per_text(
+    model: PreTrainedModel | Callable[[torch.Tensor], torch.Tensor],
+    tokenizer: PreTrainedTokenizerBase,
+    texts: dict[str, str],
+    window: int = DEFAULT_WINDOW,
+    stride: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, dict]:
+    """`perplexity` on each named text: a figure from one domain hides what a method overfits to."""
+    results = {}
+    for name, text in texts.items():
+        step = (lambda done, total, name=name: progress(name, done, total)) if progress else None
+        results[name] = perplexity(model, tokenizer, text, window, stride, step)
+    return results
+
+
 def greedy_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int = 32) -> str:
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():

@@ -50,6 +50,11 @@ def test_bad_ratio(tiny_llama, tmp_path, ratio):
         (["--iters", "0"], "--iters must be >= 1"),
         (["--pattern", "nm", "--ratio", "0.7"], "use --ratio <= 0.50"),
         (["--device", "quantum"], "--device"),
+        (["--damp", "0"], "--damp must be in (0, 1.0]"),
+        (["--damp", "-0.01"], "--damp must be in (0, 1.0]"),
+        (["--damp", "1.5"], "--damp must be in (0, 1.0]"),
+        (["--damp", "nan"], "--damp must be in (0, 1.0]"),
+        (["--calib", "poetry"], "is not a bundled text (prose, technical, code)"),
     ],
 )
 def test_bad_method_settings(tiny_llama, tmp_path, flags, expected):
@@ -152,7 +157,7 @@ def test_compress_and_eval_write_json(tiny_llama, tmp_path, calib_file):
     evaluation = tmp_path / "eval.json"
     result = run("eval", out, "--text", calib_file, "--window", 64, "--max-new-tokens", 4, "--json", evaluation)
     assert result.exit_code == 0, result.output
-    assert json.loads(evaluation.read_text())["perplexity"] > 1
+    assert json.loads(evaluation.read_text())["heldout"]["calib"]["perplexity"] > 1
     report = tmp_path / "report.md"
     report.write_text("<!-- BEGIN timing -->\n<!-- END timing -->\n")
     result = run("checkpoints", out, "--report", report, "--section", "timing")

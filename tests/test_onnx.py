@@ -233,7 +233,9 @@ def test_bench_writes_json_markdown_and_a_real_png(tiny_llama, tmp_path):
     assert runner.invoke(app, ["export", str(ckpt), str(tmp_path / "structured"), "--format", "structured"]).exit_code == 0
     text = tmp_path / "text.txt"
     text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 60)
-    result = runner.invoke(app, ["bench", str(tmp_path / "dense"), str(tmp_path / "structured"), "--text", str(text),
+    code = tmp_path / "code.txt"
+    code.write_text("def fortune(man):\n    return {'single': man, 'wife': None}\n\n" * 60)
+    result = runner.invoke(app, ["bench", str(tmp_path / "dense"), str(tmp_path / "structured"), "--heldout", f"{text},{code}",
                                  "--prompt-lengths", "16,64", "--decode-tokens", "8", "--repeats", "2", "--genai",
                                  "--out-dir", str(tmp_path / "bench"), "--report", str(tmp_path / "results.md")])
     assert result.exit_code == 0, result.output
@@ -241,10 +243,12 @@ def test_bench_writes_json_markdown_and_a_real_png(tiny_llama, tmp_path):
     assert [row["model"] for row in report["rows"]] == ["dense", "structured"]
     for row in report["rows"]:
         assert row["decode"]["p50_ms"] > 0 and row["decode"]["p90_ms"] >= row["decode"]["p50_ms"]
-        assert set(row["prefill"]) == {"16", "64"} and row["peak_rss_bytes"] > 0 and row["perplexity"] > 1
+        assert set(row["prefill"]) == {"16", "64"} and row["peak_rss_bytes"] > 0
+        assert list(row["perplexity"]) == ["text", "code"] and min(row["perplexity"].values()) > 1
+        assert row["perplexity"]["text"] != row["perplexity"]["code"]  # each measured on its own text
         assert row["genai"]["decode"]["p50_ms"] > 0 and 0 <= row["genai"]["greedy_agreement"] <= 1
     markdown = (tmp_path / "bench" / "bench.md").read_text()
-    assert "| dense | cpu |" in markdown and "1.00x" in markdown
+    assert "| dense | cpu |" in markdown and "1.00x" in markdown and "ppl text | ppl code" in markdown
     png = (tmp_path / "bench" / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     from PIL import Image

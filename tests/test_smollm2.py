@@ -3,14 +3,14 @@ import pytest
 import torch
 
 from models.loading import default_model_path, load_model
-from sslc_export.calibration import DEFAULT_HELDOUT_TEXT
+from sslc_export.corpus import HELDOUT_TEXTS
 from sslc_export.checkpoint import load_checkpoint
 from sslc_export.compress import CompressJob, compress
 from sslc_export.evaluate import greedy_generate, perplexity
 from sslc_export.methods import Settings
 
 pytestmark = pytest.mark.slow
-HELDOUT = DEFAULT_HELDOUT_TEXT.read_text()[:12000]  # ~3k tokens: six 512-token windows
+HELDOUT = HELDOUT_TEXTS["prose"].read_text()[:12000]  # ~3k tokens: six 512-token windows
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from sslc_export.patterns import Pattern
 from sslc_export.quantization import Grid, QuantizedFactors, make_grid
 
 LOSSES = ("diag", "exact")
+MAX_DAMP = 1.0  # beyond the mean diagonal the damping outweighs the statistics it regularises
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ class Method(ABC):
         if settings.grid is not None and not self.quantizes:
             raise UserError(f"method {self.name} has no --bits {settings.bits}: quantization runs inside the OBS sweep of "
                             "sslc (--loss exact) and sparsegpt; use one of those")
+        if not 0 < settings.damp <= MAX_DAMP:
+            raise UserError(f"--damp must be in (0, {MAX_DAMP}] (a fraction of the Gram's mean diagonal added to it), got {settings.damp}")
         if settings.loss is None:
             return
         if settings.loss not in LOSSES:
