@@ -180,28 +180,36 @@ class SparseMatMulKernel {
       });
     }
     // joined: [x, t] rows (stride cols); with activation_bits = 8 the packed copy holds the
-    // inputs fake-quantized (q·x_scale), by V's groups for t and by W''s groups for y.
-    const size_t mr = table_->gemm_mr, packed_size = (rows + mr - 1) / mr * mr * padded;
+    // inputs fake-quantized (q·x_scale), by V's groups for t and by W''s groups for y. Each block
+    // of mr input rows is prepared by its own task: serial packing cost ~10 % at two threads.
+    const size_t mr = table_->gemm_mr, blocks = (rows + mr - 1) / mr, packed_size = blocks * mr * padded;
     float* packed = ThreadScratch(Scratch::kCall, packed_size + rows * cols);
     float* joined = packed + packed_size;
-    std::fill(packed, packed + packed_size, 0.0f);
-    for (size_t m = 0; m < rows; ++m) std::copy(x + m * k_, x + (m + 1) * k_, joined + m * cols);
-    auto pack = [&](size_t c0, size_t c1) {
-      if (quantize_inputs_) {  // columns [0, c1) fake-quantized in place, then all packed
-        float* scales = ThreadScratch(Scratch::kQuant, rows * w.groups);
-        QuantizeRows(joined, cols, rows, c1, w.group_size, nullptr, 0, scales, w.groups, joined);
-        c0 = 0;
-      }
-      PackInput(joined + c0, cols, rows, c1 - c0, mr, packed, padded, c0);
+    // Columns [c0, c1) of every block packed; `first`: the block is zeroed and x copied in first,
+    // otherwise x is copied back only where quantization overwrote it.
+    auto pack = [&](size_t c0, size_t c1, bool first) {
+      auto block = [&](size_t b) {
+        const size_t m0 = b * mr, count = rows - m0 < mr ? rows - m0 : mr;
+        float* in = joined + m0 * cols;
+        if (first) std::fill(packed + m0 * padded, packed + (m0 + mr) * padded, 0.0f);
+        if (first || quantize_inputs_)  // W''s groups of x are quantized from x itself
+          for (size_t m = 0; m < count; ++m) std::copy(x + (m0 + m) * k_, x + (m0 + m + 1) * k_, in + m * cols);
+        size_t from = c0;
+        if (quantize_inputs_) {  // columns [0, c1) fake-quantized in place, then all packed
+          float* scales = ThreadScratch(Scratch::kQuant, count * w.groups);
+          QuantizeRows(in, cols, count, c1, w.group_size, nullptr, 0, scales, w.groups, in);
+          from = 0;
+        }
+        PackInput(in + from, cols, count, c1 - from, mr, packed + m0 * padded, padded, from);
+      };
+      ParallelFor(ctx, blocks, block);
     };
-    pack(0, k_);
+    pack(0, k_, true);
     const GemmFn gemm = table_->gemm[t];
     if (r_) {
       ParallelRows(ctx, r_, table_->gemm_nr,
                    [&](size_t n0, size_t n1) { gemm(v, packed, padded, rows, joined + k_, cols, n0, n1); });
-      if (quantize_inputs_)  // W''s groups of x are quantized from x itself
-        for (size_t m = 0; m < rows; ++m) std::copy(x + m * k_, x + (m + 1) * k_, joined + m * cols);
-      pack(k_, cols);
+      pack(k_, cols, false);
     }
     OutputRows(ctx, rows, table_->gemm_nr, y,
                [&](float* out, size_t n0, size_t n1) { gemm(w, packed, padded, rows, out, n_, n0, n1); });
