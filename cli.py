@@ -594,7 +594,8 @@ def compare_command(
     nsamples: int = typer.Option(64, help="Calibration sequences."),
     seqlen: int = typer.Option(256, help="Tokens per calibration sequence."),
     calib: Optional[str] = CalibOption,
-    report: Optional[Path] = typer.Option(None, help="Markdown file whose 'compression' section gets the table (e.g. docs/results.md)."),
+    report: Optional[Path] = typer.Option(None, help="Markdown file whose 'compression' section (or --section) gets the table (e.g. docs/results.md)."),
+    section: str = typer.Option("compression", help="Section of --report to replace."),
     threads: Optional[int] = ThreadsOption,
     json_path: Optional[Path] = JsonOption,
 ):
@@ -642,7 +643,7 @@ def compare_command(
         + markdown_table(headers, table_rows)
     )
     if report is not None:
-        update_markdown_section(report, "compression", body)
+        update_markdown_section(report, section, body)
     write_json(json_path, {"heldout": list(texts), "calibration": calib or "mix", "window": window, "rows": rows})
 
 
