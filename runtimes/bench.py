@@ -82,8 +82,9 @@ def bench_model(folder: Path, provider: str, config: BenchConfig) -> dict:
     if ids.shape[1] < longest:
         raise UserError(f"the benchmark text has {ids.shape[1]} tokens; it needs at least {longest}")
     record = json.loads((folder / EXPORT_MANIFEST).read_text()) if (folder / EXPORT_MANIFEST).is_file() else {}
-    result: dict = {"model": folder.name, "provider": provider, "format": record.get("format", "?"),
-                    "lm_head": record.get("lm_head", "fp32"), "prefill": {}}
+    # A folder written by another tool (onnxruntime-genai's model builder) has no export.json.
+    result: dict = {"model": folder.name, "provider": provider, "format": record.get("format", "other tool"),
+                    "lm_head": record.get("lm_head", "?"), "prefill": {}}
     for length in config.prompt_lengths:
         prompt = ids[:, :length]
         times = _timed(lambda: runtime.step(prompt, runtime.empty_past()), config.repeats, config.warmup)

@@ -43,7 +43,12 @@ class OnnxCausalLM:
         self.kv_heads = config.get("num_key_value_heads", config["num_attention_heads"])
         self.head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         self.input_names = {i.name for i in self.session.get_inputs()}
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        # Asked for by name: graphs differ in output order (optimum's interleaves keys and values per
+        # layer, onnxruntime-genai's model builder lists all keys first), the cache is per layer.
+        self.output_names = ["logits"] + [f"present.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
+        missing = set(self.output_names) - {o.name for o in self.session.get_outputs()}
+        if missing:
+            raise UserError(f"{path} lacks the outputs {', '.join(sorted(missing)[:3])}...: not a causal LM with a KV cache")
 
     def empty_past(self, batch: int = 1) -> Cache:
         shape = (batch, self.kv_heads, 0, self.head_dim)
