@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUNS := runs/demo
 
-.PHONY: results-sparse demo test setup clean kernels kernels-or-skip results results-compression results-heldout results-onnx results-streaming results-large
+.PHONY: results-sparse results-quant demo test setup clean kernels kernels-or-skip results results-compression results-heldout results-onnx results-streaming results-large
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -96,6 +96,20 @@ results-sparse: $(STAMP) kernels
 	$(BIN)/sslc-export bench $(SPARSE_DIRS) --threads 2 --repeats 3 --genai --out-dir docs/bench-sparse --report docs/results.md --section sparse-bench
 	$(BIN)/sslc-export profile $(RES)/dense $(RES)/sslc-0.5-sparse $(RES)/sslc-0.5-sparse-int4-lmint4 --threads 2 --report docs/results.md
 
+# Quantization inside SSLC (issue 10): int4 chosen inside the decomposition at ratio 0.5 (the fp32 checkpoint of
+# results-compression is the reference), and the same quantizer on the dense model (--ratio 0: GPTQ) beside
+# onnxruntime's round-to-nearest int4 (results-sparse's dense-int4); perplexity in PyTorch (eval) and through onnxruntime (bench).
+QUANT := runs/quant
+results-quant: $(STAMP) kernels
+	$(BIN)/sslc-export compress --out $(QUANT)/sslc-0.5-b4 --method sslc --ratio 0.5 --bits 4 --overwrite
+	$(BIN)/sslc-export compress --out $(QUANT)/gptq-0-b4 --method sslc --ratio 0 --bits 4 --overwrite
+	for ckpt in sslc-0.5-b4 gptq-0-b4; do \
+	  $(BIN)/sslc-export eval $(QUANT)/$$ckpt --json $(QUANT)/$$ckpt-eval.json || exit 1; \
+	  $(BIN)/sslc-export export $(QUANT)/$$ckpt $(QUANT)/$$ckpt-sparse-int4 --format sparse-int4 --overwrite || exit 1; \
+	  $(BIN)/sslc-export validate $(QUANT)/$$ckpt-sparse-int4 $(QUANT)/$$ckpt || exit 1; done
+	$(BIN)/sslc-export bench $(RES)/dense $(RES)/dense-int4 $(QUANT)/gptq-0-b4-sparse-int4 $(QUANT)/sslc-0.5-b4-sparse-int4 \
+	  --threads 2 --repeats 1 --decode-tokens 16 --prompt-lengths 128 --out-dir $(QUANT)/bench --report docs/results.md --section quant-bench
+
 # Peak RSS of compression with and without block streaming (wanda: the decomposition is cheap,
 # so the figures show the memory of the block walk itself), then a random LLaMA with ~3 GB of
 # weights compressed inside a 2.5 GB memory cgroup (v1; needs root): it fits only when streamed.
@@ -167,8 +181,12 @@ $(BUILDER_VENV)/.installed: $(STAMP)
 builder-venv: $(BUILDER_VENV)/.installed
 
 # SmolLM2 through the builder, fp32 and int4 (CPU): folders for onnxruntime-genai (og.Model), as users would make them.
+# The builder writes transformers 5's tokenizer_config.json, which the project's transformers cannot read: the
+# source folder's files (the same tokenizer) replace it, so `bench` scores the folder like ours.
 builder-models: builder-venv
 	$(BIN)/sslc-export convert $(BUILDER_OUT)/smollm2-hf --overwrite
 	for p in fp32 int4; do \
 	  $(BUILDER_VENV)/bin/python -m onnxruntime_genai.models.builder -i $(BUILDER_OUT)/smollm2-hf -o $(BUILDER_OUT)/smollm2-$$p \
-	    -p $$p -e cpu -c $(BUILDER_OUT)/cache || exit 1; done
+	    -p $$p -e cpu -c $(BUILDER_OUT)/cache || exit 1; \
+	  cp $(BUILDER_OUT)/smollm2-hf/tokenizer.json $(BUILDER_OUT)/smollm2-hf/tokenizer_config.json \
+	    $(BUILDER_OUT)/smollm2-hf/special_tokens_map.json $(BUILDER_OUT)/smollm2-$$p/ || exit 1; done
