@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from models.architectures import Architecture, architecture_for
+from models.architectures import Llama, architecture_for
 from models.streaming import BlockStreamer
 from sslc_export.atomic import sha256_file
 from sslc_export.errors import UserError
@@ -31,7 +31,7 @@ CACHE_ENV = "SSLC_EXPORT_CACHE"
 class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    architecture: Architecture
+    architecture: Llama  # the model's family (models/architectures.py)
     identity: dict = field(default_factory=dict)  # source path, kind and content hash, for manifests
     streamer: "BlockStreamer | None" = None  # set when blocks are loaded one at a time
 

@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from models.architectures import Architecture
+from models.architectures import Llama
 from sslc_export.errors import UserError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -56,7 +56,7 @@ def return_freed_memory_to_the_os() -> None:
 
 
 class BlockStreamer:
-    def __init__(self, folder: Path, architecture: Architecture):
+    def __init__(self, folder: Path, architecture: Llama):
         return_freed_memory_to_the_os()
         self.files = shard_map(folder)
         self.prefix = architecture.blocks_path + "."

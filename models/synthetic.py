@@ -5,6 +5,9 @@ a run is given.
     python -m models.synthetic OUT_DIR --hidden 1536 --intermediate 6144 --layers 20
     python -m models.synthetic OUT_DIR --model-type qwen2 --hidden 896 --intermediate 4864 --layers 24 \
         --heads 14 --kv-heads 2 --vocab 151936 --max-positions 32768       # Qwen2-0.5B's shape
+
+Biases and norm weights are random too (transformers starts them at 0 and 1), so a test sees whether a stage
+drops or mixes them up.
 """
 from __future__ import annotations
 
@@ -13,12 +16,12 @@ from pathlib import Path
 import torch
 import typer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
+from models.architectures import ARCHITECTURES, architecture_for
 from sslc_export.corpus import CALIBRATION_TEXTS
 
 TINY_DIMS = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
 
 
 def small_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
@@ -34,23 +37,38 @@ def small_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
 
 
 def build_random_model(folder: Path, model_type: str = "llama", seed: int = 0, **dims: int) -> Path:
-    """A randomly initialised model folder (safetensors shards of at most 1 GB, config, tokenizer).
-    A vocab_size above the tokenizer's pads the embedding with rows no token maps to (a real model's shape)."""
+    """A randomly initialised model folder (safetensors shards of at most 1 GB, config, tokenizer) of any family
+    models/architectures.py supports. A vocab_size above the tokenizer's pads the embedding with rows no token
+    maps to (a real model's shape); extra keywords go to the family's config (e.g. sliding_window)."""
+    architecture_for(model_type)
     tokenizer = small_tokenizer()
-    config = CONFIGS[model_type](
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-        **{"vocab_size": len(tokenizer), "max_position_embeddings": 256, "tie_word_embeddings": True, **TINY_DIMS, **dims},
+    dims = {**TINY_DIMS, **dims}
+    dims.setdefault("head_dim", dims["hidden_size"] // dims["num_attention_heads"])  # Qwen3's default is 128, not this
+    config = AutoConfig.for_model(
+        model_type, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, pad_token_id=None,
+        **{"vocab_size": len(tokenizer), "max_position_embeddings": 256, "tie_word_embeddings": True, **dims},
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
+    randomize_biases_and_norms(model)
     model.save_pretrained(folder, max_shard_size="1GB")
     tokenizer.save_pretrained(folder)
     return folder
 
 
+def randomize_biases_and_norms(model: PreTrainedModel) -> None:
+    """Biases of the scale of a projection's output, norm weights in [0.5, 1.5]."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(0.0, 0.1)
+            elif "norm" in name.rsplit(".", 2)[-2]:
+                parameter.uniform_(0.5, 1.5)
+
+
 def main(
     out: Path = typer.Argument(..., help="Folder to write."),
-    model_type: str = typer.Option("llama", help="llama or qwen2."),
+    model_type: str = typer.Option("llama", help=f"One of {', '.join(ARCHITECTURES)}."),
     hidden: int = typer.Option(1536, help="hidden_size"),
     intermediate: int = typer.Option(6144, help="intermediate_size"),
     layers: int = typer.Option(20, help="num_hidden_layers"),

@@ -9,26 +9,15 @@ before, cost about twice the arithmetic: 48 s more of a SmolLM2 sslc run here, d
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from models.architectures import Architecture, ResidualBranch
+from models.architectures import BlockInputs, Llama, ResidualBranch
 from sslc_export.calibration import InputStatistics
 
 CompressGroup = Callable[[tuple[str, ...], InputStatistics], None]  # replaces those Linears of the block
-
-
-@dataclass
-class BlockInputs:
-    """Everything a decoder block needs besides its weights; `hidden` is the calibration activations."""
-
-    hidden: torch.Tensor  # nsamples x seqlen x hidden
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
-    attention_mask: torch.Tensor | None  # broadcast over the batch; None: the attention is causal by itself
-    batch_size: int
 
 
 class _InputCaptured(Exception):
@@ -73,11 +62,11 @@ def _map(function: Callable[[torch.Tensor], torch.Tensor], activations: torch.Te
     return result
 
 
-def _branch(block: nn.Module, branch: ResidualBranch, hidden: torch.Tensor, inputs: BlockInputs, compress_group: CompressGroup) -> None:
+def _branch(block: nn.Module, branch: ResidualBranch, kwargs: dict, hidden: torch.Tensor, inputs: BlockInputs,
+            compress_group: CompressGroup) -> None:
     size = inputs.batch_size
     normed = _map(block.get_submodule(branch.norm), hidden, size)
     compress_group(branch.first, _statistics(normed, size))
-    kwargs = {"attention_mask": inputs.attention_mask, "position_embeddings": inputs.position_embeddings} if branch.attention else {}
     body, output_name = block.get_submodule(branch.body), branch.output
     captured = _map(lambda batch: _capture_input(body, block.get_submodule(output_name), batch, kwargs), normed, size)
     del normed
@@ -87,7 +76,7 @@ def _branch(block: nn.Module, branch: ResidualBranch, hidden: torch.Tensor, inpu
         hidden[start : start + size] += output(captured[start : start + size])
 
 
-def walk_block(block: nn.Module, architecture: Architecture, inputs: BlockInputs, compress_group: CompressGroup) -> torch.Tensor:
+def walk_block(block: nn.Module, architecture: Llama, inputs: BlockInputs, compress_group: CompressGroup) -> torch.Tensor:
     """Compress the block's Linears in input-group order; return its output on the calibration activations.
 
     The activations are advanced in place (inputs.hidden is the block's output afterwards): calibration
@@ -95,5 +84,5 @@ def walk_block(block: nn.Module, architecture: Architecture, inputs: BlockInputs
     hidden = inputs.hidden
     with torch.no_grad():
         for branch in architecture.branches:
-            _branch(block, branch, hidden, inputs, compress_group)
+            _branch(block, branch, architecture.branch_kwargs(branch, inputs), hidden, inputs, compress_group)
     return hidden

@@ -16,13 +16,12 @@ from typing import Callable
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
 
-from models.architectures import Architecture
+from models.architectures import BlockInputs, Llama
 from models.loading import LoadedModel, load_model, resolve_source
 from sslc_export import __version__
 from sslc_export.atomic import check_writable_target
-from sslc_export.blockwalk import BlockInputs, walk_block
+from sslc_export.blockwalk import walk_block
 from sslc_export.budget import check_ratio, plan_budget
 from sslc_export.calibration import CalibrationSet, InputStatistics
 from sslc_export.errors import UserError
@@ -81,23 +80,7 @@ def _block_inputs(
     loaded: LoadedModel, tokens: torch.Tensor, hidden: torch.Tensor | None, batch_size: int, device: torch.device
 ) -> BlockInputs:
     """Embeddings, rotary tables and mask are computed in host memory, then moved to `device` with the activations."""
-    inner = loaded.model.get_submodule(loaded.architecture.blocks_path.rpartition(".")[0])
-    with torch.no_grad():
-        if hidden is None:
-            hidden = inner.embed_tokens(tokens)
-        positions = torch.arange(tokens.shape[1]).unsqueeze(0)
-        one = hidden[:1]  # mask and rotary tables for one sequence broadcast over any batch
-        position_embeddings = inner.rotary_emb(one, positions)
-        mask = create_causal_mask(
-            config=loaded.model.config,
-            input_embeds=one,
-            attention_mask=None,
-            cache_position=positions[0],
-            past_key_values=None,
-            position_ids=positions,
-        )
-    position_embeddings = tuple(table.to(device) for table in position_embeddings)
-    return BlockInputs(hidden.to(device), position_embeddings, None if mask is None else mask.to(device), batch_size)
+    return loaded.architecture.block_inputs(loaded.model, tokens, hidden, batch_size).to(device)
 
 
 def fingerprint(job: CompressJob, model_identity: dict, calibration: CalibrationSet) -> dict:
@@ -165,7 +148,7 @@ def compress(job: CompressJob, progress: ProgressCallback | None = None) -> Comp
 def _compress_block(
     job: CompressJob,
     method: Method,
-    architecture: Architecture,
+    architecture: Llama,
     index: int,
     block: nn.Module,
     inputs: BlockInputs,

@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
+from models.architectures import architecture_for
 from models.loading import load_model
 from sslc_export.checkpoint import load_checkpoint, read_block
 from sslc_export.compress import CompressJob, compress
@@ -135,9 +136,9 @@ def test_rewrite_fails_loudly_on_a_missing_or_mismatched_layer(tiny_llama, tmp_p
     name, layer = next(iter(layers.items()))
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
     with pytest.raises(UserError, match="found no MatMul"):
-        rewrite(graph, {"model.layers.7.mlp.up_proj": layer}, get_format("dense"))
+        rewrite(graph, {"model.layers.7.mlp.up_proj": layer}, get_format("dense"), architecture_for("llama"))
     with pytest.raises(UserError, match="found no MatMul|not S \\+ U·V|no constant weight"):
-        rewrite(graph, {name: layer}, get_format("dense"))  # already rewritten: the original MatMul is gone
+        rewrite(graph, {name: layer}, get_format("dense"), architecture_for("llama"))  # already rewritten: the original MatMul is gone
 
 
 def test_weight_identity_is_checked(tiny_llama, tmp_path):
@@ -149,7 +150,7 @@ def test_weight_identity_is_checked(tiny_llama, tmp_path):
     export_dense(dense.model, dense.tokenizer, tmp_path / "raw")
     graph = onnx.load(str(tmp_path / "raw" / "model.onnx"))
     with pytest.raises(UserError, match="not S \\+ U·V"):
-        rewrite(graph, read_block(ckpt, 0), get_format("dense"))
+        rewrite(graph, read_block(ckpt, 0), get_format("dense"), architecture_for("llama"))
 
 
 def test_cli_export_and_validate(tiny_llama, tmp_path):

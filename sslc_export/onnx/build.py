@@ -58,12 +58,12 @@ def _build(loaded: LoadedModel, out: Path, transform: Callable[[onnx.ModelProto]
         model = transform(model)
         config = loaded.model.config
         if fused:
-            model = fuse(model, config)
+            model = fuse(model, config, attention=loaded.architecture.fuses_attention(config))
         counts = fused_op_counts(model)
         save_onnx(model, work / ONNX_FILE)
         library = str(kernels.require()) if record.get("custom_ops") else None
         share_buffer = counts["GroupQueryAttention"] == config.num_hidden_layers  # GQA updates the KV cache in place
-        write_json_atomic(work / GENAI_CONFIG, genai_config(config, loaded.tokenizer, ONNX_FILE, library, share_buffer))
+        write_json_atomic(work / GENAI_CONFIG, genai_config(config, loaded.architecture, loaded.tokenizer, ONNX_FILE, library, share_buffer))
         record = {
             "tool": {"name": "sslc-export", "version": __version__},
             **record,
@@ -106,7 +106,7 @@ def export_checkpoint_dir(checkpoint: Path, out: Path, fmt: str = "dense", overw
     dense_equivalent(loaded.model)
 
     def transform(model: onnx.ModelProto) -> onnx.ModelProto:
-        rewritten = rewrite(model, layers, chosen)
+        rewritten = rewrite(model, layers, chosen, loaded.architecture)
         model = rewritten.model
         if chosen.matmulnbits_bits is not None:  # exactly the format's own MatMuls (U, V and the kept part of S)
             model = quantize_nodes(model, chosen.matmulnbits_bits, rewritten.matmuls)
@@ -141,7 +141,7 @@ def export_dense_model(source: str | None, out: Path, fmt: str = "dense", overwr
 
     def transform(model: onnx.ModelProto) -> onnx.ModelProto:
         if bits != 32:
-            model = quantize_nodes(model, bits, decoder_matmuls(model))
+            model = quantize_nodes(model, bits, decoder_matmuls(model, loaded.architecture.onnx_block_scope))
         return quantize_head(model, lm_head)  # the same lm_head/embedding choice for every format
 
     record = {

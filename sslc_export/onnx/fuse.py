@@ -54,7 +54,8 @@ _SEARCH_LIMIT = 400  # nodes visited per bounded walk: a layer's attention core 
 
 def fuse(model: onnx.ModelProto, config: PretrainedConfig, attention: bool = True, norms: bool = True,
          pack_qkv: bool = True, gated_mlp: bool = True) -> onnx.ModelProto:
-    """Return `model` (changed in place) with attention, RMSNorm and gated MLPs fused; see the module docstring."""
+    """Return `model` (changed in place) with attention, RMSNorm and gated MLPs fused; see the module docstring.
+    `attention`: the model family's word that GroupQueryAttention computes its attention (models/architectures.py)."""
     if not _fp32(model):
         return model  # the patterns below skip optimum's Casts to float, which are identities only on an fp32 graph
     graph = _Graph(model)
@@ -290,7 +291,7 @@ def _fuse_attention(g: _Graph, config: PretrainedConfig, pack_qkv: bool = True) 
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    if "attention_mask" not in g.inputs or getattr(config, "use_sliding_window", False):
+    if "attention_mask" not in g.inputs:
         return 0
     caches = _rope_caches(config, head_dim)
     if caches is None:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+from models.architectures import Llama
+
 GENAI_CONFIG = "genai_config.json"
 
 
-def genai_config(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, onnx_file: str,
+def genai_config(config: PretrainedConfig, architecture: Llama, tokenizer: PreTrainedTokenizerBase, onnx_file: str,
                  custom_ops_library: str | None = None, share_buffer: bool = False) -> dict:
-    """Every architecture we support (llama, qwen2, mistral) has a genai model type of the same name.
+    """genai picks its model class by the family's genai_type.
     A folder whose graph uses our operators names the kernel library (an absolute path: genai loads it as given);
     a graph whose every layer is a GroupQueryAttention lets genai keep one KV buffer (share_buffer)."""
     session_options: dict = {"log_id": "onnxruntime-genai", "provider_options": []}
@@ -24,7 +26,7 @@ def genai_config(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, o
     eos = tokenizer.eos_token_id
     return {
         "model": {
-            "type": config.model_type,
+            "type": architecture.genai_type,
             "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos,
             "eos_token_id": eos,
             "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,

@@ -15,7 +15,6 @@ from sslc_export.errors import UserError
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits on CPU: the fast path onnxruntime recommends
 LM_HEAD_CHOICES = ("fp32", "int8", "int4")
-DECODER_SCOPE = "/model/layers."  # torch.onnx's scope for the decoder blocks
 
 
 def quantize_nodes(model: onnx.ModelProto, bits: int, matmuls: list[str], gathers: list[str] = ()) -> onnx.ModelProto:
@@ -40,11 +39,12 @@ def _reads_constant(node: onnx.NodeProto, index: int, initializers: set[str]) ->
     return len(node.input) > index and node.input[index] in initializers
 
 
-def decoder_matmuls(model: onnx.ModelProto) -> list[str]:
-    """Every constant-weight MatMul inside the decoder blocks (what the dense int4/int8 baselines quantize)."""
+def decoder_matmuls(model: onnx.ModelProto, block_scope: str) -> list[str]:
+    """Every constant-weight MatMul inside the decoder blocks, whose node names start with `block_scope` (the
+    family's onnx_block_scope): what the dense int4/int8 baselines quantize."""
     initializers = {init.name for init in model.graph.initializer}
     return [node.name for node in model.graph.node
-            if node.op_type == "MatMul" and node.name.startswith(DECODER_SCOPE) and _reads_constant(node, 1, initializers)]
+            if node.op_type == "MatMul" and node.name.startswith(block_scope) and _reads_constant(node, 1, initializers)]
 
 
 def head_and_embedding(model: onnx.ModelProto) -> tuple[list[str], list[str]]:

@@ -1,7 +1,7 @@
 """The MatMul rewrite: each MatMul whose weight belongs to a compressed Linear becomes the
 subgraph of the chosen format.
 
-A MatMul is found by its node name (torch.onnx names it after the module path) and then
+A MatMul is found by its node name (the family's `onnx_matmul_name`: torch.onnx names it after the module path) and then
 checked by weight identity: its initializer must equal (S + U·V)ᵀ. Any layer not found or
 not matching is an error, never a silent skip.
 """
@@ -13,20 +13,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from models.architectures import Llama
 from sslc_export.checkpoint import CompressedTensors
 from sslc_export.errors import UserError
 from sslc_export.onnx.formats import Format
-
-
-def onnx_matmul_name(linear_name: str) -> str:
-    """model.layers.3.self_attn.q_proj -> /model/layers.3/self_attn/q_proj/MatMul (torch.onnx's scope naming)."""
-    parts: list[str] = []
-    for part in linear_name.split("."):
-        if part.isdigit() and parts:
-            parts[-1] += f".{part}"
-        else:
-            parts.append(part)
-    return "/" + "/".join(parts) + "/MatMul"
 
 
 @dataclass
@@ -35,7 +25,8 @@ class Rewritten:
     matmuls: list[str] = field(default_factory=list)  # the weight MatMuls the format placed (what MatMulNBits may quantize)
 
 
-def rewrite(model: onnx.ModelProto, layers: dict[str, CompressedTensors], fmt: Format, rtol: float = 1e-4) -> Rewritten:
+def rewrite(model: onnx.ModelProto, layers: dict[str, CompressedTensors], fmt: Format, architecture: Llama,
+            rtol: float = 1e-4) -> Rewritten:
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     position = {node.name: i for i, node in enumerate(graph.node)}
@@ -44,7 +35,7 @@ def rewrite(model: onnx.ModelProto, layers: dict[str, CompressedTensors], fmt: F
     result = Rewritten(model)
     domains: dict[str, int] = {}
     for name, layer in layers.items():
-        node_name = onnx_matmul_name(name)
+        node_name = architecture.onnx_matmul_name(name)
         if node_name not in position:
             raise UserError(f"rewrite found no MatMul named {node_name} for compressed layer {name}: the ONNX graph does not match the checkpoint")
         node = graph.node[position[node_name]]
