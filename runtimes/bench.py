@@ -230,27 +230,59 @@ def table_rows(report: dict) -> list[list[str]]:
     return out
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (both minimised), sorted by the first."""
+    order = sorted(range(len(points)), key=lambda i: points[i])
+    front, best = [], float("inf")
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
 def plot(report: dict, path: Path) -> None:
-    """Decode speed against the worst held-out perplexity (or size, with --no-perplexity): the trade-off users pick from."""
+    """Two trade-offs users pick from, each with its Pareto front: decode time vs worst held-out perplexity, and
+    file size vs worst held-out perplexity (log axes). Points are numbered and named in a legend, so labels
+    never overlap; a point off a front is dominated by one on it. Without perplexity: decode time vs size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
     rows = report["rows"]
-    labels = [f"{r['model']} ({r['provider']})" for r in rows]
-    axes[0].barh(labels, [r["decode"]["tokens_per_s"] for r in rows], color="#4477aa")
-    axes[0].set_xlabel("decode tokens/s (batch 1, p50)")
-    axes[0].invert_yaxis()
+    names = [f"{r['model']} ({r['provider']})" if len({x['provider'] for x in rows}) > 1 else r["model"] for r in rows]
+    decode = [r["decode"]["p50_ms"] for r in rows]
+    size = [r["file_bytes"] / 1e6 for r in rows]
     with_perplexity = all("perplexity" in r for r in rows)
-    for row, label in zip(rows, labels):
-        y = max(row["perplexity"].values()) if with_perplexity else row["file_bytes"] / 1e6
-        axes[1].scatter(row["decode"]["tokens_per_s"], y)
-        axes[1].annotate(label, (row["decode"]["tokens_per_s"], y), fontsize=7)
-    axes[1].set_xlabel("decode tokens/s")
-    axes[1].set_ylabel("worst held-out perplexity" if with_perplexity else "file size (MB)")
+    quality = [max(r["perplexity"].values()) for r in rows] if with_perplexity else None
+    panels = ([(decode, "decode ms/token (p50, lower is better)"), (size, "file size MB")] if with_perplexity
+              else [(size, "file size MB")])
+    y_values, y_label = (quality, "worst held-out perplexity") if with_perplexity else (decode, "decode ms/token (p50)")
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 2.5, 4.6), squeeze=False)
+    for ax, (x_values, x_label) in zip(axes[0], panels):
+        front = pareto_front(list(zip(x_values, y_values)))
+        ax.plot([x_values[i] for i in front], [y_values[i] for i in front], "-", color="#999999", zorder=1, drawstyle="steps-post")
+        for i, (x, y) in enumerate(zip(x_values, y_values)):
+            on_front = i in front
+            ax.scatter(x, y, s=120, zorder=2, color=f"C{i % 10}" if on_front else "white", edgecolors=f"C{i % 10}", linewidths=1.5)
+            ax.annotate(str(i + 1), (x, y), ha="center", va="center", fontsize=7, zorder=3,
+                        color="white" if on_front else f"C{i % 10}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):  # plain numbers, not 2x10^1
+            axis.set_major_formatter(plain)
+            axis.set_minor_formatter(plain)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_title("filled: on the Pareto front (nothing beats it on both axes)", fontsize=8)
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=f"C{i % 10}", label=f"{i + 1}  {name}")
+               for i, name in enumerate(names)]
+    figure.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
     figure.suptitle(f"{report['machine']['cpu']}, {report['threads']} threads")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1 - 2.3 / (6 * len(panels) + 2.5), 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)

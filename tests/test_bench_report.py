@@ -1,0 +1,31 @@
+"""The bench picture: Pareto fronts computed right, and the figure drawn with and without perplexity."""
+from pathlib import Path
+
+import pytest
+
+from runtimes.bench import pareto_front, plot
+
+
+@pytest.mark.parametrize("points,front", [
+    ([(1, 5), (2, 3), (3, 4), (4, 1)], [0, 1, 3]),  # (3, 4) is beaten by (2, 3) on both axes
+    ([(2, 2), (1, 3), (2, 2)], [1, 0]),             # ties: one of two equal points is enough
+    ([(5, 5)], [0]),
+])
+def test_pareto_front(points, front):
+    assert pareto_front(points) == front
+
+
+def report(perplexity: bool) -> dict:
+    rows = []
+    for i, (ms, mb, ppl) in enumerate([(23.0, 540, 18.5), (10.6, 182, 22.2), (21.8, 342, 27.1)]):
+        row = {"model": f"m{i}", "provider": "cpu", "decode": {"p50_ms": ms, "tokens_per_s": 1e3 / ms}, "file_bytes": mb * 1e6}
+        if perplexity:
+            row["perplexity"] = {"prose": ppl, "code": ppl * 1.5}
+        rows.append(row)
+    return {"machine": {"cpu": "test"}, "threads": 2, "rows": rows}
+
+
+@pytest.mark.parametrize("perplexity", [True, False])
+def test_plot_writes_a_picture(tmp_path: Path, perplexity: bool):
+    plot(report(perplexity), tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
