@@ -13,6 +13,7 @@ from the first group.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -89,7 +90,7 @@ class Llama:
             )
         return BlockInputs(hidden, position_embeddings, mask, batch_size)
 
-    def causal_mask(self, config: PretrainedConfig):
+    def causal_mask(self, config: PretrainedConfig) -> Callable[..., torch.Tensor | None]:
         """The transformers mask builder the family's model uses."""
         return create_causal_mask
 
@@ -113,6 +114,18 @@ class Llama:
             else:
                 parts.append(part)
         return "/" + "/".join(parts) + "/MatMul"
+
+    def check_exportable(self, config: PretrainedConfig) -> None:
+        """Refuse what optimum's export would get wrong without a word: longrope scaling (Phi-3 128k, ...) picks its
+        short or long factors by sequence length in Python, so the traced graph keeps the short ones at every length."""
+        scaling = getattr(config, "rope_scaling", None) or {}
+        original = scaling.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+        if scaling.get("rope_type", scaling.get("type")) == "longrope" and original and original < config.max_position_embeddings:
+            raise UserError(
+                f"this {config.model_type} model uses longrope rotary scaling, which optimum's ONNX export cannot express: "
+                f"its graph would be wrong past original_max_position_embeddings={original} of the model's "
+                f"{config.max_position_embeddings} tokens, so it is not exported"
+            )
 
     def fuses_attention(self, config: PretrainedConfig) -> bool:
         """Whether fuse.py's GroupQueryAttention (full causal context, rotary on q and k straight from their
@@ -151,7 +164,7 @@ class Mistral(Llama):
     model_type = "mistral"
     genai_type = "mistral"
 
-    def causal_mask(self, config: PretrainedConfig):
+    def causal_mask(self, config: PretrainedConfig) -> Callable[..., torch.Tensor | None]:
         return create_causal_mask if config.sliding_window is None else create_sliding_window_causal_mask
 
     def fuses_attention(self, config: PretrainedConfig) -> bool:

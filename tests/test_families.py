@@ -4,6 +4,7 @@ what each family's class says about its graph (compressed Linears, fused attenti
 and one clear error for a family we do not support."""
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -29,22 +30,54 @@ FAMILIES = {
 }
 
 
-def small_checkpoint(model: Path, out: Path) -> Path:
-    compress(CompressJob(out=out, model=str(model), ratio=0.4, settings=Settings(iters=3), nsamples=4, seqlen=32, batch_size=4))
+class Family(NamedTuple):
+    model_type: str
+    model: Path  # the random Hugging Face folder
+    ckpt: Path  # its checkpoint
+    attentions: int  # GroupQueryAttentions expected in the fused export
+
+
+def small_checkpoint(model: Path, out: Path, streaming: bool = False) -> Path:
+    compress(CompressJob(out=out, model=str(model), ratio=0.4, settings=Settings(iters=3), nsamples=4, seqlen=32, batch_size=4,
+                         streaming=streaming))
     return out
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory) -> tuple[str, Path, int]:
-    """(model_type, checkpoint folder, expected GroupQueryAttention count)."""
+def family(request, tmp_path_factory) -> Family:
     model_type, overrides, attentions = FAMILIES[request.param]
     root = tmp_path_factory.mktemp(request.param)
     model = build_random_model(root / "hf", model_type, **overrides)
-    return model_type, small_checkpoint(model, root / "ckpt"), attentions
+    return Family(model_type, model, small_checkpoint(model, root / "ckpt"), attentions)
+
+
+def test_block_walk_reproduces_the_block_forward(family):
+    """The calibration walk (the family's branches, block inputs and attention kwargs) equals the block's own forward."""
+    from models.loading import load_model
+    from sslc_export.blockwalk import walk_block
+
+    loaded = load_model(str(family.model))
+    tokens = torch.randint(0, loaded.model.config.vocab_size, (3, 16))
+    inputs = loaded.architecture.block_inputs(loaded.model, tokens, None, batch_size=2)
+    block = loaded.architecture.blocks(loaded.model)[0]
+    with torch.no_grad():
+        expected = block(inputs.hidden, **loaded.architecture.branch_kwargs(loaded.architecture.branches[0], inputs))
+    expected = expected[0] if isinstance(expected, tuple) else expected
+    groups = []
+    actual = walk_block(block, loaded.architecture, inputs, lambda names, stats: groups.append(names))
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert tuple(groups) == loaded.architecture.input_groups
+
+
+def test_streaming_gives_the_same_checkpoint(family, tmp_path):
+    streamed = read_manifest(small_checkpoint(family.model, tmp_path / "streamed", streaming=True))
+    for name, entry in read_manifest(family.ckpt)["files"].items():
+        if name.startswith("blocks/") or name == "dense.safetensors":
+            assert streamed["files"][name]["sha256"] == entry["sha256"], name
 
 
 def test_checkpoint_holds_the_family_linears(family):
-    model_type, ckpt, _ = family
+    model_type, _, ckpt, _ = family
     architecture = architecture_for(model_type)
     manifest = read_manifest(ckpt)
     assert manifest["model_type"] == model_type
@@ -57,7 +90,7 @@ def test_checkpoint_holds_the_family_linears(family):
 
 @pytest.mark.parametrize("fmt", ["dense", "sparse"])
 def test_export_validates_against_the_checkpoint(family, tmp_path, fmt):
-    model_type, ckpt, attentions = family
+    model_type, _, ckpt, attentions = family
     architecture = architecture_for(model_type)
     record = export_checkpoint_dir(ckpt, tmp_path / "onnx", fmt)
     config = json.loads((ckpt / "config.json").read_text())
@@ -77,8 +110,7 @@ def test_onnxruntime_genai_runs_the_family_folder(family, tmp_path):
     from runtimes.genai import GenaiCausalLM
     from runtimes.session import OnnxCausalLM
 
-    _, ckpt, _ = family
-    export_checkpoint_dir(ckpt, tmp_path / "onnx", "dense")
+    export_checkpoint_dir(family.ckpt, tmp_path / "onnx", "dense")
     ids = [5, 17, 42, 99, 7, 250, 31, 64]
     runtime = OnnxCausalLM(tmp_path / "onnx")
     ours, past, step = [], runtime.empty_past(), np.array([ids])
@@ -102,6 +134,18 @@ def test_a_window_narrower_than_the_context_keeps_optimums_attention(tmp_path):
     assert validate(tmp_path / "onnx", reference).passed
 
 
+def test_longrope_is_refused_before_anything_is_written(tmp_path):
+    """optimum traces one branch of longrope (the short factors): measured here, its graph matches PyTorch within
+    original_max_position_embeddings and is off by ~1e-2 relative past it. A clear error, not a wrong model."""
+    half = 8  # head_dim / 2
+    rope = {"type": "longrope", "short_factor": [1.0] * half, "long_factor": [4.0] * half}
+    model = build_random_model(tmp_path / "hf", "phi3", rope_scaling=rope, original_max_position_embeddings=32)
+    out = tmp_path / "onnx"
+    with pytest.raises(UserError, match="longrope.*original_max_position_embeddings=32 of the model's 256 tokens"):
+        export_dense_model(str(model), out)
+    assert not out.exists() and not list(tmp_path.glob(".onnx*"))
+
+
 def test_synthetic_models_have_random_biases_and_norms(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -113,6 +157,7 @@ def test_synthetic_models_have_random_biases_and_norms(tmp_path):
 
 
 def test_optimum_exports_every_supported_family():
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers optimum's ONNX configs with the TasksManager)
     from optimum.exporters.tasks import TasksManager
 
     for model_type in ARCHITECTURES:

@@ -45,6 +45,7 @@ def _build(loaded: LoadedModel, out: Path, transform: Callable[[onnx.ModelProto]
 
     Fusing comes last, so it sees the rewritten and quantized nodes and leaves them as they are: optimum's
     graph has thousands of small nodes and about half of a decode step was their overhead."""
+    loaded.architecture.check_exportable(loaded.model.config)
     started = time.perf_counter()
     work = partial_path(out)
     shutil.rmtree(work, ignore_errors=True)
