@@ -4,7 +4,7 @@ sweep picks up where it stopped."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from models.loading import load_model
 from sslc_export.calibration import CalibrationSet
 from sslc_export.checkpoint import MANIFEST, load_checkpoint
-from sslc_export.compress import CompressJob, calibration_record, compress
+from sslc_export.compress import CompressJob, compress, fingerprint
 from sslc_export.errors import UserError
 from sslc_export.evaluate import perplexity_per_text
 from sslc_export.methods import get_method
@@ -47,18 +47,12 @@ def parse_variants(methods: str, ratios: str, losses: str) -> list[Variant]:
     return variants
 
 
-def _reusable(folder: Path, job: CompressJob) -> bool:
+def _reusable(folder: Path, job: CompressJob, identity: dict) -> bool:
     path = folder / MANIFEST
     if not path.is_file():
         return False
-    manifest = json.loads(path.read_text())
-    return (
-        manifest.get("method") == job.method
-        and manifest.get("ratio") == job.ratio
-        and manifest.get("settings") == asdict(job.settings)  # resolved: loss and iterations included
-        and manifest.get("pattern") == asdict(job.pattern)
-        and manifest.get("calibration") == calibration_record(job, CalibrationSet.read(job.calib))
-    )
+    expected = fingerprint(job, identity, CalibrationSet.read(job.calib))  # settings resolved
+    return json.loads(path.read_text()).get("fingerprint") == expected
 
 
 def compare(
@@ -71,6 +65,7 @@ def compare(
 ) -> list[dict]:
     """Rows of figures: the dense model first, then each variant; perplexity is a name -> value map, one per text."""
     dense = load_model(base_job.model)
+    identity = dense.identity  # the content hash checkpoints are tied to
     dense_ppl = _perplexities(dense.model, dense.tokenizer, texts, window)
     rows = [{"variant": "dense", "method": "dense", "ratio": 0.0, "loss": "", "perplexity": dense_ppl}]
     for variant in variants:
@@ -84,7 +79,7 @@ def compare(
             overwrite=True,
         )
         job = replace(job, settings=get_method(variant.method).resolve(replace(base_job.settings, loss=variant.loss), job.pattern))
-        if _reusable(job.out, job):
+        if _reusable(job.out, job, identity):
             loaded, manifest = load_checkpoint(job.out)
         else:
             outcome = compress(job)

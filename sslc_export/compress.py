@@ -84,16 +84,15 @@ def _block_inputs(
 
 
 def fingerprint(job: CompressJob, model_identity: dict, calibration: CalibrationSet) -> dict:
-    """What must match for --resume to continue a run rather than mix two."""
+    """What must match for --resume to continue a run rather than mix two, and for `compare` to reuse a
+    checkpoint: the model's content hash, the method and its resolved settings, the calibration data."""
     return {
         "model_sha256": model_identity["sha256"],
         "method": job.method,
         "ratio": job.ratio,
         "pattern": asdict(job.pattern),
         "settings": asdict(job.settings),
-        "calibration": calibration.record(job.nsamples),
-        "nsamples": job.nsamples,
-        "seqlen": job.seqlen,
+        "calibration": calibration_record(job, calibration),
     }
 
 
@@ -223,7 +222,7 @@ def _memory_limits() -> dict:
 
 
 def calibration_record(job: CompressJob, calibration: CalibrationSet) -> dict:
-    """What calibrated a checkpoint; `compare` reuses a checkpoint only when this matches."""
+    """What calibrated a checkpoint (part of its fingerprint)."""
     return {"source": job.calib or "mix", "texts": calibration.record(job.nsamples), "nsamples": job.nsamples, "seqlen": job.seqlen}
 
 
@@ -245,6 +244,7 @@ def _manifest(
         "pattern": asdict(job.pattern),
         "settings": asdict(job.settings),
         "calibration": calibration_record(job, calibration),
+        "fingerprint": fingerprint(job, loaded.identity, calibration),
         "params_kept": kept,
         "params_total": total,
         "compression_seconds": round(seconds, 1),

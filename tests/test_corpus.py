@@ -102,3 +102,22 @@ def test_compare_reports_every_text_and_recalibrates_when_the_mix_changes(tiny_l
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "work" / "magnitude-default-r0.5" / "manifest.json").read_text())
     assert [text["name"] for text in manifest["calibration"]["texts"]] == ["prose"]
+
+
+def test_compare_never_reuses_another_models_checkpoint(tiny_llama, tmp_path):
+    """Same method, ratio, settings and calibration, but a different model (other weights): recompressed.
+    The same model again: reused (the checkpoint is left as it was)."""
+    from models.synthetic import build_random_model
+
+    other = build_random_model(tmp_path / "other", "llama", seed=7)
+    common = ["compare", "--methods", "magnitude", "--ratios", "0.5", "--extra-losses", "", "--heldout", "prose",
+              "--window", "64", "--nsamples", "4", "--seqlen", "32", "--work-dir", str(tmp_path / "work")]
+    manifest = tmp_path / "work" / "magnitude-default-r0.5" / "manifest.json"
+    hashes = []
+    for model in (tiny_llama, other, other):
+        result = CliRunner().invoke(app, [*common, "--model", str(model)])
+        assert result.exit_code == 0, result.output
+        record = json.loads(manifest.read_text())
+        hashes.append((record["fingerprint"]["model_sha256"], record["created"], manifest.stat().st_mtime_ns))
+    assert hashes[0][0] != hashes[1][0]  # the other model's checkpoint replaced the first
+    assert hashes[2] == hashes[1]  # and was reused as it stood
