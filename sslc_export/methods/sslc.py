@@ -60,11 +60,12 @@ def alternate(
     return Decomposition(u, v, sparse, mask, history, iterations=step)
 
 
-def quantize_low_rank(u: torch.Tensor, v: torch.Tensor, gram: torch.Tensor, damp: float, grid: Grid) -> tuple[Quantized, Quantized]:
-    """U and V on the grid, GPTQ-style on the whitened problem: V (grouped along n) against XᵀX, then U
-    (grouped along r) against the Hessian of its own input, V_q·XᵀX·V_qᵀ, so U absorbs V's rounding error."""
+def quantize_low_rank(u: torch.Tensor, v: torch.Tensor, pruner: ObsPruner, gram: torch.Tensor, damp: float,
+                      grid: Grid) -> tuple[Quantized, Quantized]:
+    """U and V on the grid, GPTQ-style on the whitened problem: V (grouped along n) against XᵀX (`pruner`, S's own),
+    then U (grouped along r) against the Hessian of its own input, V_q·XᵀX·V_qᵀ, so U absorbs V's rounding error."""
     keep_all = Pattern()
-    v_q, _ = ObsPruner(gram, damp).prune_quantized(v, v.numel(), keep_all, grid)
+    v_q, _ = pruner.prune_quantized(v, v.numel(), keep_all, grid)
     v_dequantized = v_q.dequantize(grid)
     u_q, _ = ObsPruner(v_dequantized @ gram @ v_dequantized.T, damp).prune_quantized(u, u.numel(), keep_all, grid)
     return u_q, v_q
@@ -75,7 +76,7 @@ def quantized_step(weight: torch.Tensor, fitted: Decomposition, stats: InputStat
     """The last step of a quantized decomposition: balanced U, V on the grid, then S pruned and quantized in one
     OBS sweep of W - U_q·V_q, so S absorbs the low-rank rounding error as well as the pruning error."""
     u, v = balance(fitted.u, fitted.v)
-    u_q, v_q = quantize_low_rank(u, v, stats.gram, damp, grid) if u.shape[1] else empty_low_rank(weight, grid)
+    u_q, v_q = quantize_low_rank(u, v, pruner, stats.gram, damp, grid) if u.shape[1] else empty_low_rank(weight, grid)
     sparse_q, mask = pruner.prune_quantized(weight - u_q.dequantize(grid) @ v_q.dequantize(grid), nnz, pattern, grid, salient)
     return on_grid(QuantizedFactors(grid, sparse_q, u_q, v_q), mask, fitted.loss_history, fitted.iterations)
 
