@@ -94,6 +94,12 @@ def decode_layer(name: str, tensors: dict[str, torch.Tensor], grid: Grid | None 
         return CompressedTensors(tensors[f"{name}.u"], tensors[f"{name}.v"], sparse, mask, bias)
     factors = QuantizedFactors(grid, Quantized(sparse, tensors[f"{name}.s_scales"]),
                                *(Quantized(tensors[f"{name}.{part}_q"], tensors[f"{name}.{part}_scales"]) for part in ("u", "v")))
+    for part in (factors.sparse, factors.u, factors.v):  # model files are untrusted: the exports pack these as they are
+        part_rows, part_cols = part.q.shape
+        if (part.q.dtype != torch.int8 or part.scales.shape != (part_rows, grid.groups(part_cols))
+                or (part.q.numel() and (int(part.q.min()) < grid.qmin or int(part.q.max()) > grid.qmax))):
+            raise UserError(f"layer {name}: integers or scales do not fit {grid.bits}-bit groups of {grid.group_size}: "
+                            "the checkpoint is corrupt")
     return CompressedTensors(factors.u.dequantize(grid), factors.v.dequantize(grid), factors.sparse.dequantize(grid), mask, bias,
                              factors)
 

@@ -194,3 +194,15 @@ def test_export_cli_refuses_a_mismatched_format(quantized_checkpoint, tmp_path):
     out = tmp_path / "onnx"
     result = CliRunner().invoke(app, ["export", str(quantized_checkpoint), str(out), "--format", "sparse-int8"])
     assert_clean_failure(result, out, "export it as sparse-int4")
+
+
+def test_a_checkpoint_with_integers_off_the_grid_is_refused(quantized_checkpoint):
+    from sslc_export.checkpoint import decode_layer
+
+    manifest = read_manifest(quantized_checkpoint)
+    tensors = load_file(str(quantized_checkpoint / "blocks" / "block-0000.safetensors"))
+    name = next(key for key in tensors if key.endswith(".s_q")).removesuffix(".s_q")
+    tensors[f"{name}.s_q"] = tensors[f"{name}.s_q"].clone()
+    tensors[f"{name}.s_q"][0] = 100  # outside int4's [-8, 7]
+    with pytest.raises(UserError, match="checkpoint is corrupt"):
+        decode_layer(name, tensors, checkpoint_grid(manifest))
