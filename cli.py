@@ -16,8 +16,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from sslc_export import defaults
 from sslc_export.atomic import check_output_path
 from sslc_export.errors import UserError, describe_os_error
+from sslc_export.onnx.formats import help_text as format_help_text
 
 app = typer.Typer(
     help=__doc__.split("\n")[0]
@@ -25,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help is plain text: formulas such as [x, x·Vᵀ] or cuda[:N] must not be read as markup
 )
 console = Console(stderr=True)
 out = Console()
@@ -51,9 +54,10 @@ def handles_user_errors(command):
             if named is not None:
                 console.print(f"[bold red]error:[/] {named}", highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
-            if not isinstance(exc, MemoryError) and "allocate memory" not in str(exc):
+            if not is_out_of_memory(exc):
                 raise
-            console.print("[bold red]error:[/] out of memory: free memory or raise the limit; for compress, --streaming "
+            where = "GPU " if isinstance(exc, cuda_out_of_memory_types()) else ""
+            console.print(f"[bold red]error:[/] {where}out of memory: free memory or raise the limit; for compress, --streaming "
                           "keeps one decoder block in memory (safetensors folder) and lower --nsamples / --seqlen "
                           "shrink the activations", highlight=False, soft_wrap=True)
             raise typer.Exit(3) from None
@@ -61,8 +65,22 @@ def handles_user_errors(command):
     return wrapper
 
 
+def cuda_out_of_memory_types() -> tuple[type[BaseException], ...]:
+    """torch's CUDA out-of-memory type, when torch is already loaded (a command that never imported it cannot raise it)."""
+    torch = sys.modules.get("torch")
+    return (torch.cuda.OutOfMemoryError,) if torch is not None else ()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Python's and CUDA's out-of-memory errors by type; torch's CPU allocator raises a plain RuntimeError
+    (torch 2.13), recognisable only by the allocator's name in its message."""
+    if isinstance(exc, (MemoryError, *cuda_out_of_memory_types())):
+        return True
+    return isinstance(exc, RuntimeError) and "DefaultCPUAllocator" in str(exc)
+
+
 def set_threads(threads: Optional[int]) -> None:
-    """Measured here: QR/SVD on 2 cores ran faster with 2 threads than 1 when the machine is idle."""
+    """Torch's thread count for the CPU work; the measured effect of the choice is in docs/results.md."""
     import torch
 
     if threads is not None:
@@ -82,13 +100,6 @@ def progress_bar() -> Progress:
     )
 
 
-def _format_help() -> str:
-    from sslc_export.onnx.formats import help_text
-
-    return help_text().replace("[", "\\[")  # rich would read [x, x·Vᵀ] as markup
-
-
-FORMAT_HELP = _format_help()
 ModelOption = typer.Option(None, "--model", "-m", help="Hugging Face model folder or .gguf file; default: bundled SmolLM2-135M-Instruct.")
 ThreadsOption = typer.Option(None, help="Torch CPU threads (default: all cores).")
 JsonOption = typer.Option(None, "--json", help="Also write the reported figures to this JSON file.")
@@ -113,27 +124,27 @@ def compress(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to create."),
     model: Optional[str] = ModelOption,
     method: str = typer.Option("sslc", help="sslc | wanda | sparsegpt | magnitude | svd."),
-    ratio: float = typer.Option(0.5, help="Fraction of each compressed layer's parameters removed (0 < c < 1); U, V count inside."),
-    rank_ratio: float = typer.Option(0.10, help="sslc: share of the kept budget spent on the low-rank pair (0.10 beat 0.15 on SmolLM2 at 0.3 and 0.5: docs/results.md)."),
+    ratio: float = typer.Option(defaults.RATIO, help="Fraction of each compressed layer's parameters removed (0 < c < 1); U, V count inside."),
+    rank_ratio: float = typer.Option(defaults.RANK_RATIO, help="sslc: share of the kept budget spent on the low-rank pair (why this default: docs/results.md)."),
     iters: Optional[int] = typer.Option(None, help="sslc: maximum alternating iterations (default: 16 with --loss exact, 40 with diag)."),
-    salient: float = typer.Option(0.01, help="sslc: fraction of weights (largest |W·D|) always kept in S."),
+    salient: float = typer.Option(defaults.SALIENT_FRACTION, help="sslc: fraction of weights (largest |W·D|) always kept in S."),
     loss: Optional[str] = typer.Option(None, help="exact (default for sslc, svd): whitened SVD + OBS pruning on XᵀX; diag: activation-scaled, as in the paper."),
-    tol: float = typer.Option(1e-4, help="sslc: stop when an iteration improves the loss by less than this fraction."),
-    bits: int = typer.Option(32, help="32 (fp32) | 8 | 4: S, U and V quantized inside the decomposition (sslc --loss exact, sparsegpt; S in the OBS sweep); with --ratio 0, a GPTQ-quantized dense model."),
-    group_size: int = typer.Option(32, "--group-size", help="With --bits: input columns per scale (a positive multiple of 16)."),
-    damp: float = typer.Option(0.01, help="Exact loss (sslc, svd, sparsegpt): damping added to XᵀX, as a fraction of its mean diagonal; (0, 1]."),
+    tol: float = typer.Option(defaults.TOL, help="sslc: stop when an iteration improves the loss by less than this fraction."),
+    bits: int = typer.Option(defaults.BITS, help="32 (fp32) | 8 | 4: S, U and V quantized inside the decomposition (sslc --loss exact, sparsegpt; S in the OBS sweep); with --ratio 0, a GPTQ-quantized dense model."),
+    group_size: int = typer.Option(defaults.GROUP_SIZE, "--group-size", help="With --bits: input columns per scale (a positive multiple of 16)."),
+    damp: float = typer.Option(defaults.DAMP, help="Exact loss (sslc, svd, sparsegpt): damping added to XᵀX, as a fraction of its mean diagonal; (0, 1]."),
     pattern: str = typer.Option("unstructured", help="Sparsity of S: unstructured | nm | structured."),
     nm: str = typer.Option("2:4", help="N:M for --pattern nm."),
     scope: str = typer.Option("row", help="unstructured: budget per output row (row) or per matrix (layer)."),
     axis: str = typer.Option("columns", help="structured: keep whole input columns or output rows of S."),
     calib: Optional[str] = CalibOption,
-    nsamples: int = typer.Option(64, help="Calibration sequences."),
-    seqlen: int = typer.Option(256, help="Tokens per calibration sequence."),
-    seed: int = typer.Option(0, help="Seed for calibration sampling and randomized SVD."),
+    nsamples: int = typer.Option(defaults.NSAMPLES, help="Calibration sequences."),
+    seqlen: int = typer.Option(defaults.SEQLEN, help="Tokens per calibration sequence."),
+    seed: int = typer.Option(defaults.SEED, help="Seed for calibration sampling and randomized SVD."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished block."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder (only once the new one is complete)."),
     streaming: bool = typer.Option(False, "--streaming", help="Hold one decoder block in memory at a time (safetensors model folders)."),
-    device: str = typer.Option("cpu", help="Run calibration and decompositions on cpu or cuda[:N] (one block on the GPU at a time)."),
+    device: str = typer.Option(defaults.DEVICE, help="Run calibration and decompositions on cpu or cuda[:N] (one block on the GPU at a time)."),
     threads: Optional[int] = ThreadsOption,
     json_path: Optional[Path] = JsonOption,
 ):
@@ -222,7 +233,7 @@ def convert_command(
 def evaluate_command(
     model_or_checkpoint: Optional[str] = typer.Argument(None, help="Checkpoint folder, HF model folder or .gguf; default: bundled model."),
     heldout: Optional[str] = HeldoutOption,
-    window: int = typer.Option(512, help="Tokens per perplexity window."),
+    window: int = typer.Option(defaults.WINDOW, help="Tokens per perplexity window."),
     stride: Optional[int] = typer.Option(None, help="Tokens between window starts (default: = window, no overlap)."),
     prompt: str = typer.Option("The capital of France is", help="Prompt for a greedy generation."),
     max_new_tokens: int = typer.Option(24, help="Tokens to generate (0 skips generation)."),
@@ -266,7 +277,7 @@ def evaluate_command(
 def export_command(
     source: Optional[str] = typer.Argument(None, help="Checkpoint folder (or, with --dense, a model; default: bundled)."),
     out_dir: Optional[Path] = typer.Argument(None, help="ONNX folder to create."),
-    fmt: str = typer.Option("dense", "--format", "-f", help="LAYOUT or LAYOUT-int8/-int4. " + FORMAT_HELP),
+    fmt: str = typer.Option("dense", "--format", "-f", help="LAYOUT or LAYOUT-int8/-int4. " + format_help_text()),
     lm_head: str = typer.Option("fp32", "--lm-head", help="lm_head and token embedding: fp32 | int8 | int4 (MatMulNBits and GatherBlockQuantized, block 32); use the same choice for every model you compare."),
     graph: str = typer.Option("fused", "--graph", help="fused: attention, rotary and RMSNorm as onnxruntime's contrib ops (GroupQueryAttention, SkipSimplifiedLayerNormalization), as onnxruntime-genai's builder does; optimum: optimum's graph unchanged (for providers without those ops, e.g. TensorRT; nm is never fused)."),
     dense: bool = typer.Option(False, "--dense", help="Export an uncompressed model as the baseline (SOURCE is a model)."),
@@ -587,12 +598,12 @@ def compare_command(
     extra_losses: str = typer.Option("sslc:diag,svd:diag", help="Also run these method:loss pairs (each method also runs at its default loss)."),
     model: Optional[str] = ModelOption,
     heldout: Optional[str] = HeldoutOption,
-    window: int = typer.Option(512, help="Perplexity window (stride = window)."),
+    window: int = typer.Option(defaults.WINDOW, help="Perplexity window (stride = window)."),
     work_dir: Path = typer.Option(Path("runs/compare"), help="Where checkpoints go; finished ones are reused."),
-    rank_ratio: float = typer.Option(0.10, help="sslc rank ratio."),
+    rank_ratio: float = typer.Option(defaults.RANK_RATIO, help="sslc rank ratio."),
     iters: Optional[int] = typer.Option(None, help="sslc iterations (default: 16 exact, 40 diag)."),
-    nsamples: int = typer.Option(64, help="Calibration sequences."),
-    seqlen: int = typer.Option(256, help="Tokens per calibration sequence."),
+    nsamples: int = typer.Option(defaults.NSAMPLES, help="Calibration sequences."),
+    seqlen: int = typer.Option(defaults.SEQLEN, help="Tokens per calibration sequence."),
     calib: Optional[str] = CalibOption,
     report: Optional[Path] = typer.Option(None, help="Markdown file whose 'compression' section (or --section) gets the table (e.g. docs/results.md)."),
     section: str = typer.Option("compression", help="Section of --report to replace."),

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoTokenizer
 from models.loading import fix_end_token
 from runtimes.providers import get_provider
 from runtimes.session import EXPORT_MANIFEST, ONNX_FILE, OnnxCausalLM
+from sslc_export import defaults
 from sslc_export.errors import UserError
 from sslc_export.evaluate import perplexity_per_text
 from sslc_export.memory import peak_rss_bytes
@@ -37,7 +38,7 @@ class BenchConfig:
     threads: int | None = None
     texts: dict[str, str] = field(default_factory=dict)  # name -> held-out text: timing ids from the first, perplexity on each
     measure_perplexity: bool = True
-    window: int = 512
+    window: int = defaults.WINDOW
     genai: bool = False  # also decode through onnxruntime-genai and compare its greedy tokens with ours
 
 

@@ -1,7 +1,7 @@
 """Micro-benchmark of the ai.sslc operators against onnxruntime's MatMul (fp32) and MatMulNBits (int4).
 
-Per layer shape N×K and rows M, one SSLC layer at a 50 % budget (S at 45 % density, rank
-r = floor(0.10·0.5·N·K/(N+K))) runs as SparseMatMul (fp32), SparseMatMulInt8 and SparseMatMulInt4
+Per layer shape N×K and rows M, one SSLC layer at the default ratio and rank ratio (sslc_export/defaults.py;
+S at 45 % density, rank r = floor(rank ratio·ratio·N·K/(N+K))) runs as SparseMatMul (fp32), SparseMatMulInt8 and SparseMatMulInt4
 (group 64), the quantized ones also with int8 activations ("a8": activation_bits=8); the dense equivalent W (N×K) runs as MatMul and as MatMulNBits (int4, block 32,
 accuracy_level 4). Every model holds enough copies of its layer, each its own node and its own
 random weights (onnxruntime shares identical initializers), to exceed the last-level cache, so
@@ -22,6 +22,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from runtimes import kernels
+from sslc_export import defaults
 from sslc_export.onnx.quantize import quantize_nodes
 from sslc_export.report import markdown_table, update_markdown_section, write_json
 from sslc_export.sparse_rows import DOMAIN, pack
@@ -30,7 +31,7 @@ from sslc_export.sparse_rows import DOMAIN, pack
 # 960-row node, gate/up as one 3072-row node; the swiglu epilogue is not part of this benchmark)
 SHAPES = ((576, 576), (1536, 576), (576, 1536), (4864, 896), (960, 576), (3072, 576))
 ROWS = (1, 128)
-DENSITY, BUDGET, RANK_SHARE = 0.45, 0.5, 0.10
+DENSITY, BUDGET, RANK_SHARE = 0.45, defaults.RATIO, defaults.RANK_RATIO
 COLD_BYTES = 64 << 20  # weights per model: twice this machine's 32 MiB L3
 MAX_COPIES = 256
 

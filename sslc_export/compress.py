@@ -19,7 +19,7 @@ from torch import nn
 
 from models.architectures import BlockInputs, Llama
 from models.loading import LoadedModel, load_model, resolve_source
-from sslc_export import __version__
+from sslc_export import __version__, defaults
 from sslc_export.atomic import check_writable_target
 from sslc_export.blockwalk import walk_block
 from sslc_export.budget import check_ratio, plan_budget
@@ -38,18 +38,18 @@ ProgressCallback = Callable[[int, int, str], None]  # (layers done, layers in al
 class CompressJob:
     out: Path
     method: str = "sslc"
-    ratio: float = 0.5
+    ratio: float = defaults.RATIO
     model: str | None = None  # None: the bundled default
     pattern: Pattern = field(default_factory=Pattern)
     settings: Settings = field(default_factory=Settings)
     calib: str | None = None  # bundled names or a path (sslc_export/corpus.py); None: the mix of every bundled domain
-    nsamples: int = 64
-    seqlen: int = 256
+    nsamples: int = defaults.NSAMPLES
+    seqlen: int = defaults.SEQLEN
     batch_size: int = 8  # calibration sequences per forward pass
     resume: bool = False
     overwrite: bool = False
     streaming: bool = False  # one decoder block in memory at a time (safetensors folders)
-    device: str = "cpu"  # where calibration passes and decompositions run; the model itself stays in host memory
+    device: str = defaults.DEVICE  # where calibration passes and decompositions run; the model itself stays in host memory
 
 
 @dataclass

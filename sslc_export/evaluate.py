@@ -7,9 +7,9 @@ from typing import Callable
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sslc_export import defaults
 from sslc_export.errors import UserError
 
-DEFAULT_WINDOW = 512
 
 
 def torch_logits(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -20,7 +20,7 @@ def perplexity(
     model: PreTrainedModel | Callable[[torch.Tensor], torch.Tensor],
     tokenizer: PreTrainedTokenizerBase,
     text: str,
-    window: int = DEFAULT_WINDOW,
+    window: int = defaults.WINDOW,
     stride: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
@@ -60,7 +60,7 @@ def perplexity_per_text(
     model: PreTrainedModel | Callable[[torch.Tensor], torch.Tensor],
     tokenizer: PreTrainedTokenizerBase,
     texts: dict[str, str],
-    window: int = DEFAULT_WINDOW,
+    window: int = defaults.WINDOW,
     stride: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, dict]:

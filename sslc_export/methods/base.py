@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import torch
 
+from sslc_export import defaults
 from sslc_export.budget import Budget
 from sslc_export.calibration import InputStatistics
 from sslc_export.errors import UserError
@@ -23,15 +24,15 @@ MAX_DAMP = 1.0  # beyond the mean diagonal the damping outweighs the statistics 
 class Settings:
     """Knobs shared by all methods; each method reads the ones it needs."""
 
-    rank_ratio: float = 0.10  # share of the kept budget spent on U, V (sslc); measured best on SmolLM2 (docs/results.md)
+    rank_ratio: float = defaults.RANK_RATIO  # share of the kept budget spent on U, V (sslc)
     iters: int | None = None  # alternating iterations (sslc); None: the method's default for its loss
-    salient_fraction: float = 0.01  # top |W·D| entries always kept in S (sslc)
+    salient_fraction: float = defaults.SALIENT_FRACTION  # top |W·D| entries always kept in S (sslc)
     loss: str | None = None  # diag: activation-scaled W; exact: whitened by XᵀX with OBS pruning; None: method's first
-    tol: float = 1e-4  # stop when one iteration improves the loss by less than this fraction
-    damp: float = 0.01  # Gram damping, as a fraction of its mean diagonal
-    seed: int = 0
-    bits: int = 32  # 8 or 4: S, U and V end on an integer grid chosen inside the decomposition
-    group_size: int = 32  # input columns per quantization scale
+    tol: float = defaults.TOL  # stop when one iteration improves the loss by less than this fraction
+    damp: float = defaults.DAMP  # Gram damping, as a fraction of its mean diagonal
+    seed: int = defaults.SEED
+    bits: int = defaults.BITS  # 8 or 4: S, U and V end on an integer grid chosen inside the decomposition
+    group_size: int = defaults.GROUP_SIZE  # input columns per quantization scale
 
     @property
     def grid(self) -> Grid | None:

@@ -1,0 +1,18 @@
+"""Defaults shared by the command line and the dataclasses it fills, written once.
+
+A plain module without torch, so that `sslc-export --help` can read it without the
+seconds-long imports of the compression code. Why each value was chosen: docs/results.md.
+"""
+
+RATIO = 0.5  # fraction of each compressed layer's parameters removed
+RANK_RATIO = 0.10  # sslc: share of the kept budget spent on U, V
+SALIENT_FRACTION = 0.01  # sslc: top |W·D| entries always kept in S
+TOL = 1e-4  # sslc: stop when one iteration improves the loss by less than this fraction
+DAMP = 0.01  # exact loss: Gram damping, as a fraction of its mean diagonal
+SEED = 0
+BITS = 32  # 32 (fp32), 8 or 4
+GROUP_SIZE = 32  # input columns per quantization scale
+NSAMPLES = 64  # calibration sequences
+SEQLEN = 256  # tokens per calibration sequence
+WINDOW = 512  # tokens per perplexity window
+DEVICE = "cpu"
