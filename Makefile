@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUNS := runs/demo
 
-.PHONY: results-sparse results-quant demo test setup clean kernels kernels-or-skip results results-compression results-heldout results-onnx results-streaming results-large
+.PHONY: results-sparse results-quant demo test gpu-check setup clean kernels kernels-or-skip results results-compression results-heldout results-onnx results-streaming results-large
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -75,26 +75,33 @@ results-onnx: $(STAMP)
 	$(BIN)/sslc-export bench $(RES)/dense $(RES)/dense-int4 $(RES)/sslc-0.5-dense $(RES)/sslc-0.5-joined $(RES)/sslc-0.5-int8 $(RES)/sslc-0.5-int4 \
 	  $(RES)/sslc-structured-0.5-structured $(RES)/sslc-nm-0.4-nm --threads 2 --repeats 3 --genai --out-dir docs/bench --report docs/results.md
 
-# The sparse formats (issue 9) on SmolLM2 at ratio 0.5 (the sslc checkpoint of results-compression):
-# exports, validation, sizes, the kernel micro-benchmark, one bench run against dense fp32 and
-# onnxruntime's int4 (lm_head fp32, and all of them again with an int4 lm_head/embedding), and a
-# per-operator profile of one decode step. Run it alone: two heavy jobs distort every timing.
+# The sparse formats (issue 9) on SmolLM2 at ratio 0.5 (the sslc checkpoint of results-compression, and the
+# --bits 4 one of results-quant for sparse-int4): exports, validation, sizes, the kernel micro-benchmark, one bench
+# run against dense fp32, onnxruntime's int4 and onnxruntime-genai's model builder int4 (lm_head fp32, and again with
+# an int4 lm_head/embedding, as the builder makes it), and a per-operator profile of one decode step.
+# Run it alone: two heavy jobs distort every timing.
 SPARSE_CKPT := runs/compare/sslc-default-r0.5
-SPARSE_DIRS := $(RES)/dense $(RES)/dense-int4 $(RES)/sslc-0.5-sparse $(RES)/sslc-0.5-sparse-int8 $(RES)/sslc-0.5-sparse-int4 \
-  $(RES)/dense-int4-lmint4 $(RES)/sslc-0.5-sparse-int4-lmint4
-results-sparse: $(STAMP) kernels
+SPARSE_INT4_CKPT := runs/quant/sslc-0.5-b4
+SPARSE_EXPORTS := $(RES)/sslc-0.5-sparse $(RES)/sslc-0.5-sparse-int8 $(RES)/sslc-0.5-b4-sparse-int4 $(RES)/sslc-0.5-b4-sparse-int4-lmint4
+SPARSE_DIRS := $(RES)/dense $(RES)/dense-int4 $(RES)/dense-int4-lmint4 $(SPARSE_EXPORTS)
+results-sparse: $(STAMP) kernels builder-models
 	test -f $(SPARSE_CKPT)/manifest.json || $(BIN)/sslc-export compress --out $(SPARSE_CKPT) --method sslc --ratio 0.5
+	test -f $(SPARSE_INT4_CKPT)/manifest.json || $(BIN)/sslc-export compress --out $(SPARSE_INT4_CKPT) --method sslc --ratio 0.5 --bits 4
 	$(BIN)/sslc-export export --dense $(RES)/dense --overwrite
 	$(BIN)/sslc-export export --dense $(RES)/dense-int4 --format int4 --overwrite
 	$(BIN)/sslc-export export --dense $(RES)/dense-int4-lmint4 --format int4 --lm-head int4 --overwrite
-	for fmt in sparse sparse-int8 sparse-int4; do \
+	for fmt in sparse sparse-int8; do \
 	  $(BIN)/sslc-export export $(SPARSE_CKPT) $(RES)/sslc-0.5-$$fmt --format $$fmt --overwrite || exit 1; \
 	  $(BIN)/sslc-export validate $(RES)/sslc-0.5-$$fmt $(SPARSE_CKPT) || exit 1; done
-	$(BIN)/sslc-export export $(SPARSE_CKPT) $(RES)/sslc-0.5-sparse-int4-lmint4 --format sparse-int4 --lm-head int4 --overwrite
+	for head in fp32 int4; do \
+	  out=$(RES)/sslc-0.5-b4-sparse-int4$$([ $$head = int4 ] && echo -lmint4); \
+	  $(BIN)/sslc-export export $(SPARSE_INT4_CKPT) $$out --format sparse-int4 --lm-head $$head --overwrite || exit 1; done
+	$(BIN)/sslc-export validate $(RES)/sslc-0.5-b4-sparse-int4 $(SPARSE_INT4_CKPT)
 	$(BIN)/sslc-export sizes $(SPARSE_DIRS) --report docs/results.md --section sparse-sizes
 	$(BIN)/sslc-export kernel-bench --threads 2 --report docs/results.md --json docs/kernels.json
-	$(BIN)/sslc-export bench $(SPARSE_DIRS) --threads 2 --repeats 3 --genai --out-dir docs/bench-sparse --report docs/results.md --section sparse-bench
-	$(BIN)/sslc-export profile $(RES)/dense $(RES)/sslc-0.5-sparse $(RES)/sslc-0.5-sparse-int4-lmint4 --threads 2 --report docs/results.md
+	$(BIN)/sslc-export bench $(RES)/dense $(RES)/dense-int4 $(SPARSE_EXPORTS) $(RES)/dense-int4-lmint4 $(BUILDER_OUT)/smollm2-int4 \
+	  --threads 2 --repeats 3 --genai --out-dir docs/bench-sparse --report docs/results.md --section sparse-bench
+	$(BIN)/sslc-export profile $(RES)/dense $(RES)/sslc-0.5-sparse $(RES)/sslc-0.5-b4-sparse-int4-lmint4 --threads 2 --report docs/results.md
 
 # Quantization inside SSLC (issue 10): int4 chosen inside the decomposition at ratio 0.5 (the fp32 checkpoint of
 # results-compression is the reference), and the same quantizer on the dense model (--ratio 0: GPTQ) beside
@@ -162,6 +169,11 @@ results-large: $(STAMP)
 
 test: $(STAMP) kernels-or-skip
 	$(BIN)/python -m pytest -q
+
+# The GPU paths in one run (runtimes/gpu_check.py, under 8 minutes): compress on cuda and on the CPU, compare,
+# onnxruntime's CUDA provider if installed. Installs nothing (the machine may have no registry): .venv's python, else $(PYTHON).
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m runtimes.gpu_check
 
 clean:
 	rm -rf runs build .pytest_cache

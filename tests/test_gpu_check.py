@@ -1,0 +1,24 @@
+"""make gpu-check without a GPU: one line and exit 1; its comparison logic, run on the CPU twice with the tiny model."""
+import pytest
+import torch
+import typer
+
+from runtimes.gpu_check import main
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_no_cuda_is_one_line(tmp_path, capsys):
+    with pytest.raises(typer.Exit) as exit_info:
+        main(work_dir=tmp_path, tiny=True, device="cuda")
+    assert exit_info.value.exit_code == 1
+    printed = capsys.readouterr().out
+    assert printed.startswith("gpu-check: no CUDA: ") and printed.count("\n") == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_cpu_against_cpu_agrees(tmp_path, capsys):
+    main(work_dir=tmp_path, tiny=True, device="cpu")
+    printed = capsys.readouterr().out
+    assert printed.count("compress on cpu: ") == 2
+    assert any(line.startswith("onnx ") for line in printed.splitlines())  # skipped, or both providers measured
+    assert ": agree;" in printed
