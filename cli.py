@@ -126,7 +126,7 @@ def compress(
     method: str = typer.Option("sslc", help="sslc | wanda | sparsegpt | magnitude | svd."),
     ratio: float = typer.Option(defaults.RATIO, help="Fraction of each compressed layer's parameters removed (0 < c < 1); U, V count inside."),
     rank_ratio: float = typer.Option(defaults.RANK_RATIO, help="sslc: share of the kept budget spent on the low-rank pair (why this default: docs/results.md)."),
-    iters: Optional[int] = typer.Option(None, help="sslc: maximum alternating iterations (default: 16 with --loss exact, 40 with diag)."),
+    iters: Optional[int] = typer.Option(None, help=f"sslc: maximum alternating iterations (default: {defaults.SSLC_ITERS_TEXT})."),
     salient: float = typer.Option(defaults.SALIENT_FRACTION, help="sslc: fraction of weights (largest |W·D|) always kept in S."),
     loss: Optional[str] = typer.Option(None, help="exact (default for sslc, svd): whitened SVD + OBS pruning on XᵀX; diag: activation-scaled, as in the paper."),
     tol: float = typer.Option(defaults.TOL, help="sslc: stop when an iteration improves the loss by less than this fraction."),
@@ -474,9 +474,9 @@ def bench_command(
     heldout: Optional[str] = typer.Option(None, "--heldout", "--text", help=HELDOUT_HELP + " Timing takes its ids from the first; perplexity is measured on each through the same session."),
     no_perplexity: bool = typer.Option(False, "--no-perplexity", help="Skip perplexity (timing only)."),
     genai: bool = typer.Option(False, "--genai", help="Also decode through onnxruntime-genai (CPU) and report its speed and whether it picks our greedy tokens."),
-    prompt_lengths: str = typer.Option("32,128,512", help="Prompt lengths for prefill timing."),
-    decode_tokens: int = typer.Option(64, help="New tokens per decode run (batch 1)."),
-    repeats: int = typer.Option(5, help="Timed repeats after warm-up."),
+    prompt_lengths: str = typer.Option(",".join(map(str, defaults.BENCH_PROMPT_LENGTHS)), help="Prompt lengths for prefill timing."),
+    decode_tokens: int = typer.Option(defaults.BENCH_DECODE_TOKENS, help="New tokens per decode run (batch 1)."),
+    repeats: int = typer.Option(defaults.BENCH_REPEATS, help="Timed repeats after warm-up."),
     out_dir: Path = typer.Option(Path("runs/bench"), help="Where bench.json, bench.md and bench.png go."),
     report: Optional[Path] = typer.Option(None, help="Markdown file whose 'bench' section (or --section) gets the table (e.g. docs/results.md)."),
     section: str = typer.Option("bench", help="Section of --report to replace."),
@@ -601,7 +601,7 @@ def compare_command(
     window: int = typer.Option(defaults.WINDOW, help="Perplexity window (stride = window)."),
     work_dir: Path = typer.Option(Path("runs/compare"), help="Where checkpoints go; finished ones are reused."),
     rank_ratio: float = typer.Option(defaults.RANK_RATIO, help="sslc rank ratio."),
-    iters: Optional[int] = typer.Option(None, help="sslc iterations (default: 16 exact, 40 diag)."),
+    iters: Optional[int] = typer.Option(None, help=f"sslc iterations (default: {defaults.SSLC_ITERS_TEXT})."),
     nsamples: int = typer.Option(defaults.NSAMPLES, help="Calibration sequences."),
     seqlen: int = typer.Option(defaults.SEQLEN, help="Tokens per calibration sequence."),
     calib: Optional[str] = CalibOption,
@@ -650,7 +650,7 @@ def compare_command(
     body = (
         f"Measured by `{command}` on this machine ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads); "
         f"held-out texts {', '.join(f'`{name}`' for name in texts)}, window {window}, stride {window}; calibration {nsamples} x {seqlen} tokens "
-        f"of `{calib or 'mix'}`; sslc rank ratio {rank_ratio}, at most {iters or '16 (exact) / 40 (diag)'} iterations.\n\n"
+        f"of `{calib or 'mix'}`; sslc rank ratio {rank_ratio}, at most {iters or defaults.SSLC_ITERS_TEXT} iterations.\n\n"
         + markdown_table(headers, table_rows)
     )
     if report is not None:

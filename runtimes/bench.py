@@ -30,10 +30,10 @@ from sslc_export.memory import peak_rss_bytes
 
 @dataclass(frozen=True)
 class BenchConfig:
-    prompt_lengths: tuple[int, ...] = (32, 128, 512)
-    decode_tokens: int = 64
+    prompt_lengths: tuple[int, ...] = defaults.BENCH_PROMPT_LENGTHS
+    decode_tokens: int = defaults.BENCH_DECODE_TOKENS
     decode_prompt: int = 128
-    repeats: int = 5
+    repeats: int = defaults.BENCH_REPEATS
     warmup: int = 2
     threads: int | None = None
     texts: dict[str, str] = field(default_factory=dict)  # name -> held-out text: timing ids from the first, perplexity on each

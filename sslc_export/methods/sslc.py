@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from sslc_export import defaults
 from sslc_export.calibration import InputStatistics
 from sslc_export.errors import UserError
 from sslc_export.lowrank import Whitening, balance, empty_factors, randomized_svd
@@ -85,7 +86,7 @@ class Sslc(Method):
     name = "sslc"
     quantizes = True
     losses = ("exact", "diag")  # exact first: on SmolLM2 it beat diag by far at equal budget (docs/results.md)
-    default_iters = {"exact": 16, "diag": 40}  # exact: the most that keeps SmolLM2 within 5 min here (docs/results.md)
+    default_iters = defaults.SSLC_ITERS  # why these counts: docs/results.md
 
     def rank_ratio(self, settings):
         return settings.rank_ratio
