@@ -193,12 +193,13 @@ $(BUILDER_VENV)/.installed: $(STAMP)
 builder-venv: $(BUILDER_VENV)/.installed
 
 # SmolLM2 through the builder, fp32 and int4 (CPU): folders for onnxruntime-genai (og.Model), as users would make them.
-# The builder writes transformers 5's tokenizer_config.json, which the project's transformers cannot read: the
-# source folder's files (the same tokenizer) replace it, so `bench` scores the folder like ours.
+# The builder writes no config.json and transformers 5's tokenizer_config.json, which the project's transformers
+# cannot read: the source folder's config and tokenizer files (the same model) go beside it, so `bench` scores the
+# folder like ours.
 builder-models: builder-venv
 	$(BIN)/sslc-export convert $(BUILDER_OUT)/smollm2-hf --overwrite
 	for p in fp32 int4; do \
 	  $(BUILDER_VENV)/bin/python -m onnxruntime_genai.models.builder -i $(BUILDER_OUT)/smollm2-hf -o $(BUILDER_OUT)/smollm2-$$p \
 	    -p $$p -e cpu -c $(BUILDER_OUT)/cache || exit 1; \
-	  cp $(BUILDER_OUT)/smollm2-hf/tokenizer.json $(BUILDER_OUT)/smollm2-hf/tokenizer_config.json \
+	  cp $(BUILDER_OUT)/smollm2-hf/config.json $(BUILDER_OUT)/smollm2-hf/tokenizer.json $(BUILDER_OUT)/smollm2-hf/tokenizer_config.json \
 	    $(BUILDER_OUT)/smollm2-hf/special_tokens_map.json $(BUILDER_OUT)/smollm2-$$p/ || exit 1; done
