@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from sslc_export.budget import plan_budget
+from sslc_export.budget import check_ratio, plan_budget
 from sslc_export.errors import UserError
 from sslc_export.patterns import Pattern, select
 
@@ -83,5 +83,8 @@ def test_forced_entries_are_kept():
 
 @pytest.mark.parametrize("ratio", [0, 1, -1, float("nan"), 1.5])
 def test_bad_ratio_is_rejected(ratio):
+    """compress checks the ratio before any work; 0 only for a quantized run (a quantized dense model)."""
     with pytest.raises(UserError, match="strictly between 0 and 1"):
-        plan_budget(8, 8, ratio, 0.1, Pattern())
+        check_ratio(ratio)
+    if ratio == 0:
+        check_ratio(ratio, quantized=True)
