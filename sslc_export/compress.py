@@ -229,6 +229,7 @@ def calibration_record(job: CompressJob, calibration: CalibrationSet) -> dict:
 def _manifest(
     job: CompressJob, loaded: LoadedModel, layers: list[dict], num_blocks: int, calibration: CalibrationSet, seconds: float
 ) -> dict:
+    identity = fingerprint(job, loaded.identity, calibration)  # its calibration record is the manifest's
     kept = sum(layer["params_kept"] for layer in layers)
     total = sum(layer["params_total"] for layer in layers)
     return {
@@ -243,8 +244,8 @@ def _manifest(
         "ratio": job.ratio,
         "pattern": asdict(job.pattern),
         "settings": asdict(job.settings),
-        "calibration": calibration_record(job, calibration),
-        "fingerprint": fingerprint(job, loaded.identity, calibration),
+        "calibration": identity["calibration"],
+        "fingerprint": identity,
         "params_kept": kept,
         "params_total": total,
         "compression_seconds": round(seconds, 1),
