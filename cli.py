@@ -481,7 +481,10 @@ def bench_command(
     report: Optional[Path] = typer.Option(None, help="Markdown file whose 'bench' section (or --section) gets the table (e.g. docs/results.md)."),
     section: str = typer.Option("bench", help="Section of --report to replace."),
 ):
-    """Latency, throughput, memory, size and perplexity of ONNX models, side by side in one run."""
+    """Latency, throughput, memory, size and perplexity of ONNX models, side by side in one run.
+
+    A folder that fails (after the first, the baseline) does not stop the run: the others are measured and
+    written to --out-dir, the --report is left unchanged, and the command exits with an error naming it."""
     from runtimes.bench import BenchConfig, bench, columns, plot, table_rows
     from sslc_export.atomic import write_file_atomic
     from sslc_export.corpus import read_heldout
@@ -516,6 +519,10 @@ def bench_command(
             f"speed-up = baseline decode p50 / this decode p50, same run.\n\n" + markdown_table(columns(result), rows))
     write_file_atomic(out_dir / "bench.md", lambda tmp: tmp.write_text(body))
     plot(result, out_dir / "bench.png")
+    if result["failures"]:
+        for failure in result["failures"]:
+            console.print(f"[red]error:[/red] {failure['error']}")
+        raise UserError(f"{len(result['failures'])} folder(s) failed; the others are in {out_dir}/bench.json, {report or 'no report'} left unchanged")
     if report is not None:
         update_markdown_section(report, section, body + f"\n![decode speed vs quality]({os.path.relpath(out_dir / 'bench.png', report.parent)})\n")
     out.print(f"wrote {out_dir}/bench.json, bench.md, bench.png")

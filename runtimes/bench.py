@@ -167,24 +167,31 @@ def _wait(process, queue, folder: Path) -> tuple[str, object]:
 
 
 def bench(folders: list[Path], providers: list[str], config: BenchConfig) -> dict:
-    """One run over every folder and provider; ratios are taken against the first folder."""
+    """One run over every folder and provider; ratios are taken against the first folder.
+
+    A folder that fails after the baseline is recorded under "failures" and the others are still measured: a
+    half-hour run is not lost to one broken export. The baseline failing ends the run (nothing to compare to)."""
     for folder in folders:
         if not (folder / ONNX_FILE).is_file():
             raise UserError(f"{folder} has no {ONNX_FILE}: pass folders written by `sslc-export export`")
     context = multiprocessing.get_context("spawn")
-    rows = []
+    rows, failures = [], []
     for provider in providers:
-        for folder in folders:
+        for index, folder in enumerate(folders):
             queue = context.Queue()
             process = context.Process(target=_child, args=(str(folder), provider, config, queue))
             process.start()
             status, payload = _wait(process, queue, folder)
             process.join()
-            if status == "error":
+            if status == "error" and index == 0:
                 raise UserError(payload)
-            rows.append(payload)
+            if status == "error":
+                failures.append({"model": folder.name, "provider": provider, "error": payload})
+            else:
+                rows.append(payload)
     settings = {key: value for key, value in asdict(config).items() if key != "texts"}
-    return {"machine": machine(), "threads": config.threads or os.cpu_count(), "config": settings, "rows": rows}
+    return {"machine": machine(), "threads": config.threads or os.cpu_count(), "config": settings, "rows": rows,
+            "failures": failures}
 
 
 COLUMNS = ["model", "provider", "format", "lm_head", "size MB", "prefill 128 tok/s", "prefill 512 tok/s", "decode ms/tok p50", "decode p90",

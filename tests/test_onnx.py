@@ -1,6 +1,7 @@
 """Export every format from tiny random LLaMA and Qwen2 checkpoints, validate, and drive the
 result with optimum's ORTModelForCausalLM unmodified."""
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -257,6 +258,18 @@ def test_bench_writes_json_markdown_and_a_real_png(tiny_llama, tmp_path):
     with Image.open(tmp_path / "bench" / "bench.png") as image:
         assert image.size[0] > 500 and len(set(image.convert("L").getdata())) > 10  # not a blank canvas
     assert "<!-- BEGIN bench -->" in (tmp_path / "results.md").read_text()
+
+    # A broken folder after the baseline is reported, the baseline row is still written, the report is not touched.
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "dense", broken)
+    (broken / "model.onnx").write_bytes(b"not an onnx file")
+    result = runner.invoke(app, ["bench", str(tmp_path / "dense"), str(broken), "--no-perplexity", "--prompt-lengths", "16",
+                                 "--decode-tokens", "2", "--repeats", "1", "--out-dir", str(tmp_path / "bench2"),
+                                 "--report", str(tmp_path / "results2.md")])
+    assert result.exit_code != 0 and "1 folder(s) failed" in result.output, result.output
+    report = json.loads((tmp_path / "bench2" / "bench.json").read_text())
+    assert [row["model"] for row in report["rows"]] == ["dense"] and report["failures"][0]["model"] == "broken"
+    assert not (tmp_path / "results2.md").exists()
 
 
 def test_bench_refuses_an_unavailable_provider(tiny_llama, tmp_path):
