@@ -89,13 +89,19 @@ def _top_lines(scores: torch.Tensor, count: int, axis: str) -> torch.Tensor:
 
 
 def select(scores: torch.Tensor, count: int, pattern: Pattern, forced: torch.Tensor | None = None) -> torch.Tensor:
-    """Keep-mask of the highest scores under `pattern`; `forced` entries win first (salient weights).
+    """Keep-mask of exactly `count` entries, the highest scores under `pattern`; `forced` entries (salient
+    weights) are kept first.
 
-    Structured patterns keep whole lines, so `forced` cannot apply there and is ignored.
+    Unstructured: forced entries sit outside the per-row quota (the rest of the count is shared out as
+    usual), so a row holding many of them keeps them all. N:M: a group still keeps N, forced ones first
+    (more would break the pattern the exports rely on). Structured patterns keep whole lines: `forced`
+    is ignored.
     """
     if count <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    if forced is not None and pattern.kind != "structured":
+    if forced is not None and pattern.kind == "unstructured":
+        return _with_forced(scores, count, pattern, forced)
+    if forced is not None and pattern.kind == "nm":
         scores = scores.masked_fill(forced, float("inf"))
     if pattern.kind == "nm":
         return _top_n_of_m(scores, pattern.n, pattern.m)
@@ -104,3 +110,16 @@ def select(scores: torch.Tensor, count: int, pattern: Pattern, forced: torch.Ten
     if pattern.scope == "layer":
         return _top_overall(scores, count)
     return _top_per_row(scores, count)
+
+
+def _with_forced(scores: torch.Tensor, count: int, pattern: Pattern, forced: torch.Tensor) -> torch.Tensor:
+    """Every forced entry (the highest-scoring ones if they alone exceed `count`), then the rest of the count."""
+    forced_count = int(forced.sum())
+    if forced_count >= count:
+        return _top_overall(scores.masked_fill(~forced, float("-inf")), count)
+    unforced = scores.masked_fill(forced, float("-inf"))
+    mask = forced | select(unforced, count - forced_count, pattern)
+    short = count - int(mask.sum())  # a row nearly all forced can leave its share with nothing to take
+    if short:
+        mask |= _top_overall(unforced.masked_fill(mask, float("-inf")), short)
+    return mask

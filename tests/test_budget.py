@@ -81,6 +81,30 @@ def test_forced_entries_are_kept():
     assert mask[forced].all() and int(mask.sum()) == 100
 
 
+@pytest.mark.parametrize("scope", ["row", "layer"])
+def test_forced_entries_beyond_a_rows_share_are_all_kept(scope):
+    """One row holds 25 forced entries, five times its share of 5: all kept, the budget still exact."""
+    scores = torch.rand(20, 30)
+    forced = torch.zeros(20, 30, dtype=torch.bool)
+    forced[7, :25] = True
+    scores[forced] = 0.0
+    mask = select(scores, 100, Pattern(scope=scope), forced)
+    assert mask[forced].all() and int(mask.sum()) == 100
+    if scope == "row":  # the other rows share what is left equally
+        others = torch.cat([mask[:7], mask[8:]]).sum(1)
+        assert int(others.max() - others.min()) <= 1
+
+
+def test_forced_entries_that_fill_rows_or_the_budget():
+    scores = torch.rand(10, 12)
+    forced = torch.zeros(10, 12, dtype=torch.bool)
+    forced[:2] = True  # two whole rows: their share of the rest has nothing left to take
+    mask = select(scores, 60, Pattern(), forced)
+    assert mask[forced].all() and int(mask.sum()) == 60
+    mask = select(scores, 20, Pattern(), forced)  # more forced entries than the budget: the best of them
+    assert int(mask.sum()) == 20 and not mask[~forced].any()
+
+
 @pytest.mark.parametrize("ratio", [0, 1, -1, float("nan"), 1.5])
 def test_bad_ratio_is_rejected(ratio):
     """compress checks the ratio before any work; 0 only for a quantized run (a quantized dense model)."""

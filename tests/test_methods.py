@@ -1,4 +1,6 @@
 """Methods on synthetic matrices with planted structure: W = low-rank + sparse, X with uneven column scales."""
+import math
+
 import pytest
 import torch
 
@@ -107,6 +109,21 @@ def test_salient_weights_survive(planted):
     top = scaled.flatten().topk(int(0.01 * weight.numel())).indices
     result, _ = decompose("sslc", weight, stats, iters=5)
     assert result.mask.flatten()[top].all()
+
+
+@pytest.mark.parametrize("loss", ["diag", "exact"])
+def test_salient_weights_in_heavy_rows_all_survive(planted, loss):
+    """The top 1 % of |W·D| concentrated in two rows (246 entries, over twice their share of ~55 each): all
+    kept, and the budget still spent exactly."""
+    weight, stats = planted
+    weight = weight.clone()
+    weight[5:7] += 100.0
+    scaled = (weight * stats.column_norms).abs()
+    salient = scaled.flatten().topk(math.ceil(0.01 * weight.numel())).indices
+    assert ((salient // N == 5) | (salient // N == 6)).all()
+    result, budget = decompose("sslc", weight, stats, loss=loss, iters=5)
+    assert result.mask.flatten()[salient].all()
+    assert int(result.mask.sum()) == budget.nnz
 
 
 def test_balanced_factors_keep_the_product_and_equalise_norms():
