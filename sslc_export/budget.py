@@ -61,6 +61,12 @@ def plan_budget(out_features: int, in_features: int, ratio: float, rank_ratio: f
             )
         # N:M fixes S's size, so whatever it leaves goes to U, V (rank_ratio only switches the low-rank part on).
         rank = min((allowed - nnz) // (m + n), m, n) if rank_ratio > 0 else 0
+        if rank_ratio > 0 and rank == 0:  # would silently be plain N:M pruning
+            largest = math.floor(100 * (1 - pattern.n / pattern.m - (m + n) / (m * n))) / 100
+            raise UserError(
+                f"--ratio {ratio} with --nm {pattern.n}:{pattern.m} leaves a {m}x{n} layer no parameters for U, V (S alone "
+                f"keeps {pattern.n / pattern.m:.0%}): use --ratio <= {largest:.2f}, or a pruning method (sparsegpt, wanda)"
+            )
         return Budget(m, n, rank, nnz, allowed)
     if rank_ratio == 1.0:
         return Budget(m, n, rank, 0, allowed)  # low-rank only: the rounding remainder stays unused

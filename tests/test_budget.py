@@ -72,6 +72,14 @@ def test_nm_rejects_a_ratio_it_cannot_meet():
         plan_budget(16, 32, 0.6, 0.0, Pattern(kind="nm"))
 
 
+def test_nm_with_no_room_for_the_low_rank_pair_is_refused():
+    """At --ratio 0.5 a 2:4 S takes the whole budget: sslc would silently be N:M pruning."""
+    with pytest.raises(UserError, match=r"no parameters for U, V .* use --ratio <= 0\.46"):
+        plan_budget(64, 64, 0.5, 0.1, Pattern(kind="nm"))
+    assert plan_budget(64, 64, 0.46, 0.1, Pattern(kind="nm")).rank == 1  # the bound the message gives
+    assert plan_budget(64, 64, 0.5, 0.0, Pattern(kind="nm")).rank == 0  # pruning-only methods: nothing lost
+
+
 def test_forced_entries_are_kept():
     scores = torch.rand(20, 30)
     forced = torch.zeros(20, 30, dtype=torch.bool)
