@@ -57,6 +57,23 @@ def test_sslc_loss_decreases_over_iterations(planted, loss):
     assert all(later <= earlier * 1.001 for earlier, later in zip(history, history[1:]))
 
 
+def test_alternation_returns_the_best_iterate_not_the_last():
+    """The loss is lowest at the check after iteration 4 and rises after: that iterate comes back."""
+    from sslc_export.methods.sslc import alternate
+
+    target = torch.zeros(1, 1)
+    calls = []
+
+    def low_rank_step(residual, warm):
+        calls.append(None)
+        return torch.full((1, 1), float(len(calls))), torch.ones(1, 1), None
+
+    result = alternate(target, low_rank_step, lambda residual: (torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool)),
+                       lambda approx: abs(float(approx) - 4.5), iters=12, tol=0.0)
+    assert result.loss_history == [0.5, 3.5] and result.iterations == 8  # stopped at the first check that did not improve
+    assert float(result.u) == 4.0
+
+
 @pytest.mark.parametrize("baseline", ["magnitude", "wanda", "sparsegpt", "svd"])
 def test_sslc_beats_single_structure_methods_at_equal_budget(planted, baseline):
     weight, stats = planted

@@ -46,19 +46,23 @@ def alternate(
     Starting from S_0 = the pruned target (rather than S_0 = 0) gave a lower final loss on
     every SmolLM2 layer tried, for both losses, at no extra cost. The loss is checked every
     LOSS_CHECK_EVERY iterations (and after the last); the loop stops when a check improves on
-    the previous one by less than tol per iteration."""
+    the previous one by less than tol per iteration. The iterate returned is the best one checked,
+    not the last: the two steps minimise different surrogates, so the loss can rise."""
     sparse, _ = sparse_step(target)
     warm = None
     history: list[float] = []
+    best: tuple[torch.Tensor, ...] = ()
     for step in range(1, iters + 1):
         u, v, warm = low_rank_step(target - sparse, warm)
         sparse, mask = sparse_step(target - u @ v)
         if step % LOSS_CHECK_EVERY and step < iters:
             continue
         history.append(loss(u @ v + sparse))
+        if history[-1] <= min(history):
+            best = (u, v, sparse, mask)
         if len(history) > 1 and history[-2] - history[-1] < tol * LOSS_CHECK_EVERY * history[-2]:
             break
-    return Decomposition(u, v, sparse, mask, history, iterations=step)
+    return Decomposition(*best, history, iterations=step)
 
 
 def quantize_low_rank(u: torch.Tensor, v: torch.Tensor, pruner: ObsPruner, gram: torch.Tensor, damp: float,
