@@ -48,7 +48,15 @@ def plan_budget(out_features: int, in_features: int, ratio: float, rank_ratio: f
     m, n = out_features, in_features
     if ratio == 0:
         return Budget(m, n, 0, m * n, m * n)
-    allowed = math.floor((1.0 - ratio) * m * n)
+    return split_budget(m, n, math.floor((1.0 - ratio) * m * n), rank_ratio, pattern, ratio)
+
+
+def split_budget(out_features: int, in_features: int, allowed: int, rank_ratio: float, pattern: Pattern,
+                 ratio: float | None = None) -> Budget:
+    """`allowed` parameters (a layer's share of a global budget, or its uniform one) split between U, V and S.
+    `ratio` only words the error message of an N:M pattern that does not fit."""
+    m, n = out_features, in_features
+    ratio = 1.0 - allowed / (m * n) if ratio is None else ratio
     rank = min(math.floor(rank_ratio * allowed / (m + n)), min(m, n))
     if pattern.kind == "nm":
         if n % pattern.m:

@@ -124,6 +124,7 @@ class CheckpointWriter:
         self.fingerprint = fingerprint
         self.completed = 0
         self.layers: list[dict] = []
+        self.allocation: dict | None = None  # a global split, kept so that --resume continues with the same one
         progress = self.work / PROGRESS
         if resume and progress.is_file():
             state = json.loads(progress.read_text())
@@ -131,7 +132,7 @@ class CheckpointWriter:
                 raise UserError(
                     f"{self.work} was started with other settings or another model: delete it or rerun with the same flags"
                 )
-            self.completed, self.layers = state["completed_blocks"], state["layers"]
+            self.completed, self.layers, self.allocation = state["completed_blocks"], state["layers"], state.get("allocation")
         elif self.work.exists() and not resume:
             raise UserError(f"an unfinished run exists at {self.work}: pass --resume to continue it or delete the folder")
         else:
@@ -157,10 +158,18 @@ class CheckpointWriter:
         _save_tensors(self.work / HIDDEN, {"hidden": hidden.contiguous()})
         self.completed = index + 1
         self.layers.extend(reports)
-        write_json_atomic(
-            self.work / PROGRESS,
-            {"fingerprint": self.fingerprint, "completed_blocks": self.completed, "layers": self.layers},
-        )
+        self._write_progress()
+
+    def save_allocation(self, allocation: dict) -> None:
+        """The split chosen before the first block, recorded before any block is written."""
+        self.allocation = allocation
+        self._write_progress()
+
+    def _write_progress(self) -> None:
+        state = {"fingerprint": self.fingerprint, "completed_blocks": self.completed, "layers": self.layers}
+        if self.allocation is not None:
+            state["allocation"] = self.allocation
+        write_json_atomic(self.work / PROGRESS, state)
 
     def finish(self, loaded: LoadedModel, compressed_names: set[str], manifest: dict) -> dict:
         model = loaded.model

@@ -8,6 +8,7 @@ its statistics and a budget.
 """
 from __future__ import annotations
 
+import math
 import resource
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -20,9 +21,10 @@ from torch import nn
 from models.architectures import BlockInputs, Llama
 from models.loading import LoadedModel, load_model, resolve_source
 from sslc_export import __version__, defaults
+from sslc_export.allocation import Allocation, LossCurve, allocate, allocation_report, measure_curve
 from sslc_export.atomic import check_writable_target
 from sslc_export.blockwalk import walk_block
-from sslc_export.budget import check_ratio, plan_budget
+from sslc_export.budget import check_ratio, plan_budget, split_budget
 from sslc_export.calibration import CalibrationSet, InputStatistics
 from sslc_export.errors import UserError
 from sslc_export.checkpoint import FORMAT_VERSION, QUANTIZED_FORMAT_VERSION, CheckpointWriter, CompressedTensors
@@ -50,6 +52,7 @@ class CompressJob:
     overwrite: bool = False
     streaming: bool = False  # one decoder block in memory at a time (safetensors folders)
     device: str = defaults.DEVICE  # where calibration passes and decompositions run; the model itself stays in host memory
+    allocation: Allocation = field(default_factory=Allocation)  # how the budget is split over layers
 
 
 @dataclass
@@ -86,20 +89,24 @@ def _block_inputs(
 def fingerprint(job: CompressJob, model_identity: dict, calibration: CalibrationSet) -> dict:
     """What must match for --resume to continue a run rather than mix two, and for `compare` to reuse a
     checkpoint: the model's content hash, the method and its resolved settings, the calibration data."""
-    return {
+    identity = {
         "model_sha256": model_identity["sha256"],
         "method": job.method,
         "ratio": job.ratio,
         "pattern": asdict(job.pattern),
-        "settings": asdict(job.settings),
+        "settings": job.settings.record(),
         "calibration": calibration_record(job, calibration),
     }
+    if job.allocation.record() is not None:  # absent for uniform: checkpoints made before --allocation still match
+        identity["allocation"] = job.allocation.record()
+    return identity
 
 
 def compress(job: CompressJob, progress: ProgressCallback | None = None) -> CompressOutcome:
     """Compress every decoder Linear of the model and write the checkpoint."""
     method = get_method(job.method)
     check_ratio(job.ratio, quantized=job.settings.grid is not None)
+    job.allocation.check(job.ratio)
     job = replace(job, settings=method.resolve(job.settings, job.pattern))
     method.check(job.pattern, job.settings)
     if job.batch_size < 1:
@@ -119,6 +126,9 @@ def compress(job: CompressJob, progress: ProgressCallback | None = None) -> Comp
         for name in architecture.linear_names:
             plan_budget(*block.get_submodule(name).weight.shape, job.ratio, rank_ratio, job.pattern)
     writer = CheckpointWriter(job.out, fingerprint(job, loaded.identity, calibration), job.resume)
+    if job.allocation.mode == "global" and writer.allocation is None:  # a resumed run keeps the split it started with
+        writer.save_allocation(_global_split(job, method, loaded, tokens, device, progress))
+    kept = None if writer.allocation is None else writer.allocation["layers"]
     inputs = _block_inputs(loaded, tokens, writer.load_hidden() if writer.completed else None, job.batch_size, device)
     compressed_names = {f"{architecture.blocks_path}.{i}.{name}" for i in range(len(blocks)) for name in architecture.linear_names}
     try:
@@ -131,7 +141,7 @@ def compress(job: CompressJob, progress: ProgressCallback | None = None) -> Comp
             if loaded.streamer:
                 loaded.streamer.load_block(index)
             block.to(device)
-            _compress_block(job, method, architecture, index, block, inputs, writer, progress, len(blocks))
+            _compress_block(job, method, architecture, index, block, inputs, writer, progress, len(blocks), kept)
             block.to("cpu")  # the compressed block rejoins the model in host memory; the device holds one block at a time
             if loaded.streamer:  # written to the checkpoint: free it (the block's norms are tiny and stay)
                 for name in architecture.linear_names:
@@ -141,6 +151,7 @@ def compress(job: CompressJob, progress: ProgressCallback | None = None) -> Comp
         raise
 
     manifest = _manifest(job, loaded, writer.layers, len(blocks), calibration, time.perf_counter() - started)
+    manifest["allocation"] = writer.allocation
     return CompressOutcome(writer.finish(loaded, compressed_names, manifest), None if loaded.streamer else loaded)
 
 
@@ -154,8 +165,10 @@ def _compress_block(
     writer: CheckpointWriter,
     progress: ProgressCallback | None,
     num_blocks: int,
+    kept: dict[str, int] | None,
 ) -> None:
-    """Compress one block's Linears group by group, then advance the activations through it."""
+    """Compress one block's Linears group by group, then advance the activations through it; `kept` is a global
+    split's parameters per layer (None: every layer at the job's ratio)."""
     prefix = f"{architecture.blocks_path}.{index}"
     rank_ratio = method.rank_ratio(job.settings)
     layers: dict[str, CompressedTensors] = {}
@@ -168,7 +181,10 @@ def _compress_block(
                 progress(index * per_block + len(reports), num_blocks * per_block, f"block {index} {name}")
             linear = block.get_submodule(name)
             weight = linear.weight.detach().float()
-            budget = plan_budget(*weight.shape, job.ratio, rank_ratio, job.pattern)
+            if kept is None:
+                budget = plan_budget(*weight.shape, job.ratio, rank_ratio, job.pattern)
+            else:
+                budget = split_budget(*weight.shape, kept[f"{prefix}.{name}"], rank_ratio, job.pattern)
             layer_start = time.perf_counter()
             result = method.decompose(weight, stats, budget, job.pattern, job.settings)
             bias = None if linear.bias is None else linear.bias.detach().float()
@@ -182,6 +198,7 @@ def _compress_block(
                 {
                     "name": f"{prefix}.{name}",
                     "shape": list(weight.shape),
+                    "ratio": round(1.0 - budget.allowed / weight.numel(), 6),
                     "rank": result.rank,
                     "nnz": nnz,
                     "params_kept": result.rank * sum(weight.shape) + nnz,
@@ -195,6 +212,42 @@ def _compress_block(
 
     inputs.hidden = walk_block(block, architecture, inputs, compress_group)
     writer.save_block(index, layers, reports, inputs.hidden.cpu())
+
+
+def _global_split(
+    job: CompressJob, method: Method, loaded: LoadedModel, tokens: torch.Tensor, device: torch.device,
+    progress: ProgressCallback | None,
+) -> dict:
+    """The first pass of --allocation global: every Linear's loss curve on the dense model's block inputs (the same
+    walk as compression, nothing replaced), then the split of the model-wide budget."""
+    started = time.perf_counter()
+    architecture = loaded.architecture
+    blocks = architecture.blocks(loaded.model)
+    inputs = _block_inputs(loaded, tokens, None, job.batch_size, device)
+    curves: dict[str, LossCurve] = {}
+    layers_in_all = len(blocks) * len(architecture.linear_names)
+    for index, block in enumerate(blocks):
+        prefix = f"{architecture.blocks_path}.{index}"
+        if loaded.streamer:
+            loaded.streamer.load_block(index)
+        block.to(device)
+
+        def measure(names: tuple[str, ...], stats: InputStatistics) -> None:
+            for name in names:
+                if progress:
+                    progress(len(curves), layers_in_all, f"loss curves: block {index} {name}")
+                weight = block.get_submodule(name).weight.detach().float()
+                curves[f"{prefix}.{name}"] = measure_curve(method, weight, stats, job.ratio, job.allocation, job.pattern,
+                                                           job.settings)
+
+        walk_block(block, architecture, inputs, measure)
+        block.to("cpu")
+        if loaded.streamer:  # loaded again by the compression pass
+            for name in architecture.linear_names:
+                loaded.streamer.release(block.get_submodule(name))
+    budget = math.floor((1.0 - job.ratio) * sum(m * n for m, n in (curve.shape for curve in curves.values())))
+    kept = allocate(curves, budget)
+    return {**allocation_report(curves, kept, budget, job.allocation), "seconds": round(time.perf_counter() - started, 1)}
 
 
 def _memory_limits() -> dict:

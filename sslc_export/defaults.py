@@ -21,3 +21,6 @@ BENCH_PROMPT_LENGTHS = (32, 128, 512)  # prefill lengths timed by bench
 BENCH_DECODE_TOKENS = 64  # new tokens per timed decode run
 BENCH_REPEATS = 5  # timed repeats after warm-up
 DEVICE = "cpu"
+ALLOCATION = "uniform"  # how the budget is split over layers: uniform | global
+MIN_KEEP = 0.2  # global allocation: bounds on each layer's kept fraction
+MAX_KEEP = 0.9

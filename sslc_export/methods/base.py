@@ -97,6 +97,15 @@ class Method(ABC):
         self, weight: torch.Tensor, stats: InputStatistics, budget: Budget, pattern: Pattern, settings: Settings
     ) -> Decomposition: ...
 
+    def loss_curve(
+        self, weight: torch.Tensor, stats: InputStatistics, budgets: list[Budget], pattern: Pattern, settings: Settings
+    ) -> list[float]:
+        """Relative calibration loss at each budget, which --allocation global splits the model's budget by: here the
+        decomposition itself; a method whose decomposition is slow measures a cheaper step of it instead."""
+        reference = stats.error_energy(weight)
+        return [stats.relative_error(weight, self.decompose(weight, stats, budget, pattern, settings).dense(), reference)
+                for budget in budgets]
+
 
 def sparse_only(sparse: torch.Tensor, mask: torch.Tensor) -> Decomposition:
     return Decomposition(*empty_factors(sparse), sparse, mask)
