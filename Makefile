@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUNS := runs/demo
 
-.PHONY: results-sparse results-quant demo test gpu-check setup clean kernels kernels-or-skip results results-compression results-heldout results-onnx results-streaming results-large
+.PHONY: results-allocation results-sparse results-quant demo test gpu-check setup clean kernels kernels-or-skip results results-compression results-heldout results-onnx results-streaming results-large
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -116,6 +116,16 @@ results-quant: $(STAMP) kernels
 	  $(BIN)/sslc-export validate $(QUANT)/$$ckpt-sparse-int4 $(QUANT)/$$ckpt || exit 1; done
 	$(BIN)/sslc-export bench $(RES)/dense $(RES)/dense-int4 $(QUANT)/gptq-0-b4-sparse-int4 $(QUANT)/sslc-0.5-b4-sparse-int4 \
 	  --threads 2 --repeats 1 --decode-tokens 16 --prompt-lengths 128 --out-dir $(QUANT)/bench --report docs/results.md --section quant-bench
+
+# Global allocation (issue 11, item 1): sslc at ratio 0.5 with the model-wide budget split over layers by their
+# measured loss curves, beside uniform sslc, perplexity on every bundled held-out text and compression time (one
+# compare; a finished checkpoint is reused when its fingerprint matches), then each checkpoint's ratio per layer.
+ALLOC := runs/allocation
+results-allocation: $(STAMP)
+	$(BIN)/sslc-export compare --methods sslc --ratios 0.5 --extra-losses "" --allocations uniform,global --work-dir $(ALLOC) \
+	  --report docs/results.md --section allocation --json docs/compare-allocation.json
+	$(BIN)/sslc-export checkpoints $(ALLOC)/sslc-default-r0.5 $(ALLOC)/sslc-default-r0.5-global --layers \
+	  --report docs/results.md --section allocation-layers
 
 # Peak RSS of compression with and without block streaming (wanda: the decomposition is cheap,
 # so the figures show the memory of the block walk itself), then a random LLaMA with ~3 GB of

@@ -145,10 +145,15 @@ def compress(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder (only once the new one is complete)."),
     streaming: bool = typer.Option(False, "--streaming", help="Hold one decoder block in memory at a time (safetensors model folders)."),
     device: str = typer.Option(defaults.DEVICE, help="Run calibration and decompositions on cpu or cuda[:N] (one block on the GPU at a time)."),
+    allocation: str = typer.Option(defaults.ALLOCATION, help="uniform: every layer at --ratio; global: the same total split over layers by "
+                                   "their measured loss curves (a first pass over the dense model), within --min-keep/--max-keep."),
+    min_keep: float = typer.Option(defaults.MIN_KEEP, "--min-keep", help="--allocation global: least fraction of a layer's parameters kept."),
+    max_keep: float = typer.Option(defaults.MAX_KEEP, "--max-keep", help="--allocation global: largest fraction of a layer's parameters kept."),
     threads: Optional[int] = ThreadsOption,
     json_path: Optional[Path] = JsonOption,
 ):
     """Compress every decoder Linear to W ≈ U·V + S and write a checkpoint folder."""
+    from sslc_export.allocation import Allocation
     from sslc_export.compress import CompressJob, compress as run_compress
     from sslc_export.methods import Settings
     from sslc_export.patterns import Pattern
@@ -170,6 +175,7 @@ def compress(
         overwrite=overwrite,
         streaming=streaming,
         device=device,
+        allocation=Allocation(allocation, min_keep, max_keep),
     )
     with progress_bar() as bar:
         task = bar.add_task("compressing", total=None)
@@ -189,12 +195,13 @@ def compress(
 
 def print_compress_summary(manifest: dict) -> None:
     table = Table(title=f"{manifest['method']} at ratio {manifest['ratio']} ({manifest['compression_seconds']} s)")
-    for column in ("layer", "shape", "rank", "nnz", "kept", "rel. loss", "iters"):
+    for column in ("layer", "shape", "ratio", "rank", "nnz", "kept", "rel. loss", "iters"):
         table.add_column(column, justify="right" if column != "layer" else "left")
     for layer in manifest["layers"]:
         table.add_row(
             layer["name"],
             "x".join(map(str, layer["shape"])),
+            f"{layer['ratio']:.3f}" if "ratio" in layer else "",
             str(layer["rank"]),
             str(layer["nnz"]),
             f"{layer['params_kept'] / layer['params_total']:.1%}",
@@ -388,6 +395,8 @@ def checkpoints_command(
     checkpoints: list[Path] = typer.Argument(..., help="Checkpoint folders written by `sslc-export compress`."),
     report: Optional[Path] = typer.Option(None, help="Markdown file that gets the table in the section named by --section."),
     section: str = typer.Option("checkpoints", help="Section of --report to replace."),
+    layers: bool = typer.Option(False, "--layers", help="Also tabulate each checkpoint's per-layer ratio (fraction of the "
+                                "layer removed; --allocation global varies it), one row per block."),
     json_path: Optional[Path] = JsonOption,
 ):
     """Tabulate how checkpoints were made: method, ratio, device, wall time (and the part spent in
@@ -416,10 +425,19 @@ def checkpoints_command(
         for folder, m in zip(checkpoints, manifests)
     ]
     print_table("checkpoints", headers, rows)
+    body = (f"Measured by the runs that wrote each checkpoint (peak RSS of the whole process, from its manifest); "
+            f"tabulated by `sslc-export checkpoints {' '.join(str(c) for c in checkpoints)}{' --layers' if layers else ''}`.\n\n"
+            + markdown_table(headers, rows))
+    if layers:
+        from sslc_export.allocation import ratio_table
+
+        for folder, manifest in zip(checkpoints, manifests):
+            layer_headers, layer_rows = ratio_table(manifest["layers"])
+            title = f"{folder.name}: ratio per layer"
+            print_table(title, layer_headers, layer_rows)
+            body += f"\n{title}\n\n" + markdown_table(layer_headers, layer_rows)
     if report is not None:
-        body = (f"Measured by the runs that wrote each checkpoint (peak RSS of the whole process, from its manifest); "
-                f"tabulated by `sslc-export checkpoints {' '.join(str(c) for c in checkpoints)}`.\n\n")
-        update_markdown_section(report, section, body + markdown_table(headers, rows))
+        update_markdown_section(report, section, body)
     summaries = [{k: v for k, v in m.items() if k not in ("layers", "files")} for m in manifests]
     write_json(json_path, {"rows": [{"folder": str(f), **summary} for f, summary in zip(checkpoints, summaries)]})
 
@@ -603,6 +621,8 @@ def compare_command(
     methods: str = typer.Option("sslc,wanda,sparsegpt,magnitude,svd", help="Comma-separated methods."),
     ratios: str = typer.Option("0.3,0.5", help="Comma-separated compression ratios."),
     extra_losses: str = typer.Option("sslc:diag,svd:diag", help="Also run these method:loss pairs (each method also runs at its default loss)."),
+    allocations: str = typer.Option(defaults.ALLOCATION, help="Comma-separated: run every variant with each of these "
+                                    "--allocation modes (uniform, global; global at compress's default --min-keep/--max-keep)."),
     model: Optional[str] = ModelOption,
     heldout: Optional[str] = HeldoutOption,
     window: int = typer.Option(defaults.WINDOW, help="Perplexity window (stride = window)."),
@@ -619,15 +639,17 @@ def compare_command(
 ):
     """Compress with several methods at equal budgets and tabulate perplexity on each held-out text."""
     from sslc_export.corpus import read_heldout
+    from sslc_export.allocation import Allocation
     from sslc_export.compare import compare, parse_variants
     from sslc_export.compress import CompressJob
     from sslc_export.methods import Settings, get_method
     from sslc_export.report import markdown_table, update_markdown_section, write_json
 
     set_threads(threads)
-    variants = parse_variants(methods, ratios, extra_losses)
+    variants = parse_variants(methods, ratios, extra_losses, allocations)
     for variant in variants:
         get_method(variant.method)
+        Allocation(variant.allocation).check(variant.ratio)
     texts = read_heldout(heldout)
     base = CompressJob(
         out=work_dir, model=model, settings=Settings(rank_ratio=rank_ratio, iters=iters), calib=calib, nsamples=nsamples, seqlen=seqlen
@@ -639,7 +661,7 @@ def compare_command(
     headers = ["method", "loss", "ratio", "kept", *(f"ppl {name}" for name in texts), "worst vs dense", "mean rel. loss", "compress s"]
     table_rows = [
         [
-            row["method"],
+            row["method"] + (f" ({row['allocation']})" if row.get("allocation", "uniform") != "uniform" else ""),
             row["loss"],
             row["ratio"],
             f"{row['params_kept'] / row['params_total']:.1%}" if "params_kept" in row else "100%",

@@ -13,6 +13,7 @@ not favoured for the size of its activations.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -116,3 +117,24 @@ def allocation_report(curves: dict[str, LossCurve], kept: dict[str, int], budget
     """The manifest's record of a global split: the bounds, the budget, and each layer's measured curve."""
     return {**asdict(allocation), "budget": budget, "kept": sum(kept.values()), "layers": kept,
             "curves": {name: curve.record() for name, curve in curves.items()}}
+
+
+def ratio_table(layers: list[dict]) -> tuple[list[str], list[list]]:
+    """A manifest's per-layer ratios (fraction removed) as one row per block and one column per Linear, then a row
+    of each column's overall ratio: a split at a glance (the ratios follow from each layer's params_allowed, so
+    checkpoints made before layers recorded their ratio read the same)."""
+    cells: dict[int, dict[str, str]] = {}
+    totals: dict[str, list[int]] = {}
+    for layer in layers:
+        match = re.fullmatch(r".*\.(\d+)\.(?:.*\.)?([^.]+)", layer["name"])
+        if match is None:
+            continue
+        index, column = int(match.group(1)), match.group(2)
+        cells.setdefault(index, {})[column] = f"{1 - layer['params_allowed'] / layer['params_total']:.2f}"
+        total = totals.setdefault(column, [0, 0])
+        total[0] += layer["params_allowed"]
+        total[1] += layer["params_total"]
+    columns = list(totals)
+    rows: list[list] = [[index, *(row.get(column, "") for column in columns)] for index, row in sorted(cells.items())]
+    rows.append(["all", *(f"{1 - allowed / total:.2f}" for allowed, total in totals.values())])
+    return ["block", *columns], rows

@@ -24,14 +24,17 @@ class Variant:
     method: str
     ratio: float
     loss: str | None = None  # None: the method's default
+    allocation: str = "uniform"  # how the budget is split over layers (compress --allocation)
 
     @property
     def label(self) -> str:
-        return f"{self.method}-{self.loss or 'default'}-r{self.ratio}"
+        suffix = "" if self.allocation == "uniform" else f"-{self.allocation}"  # uniform keeps the labels of earlier sweeps
+        return f"{self.method}-{self.loss or 'default'}-r{self.ratio}{suffix}"
 
 
-def parse_variants(methods: str, ratios: str, losses: str) -> list[Variant]:
-    """methods × ratios at each method's default loss; `losses` (method:loss,...) adds variants."""
+def parse_variants(methods: str, ratios: str, losses: str, allocations: str = "uniform") -> list[Variant]:
+    """methods × ratios at each method's default loss; `losses` (method:loss,...) adds variants; each variant once per
+    allocation in `allocations` (comma-separated)."""
     try:
         ratio_values = [float(value) for value in ratios.split(",") if value]
     except ValueError:
@@ -42,8 +45,9 @@ def parse_variants(methods: str, ratios: str, losses: str) -> list[Variant]:
     variants = []
     for ratio in ratio_values:
         for method in (m for m in methods.split(",") if m):
-            variants.append(Variant(method, ratio))
-            variants += [Variant(method, ratio, loss) for name, loss in extra if name == method]
+            for allocation in (a for a in allocations.split(",") if a):
+                variants.append(Variant(method, ratio, None, allocation))
+                variants += [Variant(method, ratio, loss, allocation) for name, loss in extra if name == method]
     return variants
 
 
@@ -77,6 +81,7 @@ def compare(
             method=variant.method,
             ratio=variant.ratio,
             overwrite=True,
+            allocation=replace(base_job.allocation, mode=variant.allocation),
         )
         job = replace(job, settings=get_method(variant.method).resolve(replace(base_job.settings, loss=variant.loss), job.pattern))
         if _reusable(job.out, job, identity):
@@ -92,6 +97,7 @@ def compare(
                 "method": variant.method,
                 "ratio": variant.ratio,
                 "loss": job.settings.loss,
+                "allocation": variant.allocation,
                 "perplexity": ppl,
                 "perplexity_vs_dense": {name: value / dense_ppl[name] for name, value in ppl.items()},
                 "params_kept": manifest["params_kept"],
