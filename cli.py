@@ -121,12 +121,15 @@ def print_table(title: str, headers: list[str], rows: list[list]) -> None:
 @app.command()
 @handles_user_errors
 def compress(
+    context: typer.Context,
     out_dir: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to create."),
     model: Optional[str] = ModelOption,
     method: str = typer.Option("sslc", help="sslc | wanda | sparsegpt | magnitude | svd."),
     ratio: float = typer.Option(defaults.RATIO, help="Fraction of each compressed layer's parameters removed (0 < c < 1); U, V count inside."),
     rank_ratio: float = typer.Option(defaults.RANK_RATIO, help="sslc: share of the kept budget spent on the low-rank pair (why this default: docs/results.md)."),
     iters: Optional[int] = typer.Option(None, help=f"sslc: maximum alternating iterations (default: {defaults.SSLC_ITERS_TEXT})."),
+    preset: Optional[str] = typer.Option(None, help="sslc: paper = the published algorithm (--loss diag, SVD step first, --rank-ratio "
+                                         "0.25, 40 iterations) instead of our defaults; --loss, --rank-ratio, --iters given still win."),
     salient: float = typer.Option(defaults.SALIENT_FRACTION, help="sslc: fraction of weights (largest |W·D|) always kept in S."),
     loss: Optional[str] = typer.Option(None, help="exact (default for sslc, svd): whitened SVD + OBS pruning on XᵀX; diag: activation-scaled, as in the paper."),
     tol: float = typer.Option(defaults.TOL, help="sslc: stop when an iteration improves the loss by less than this fraction."),
@@ -160,14 +163,17 @@ def compress(
     from sslc_export.report import write_json
 
     set_threads(threads)
+    if preset is not None and method != "sslc":
+        raise UserError(f"--preset {preset} is a set of sslc settings: use it with --method sslc")
+    unset = preset is not None and context.get_parameter_source("rank_ratio").name == "DEFAULT"  # left to the preset
     job = CompressJob(
         out=out_dir,
         method=method,
         ratio=ratio,
         model=model,
         pattern=Pattern.parse(pattern, nm, scope, axis),
-        settings=Settings(rank_ratio=rank_ratio, iters=iters, salient_fraction=salient, loss=loss, tol=tol, damp=damp, seed=seed,
-                          bits=bits, group_size=group_size),
+        settings=Settings.from_flags(preset, rank_ratio=None if unset else rank_ratio, iters=iters, salient_fraction=salient,
+                                     loss=loss, tol=tol, damp=damp, seed=seed, bits=bits, group_size=group_size),
         calib=calib,
         nsamples=nsamples,
         seqlen=seqlen,

@@ -55,6 +55,9 @@ def test_bad_ratio(tiny_llama, tmp_path, ratio):
         (["--damp", "1.5"], "--damp must be in (0, 1.0]"),
         (["--damp", "nan"], "--damp must be in (0, 1.0]"),
         (["--calib", "poetry"], "is not a bundled text (prose, technical, code)"),
+        (["--pattern", "nm", "--ratio", "0.5"], "no parameters for U, V"),  # sslc would silently be N:M pruning
+        (["--preset", "fast"], "unknown --preset 'fast': choose one of paper"),
+        (["--method", "wanda", "--preset", "paper"], "use it with --method sslc"),
     ],
 )
 def test_bad_method_settings(tiny_llama, tmp_path, flags, expected):

@@ -50,6 +50,24 @@ def test_defaults_match_the_dataclasses():
         defaults.RANK_RATIO, defaults.GROUP_SIZE, defaults.NSAMPLES, defaults.SEQLEN)
 
 
+@pytest.mark.parametrize("flags, expected", [
+    ([], {"loss": "exact", "rank_ratio": defaults.RANK_RATIO, "iters": 2}),
+    (["--preset", "paper"], {"loss": "diag", "first_step": "svd", "rank_ratio": 0.25, "iters": 2}),
+    (["--preset", "paper", "--rank-ratio", "0.3", "--loss", "exact"], {"loss": "exact", "first_step": "svd", "rank_ratio": 0.3}),
+])
+def test_preset_fills_the_settings_not_given(tiny_llama, tmp_path, flags, expected):
+    """--iters 2 keeps the runs short and shows that a flag given wins over the preset's 40. Without a preset the
+    fingerprint has no first_step, so checkpoints made before the option still match."""
+    import json
+
+    result = CliRunner().invoke(app, ["compress", "--model", str(tiny_llama), "--out", str(tmp_path / "ckpt"), "--iters", "2",
+                                      "--nsamples", "2", "--seqlen", "16", *flags, "--json", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "m.json").read_text())
+    assert {key: manifest["settings"][key] for key in expected} == expected
+    assert ("first_step" in manifest["fingerprint"]["settings"]) == ("--preset" in flags)
+
+
 @pytest.mark.parametrize("error, exit_code", [
     (torch.cuda.OutOfMemoryError("CUDA out of memory."), 3),
     (MemoryError(), 3),

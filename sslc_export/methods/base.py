@@ -3,7 +3,7 @@ a low-rank pair plus a sparse matrix out. Methods never see the model or the blo
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -33,6 +33,23 @@ class Settings:
     seed: int = defaults.SEED
     bits: int = defaults.BITS  # 8 or 4: S, U and V end on an integer grid chosen inside the decomposition
     group_size: int = defaults.GROUP_SIZE  # input columns per quantization scale
+    first_step: str = "prune"  # sslc: S_0 = the pruned target ("prune"), or 0 so the SVD step comes first ("svd", the paper)
+
+    @classmethod
+    def from_flags(cls, preset: str | None = None, **flags) -> Settings:
+        """Settings from command-line flags: a preset (defaults.PRESETS) fills those left unset (None), the defaults the rest."""
+        if preset is not None and preset not in defaults.PRESETS:
+            raise UserError(f"unknown --preset '{preset}': choose one of {', '.join(defaults.PRESETS)}")
+        given = {name: value for name, value in flags.items() if value is not None}
+        return cls(**{**defaults.PRESETS.get(preset, {}), **given})
+
+    def record(self) -> dict:
+        """What a checkpoint's fingerprint keeps: every field, but first_step only when not the default, so
+        checkpoints made before it existed still match."""
+        record = asdict(self)
+        if self.first_step == "prune":
+            del record["first_step"]
+        return record
 
     @property
     def grid(self) -> Grid | None:

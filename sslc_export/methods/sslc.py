@@ -40,15 +40,16 @@ def alternate(
     loss: Callable[[torch.Tensor], float],
     iters: int,
     tol: float,
+    svd_first: bool = False,
 ) -> Decomposition:
     """The SSLC loop, independent of which loss the two steps minimise.
 
-    Starting from S_0 = the pruned target (rather than S_0 = 0) gave a lower final loss on
-    every SmolLM2 layer tried, for both losses, at no extra cost. The loss is checked every
+    Starting from S_0 = the pruned target (rather than S_0 = 0, `svd_first`, the paper) gave a lower
+    final loss on every SmolLM2 layer tried, for both losses, at no extra cost. The loss is checked every
     LOSS_CHECK_EVERY iterations (and after the last); the loop stops when a check improves on
     the previous one by less than tol per iteration. The iterate returned is the best one checked,
     not the last: the two steps minimise different surrogates, so the loss can rise."""
-    sparse, _ = sparse_step(target)
+    sparse = torch.zeros_like(target) if svd_first else sparse_step(target)[0]
     warm = None
     history: list[float] = []
     best: tuple[torch.Tensor, ...] = ()
@@ -104,6 +105,8 @@ class Sslc(Method):
         super().check(pattern, settings)
         if not 0.0 < settings.rank_ratio < 1.0:
             raise UserError(f"--rank-ratio {settings.rank_ratio} leaves no low-rank or no sparse budget: sslc needs 0 < rank ratio < 1")
+        if settings.first_step not in ("prune", "svd"):
+            raise UserError(f"unknown first step '{settings.first_step}': choose prune or svd")
         if settings.iters is not None and settings.iters < 1:
             raise UserError(f"--iters must be >= 1, got {settings.iters}")
         if not 0.0 <= settings.salient_fraction < 1.0:
@@ -166,6 +169,7 @@ class Sslc(Method):
                 lambda approx: stats.relative_error(weight, approx, reference),
                 iters,
                 settings.tol,
+                settings.first_step == "svd",
             )
             if grid is None:
                 return fitted
@@ -184,6 +188,7 @@ class Sslc(Method):
             lambda approx: float((scaled - approx).norm() / norm),
             iters,
             settings.tol,
+            settings.first_step == "svd",
         )
         result.v = result.v / scale
         result.sparse = result.sparse / scale
