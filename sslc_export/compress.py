@@ -146,8 +146,8 @@ def compress(job: CompressJob, progress: ProgressCallback | None = None) -> Comp
             if loaded.streamer:  # written to the checkpoint: free it (the block's norms are tiny and stay)
                 for name in architecture.linear_names:
                     loaded.streamer.release(block.get_submodule(name))
-    except UserError:
-        writer.discard_if_empty()  # a bad input found mid-way leaves nothing behind
+    except BaseException:
+        writer.discard_if_empty()  # a failure before any block is saved leaves nothing; after, the folder is --resume's
         raise
 
     manifest = _manifest(job, loaded, writer.layers, len(blocks), calibration, time.perf_counter() - started)

@@ -1,11 +1,12 @@
 """Tiny random LLaMA and Qwen2 through compress -> checkpoint -> reload -> eval."""
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from sslc_export.checkpoint import load_checkpoint, read_manifest
+from sslc_export.checkpoint import load_checkpoint, read_block, read_manifest
 from sslc_export.compress import CompressJob, compress
 from sslc_export.errors import UserError
 from sslc_export.evaluate import perplexity
@@ -36,12 +37,62 @@ def test_compress_reload_gives_identical_logits(tiny_model, tmp_path, method):
     assert manifest["params_kept"] == sum(layer["params_kept"] for layer in manifest["layers"])
 
 
-def test_qwen2_biases_are_kept(tmp_path, tiny_model):
+@pytest.mark.parametrize("method, pattern", [("sslc", Pattern()), ("sslc", Pattern(kind="nm")), ("sparsegpt", Pattern()),
+                                             ("svd", Pattern()), ("sslc", Pattern(kind="structured"))])
+def test_params_kept_recomputed_from_the_stored_tensors(tiny_llama, tmp_path, method, pattern):
+    """Per layer, from what the block files hold (not from the run's own report): rank·(m + n) + the mask's bits
+    equal the manifest's figure and stay within floor((1 - c)·m·n)."""
+    ratio = 0.4
+    manifest = compress(small_job(tiny_llama, tmp_path / "ckpt", method=method, ratio=ratio, pattern=pattern)).manifest
+    reported = {layer["name"]: layer for layer in manifest["layers"]}
+    stored = {}
+    for index in range(manifest["num_blocks"]):
+        stored.update(read_block(tmp_path / "ckpt", index))
+    assert stored.keys() == reported.keys()
+    for name, layer in stored.items():
+        (m, r), n = layer.u.shape, layer.v.shape[1]
+        kept = r * (m + n) + int(layer.mask.sum())
+        assert int((layer.sparse != 0).sum()) <= int(layer.mask.sum())
+        assert kept == reported[name]["params_kept"], name
+        assert kept <= math.floor((1 - ratio) * m * n), name
+    assert manifest["params_kept"] == sum(layer["params_kept"] for layer in reported.values())
+
+
+def test_biases_and_norm_weights_are_the_source_models(tmp_path, tiny_model):
+    """The synthetic models' biases and norm weights are random (not 0 and 1), so one dropped, zeroed or taken
+    from the wrong layer shows here."""
+    from models.loading import load_model
+
+    dense = load_model(str(tiny_model)).model
+    source = dense.state_dict()
     compress(small_job(tiny_model, tmp_path / "ckpt"))
-    reloaded, _ = load_checkpoint(tmp_path / "ckpt")
-    q_proj = reloaded.model.model.layers[0].self_attn.q_proj
-    has_bias = reloaded.model.config.model_type == "qwen2"
-    assert (q_proj.bias is not None) == has_bias
+    reloaded = load_checkpoint(tmp_path / "ckpt")[0].model.state_dict()
+    biases = [key for key in source if key.endswith(".bias")]
+    norms = [key for key in source if "norm" in key]
+    assert len(norms) == 2 * 2 + 1 and len(biases) == (3 * 2 if dense.config.model_type == "qwen2" else 0)  # q, k, v
+    for key in biases + norms:
+        assert source[key].abs().min() > 0 and not torch.all(source[key] == 1), key
+        assert torch.equal(reloaded[key], source[key]), key
+
+
+@pytest.mark.parametrize("error", [RuntimeError("a bug in the middle of block 0"), UserError("bad input found mid-way")])
+def test_an_error_before_a_block_is_saved_leaves_no_partial_folder(tiny_llama, tmp_path, monkeypatch, error):
+    """Nothing to resume from: no `.ckpt.partial` (which would make the next run ask for --resume or a delete)."""
+    from sslc_export.methods.sslc import Sslc
+
+    calls = []
+    original = Sslc.decompose
+
+    def fail_on_the_third_layer(self, *args):
+        calls.append(None)
+        if len(calls) == 3:
+            raise error
+        return original(self, *args)
+
+    monkeypatch.setattr(Sslc, "decompose", fail_on_the_third_layer)
+    with pytest.raises(type(error)):
+        compress(small_job(tiny_llama, tmp_path / "ckpt"))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_sparse_part_is_stored_compactly(tiny_llama, tmp_path):

@@ -29,7 +29,7 @@ def test_default_model_is_found_and_its_end_token_fixed(dense):
 def compressed(tmp_path_factory):
     folder = tmp_path_factory.mktemp("smol")
     outcomes = {}
-    for method in ("sslc", "magnitude"):
+    for method in ("sslc", "sparsegpt", "magnitude"):
         job = CompressJob(out=folder / method, method=method, ratio=0.3, settings=Settings(iters=8), nsamples=16, seqlen=128)
         outcomes[method] = (job.out, compress(job))
     return outcomes
@@ -51,6 +51,15 @@ def test_sslc_keeps_quality_better_than_magnitude(dense, compressed):
     magnitude_ppl = perplexity(compressed["magnitude"][1].loaded.model, dense.tokenizer, HELDOUT)["perplexity"]
     assert dense_ppl < sslc_ppl < magnitude_ppl
     assert sslc_ppl < 2 * dense_ppl  # ratio 0.3 with a tiny calibration set still keeps the model usable
+
+
+def test_sslc_beats_sparsegpt_at_a_small_calibration_size(compressed):
+    """At equal budget and calibration (16 x 128 tokens) the low-rank pair must earn its parameters on
+    the real model, not only against the data-free floor."""
+    tokenizer = compressed["sslc"][1].loaded.tokenizer
+    sslc_ppl = perplexity(compressed["sslc"][1].loaded.model, tokenizer, HELDOUT)["perplexity"]
+    sparsegpt_ppl = perplexity(compressed["sparsegpt"][1].loaded.model, tokenizer, HELDOUT)["perplexity"]
+    assert sslc_ppl < sparsegpt_ppl
 
 
 def test_compressed_model_still_writes_english(compressed):
