@@ -225,6 +225,58 @@ def print_compress_summary(manifest: dict) -> None:
     )
 
 
+@app.command("finetune")
+@handles_user_errors
+def finetune_command(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint folder written by `sslc-export compress` (fp32 or --bits)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="New checkpoint folder to create (same format and size as the parent)."),
+    loss: str = typer.Option(defaults.FINETUNE_LOSS, help="distill: KL divergence to the dense model's next-token distribution; "
+                             "lm: cross-entropy on the text's next tokens (no dense model needed). Why this default: docs/results.md."),
+    steps: int = typer.Option(defaults.FINETUNE_STEPS, help="Optimizer steps (Adam); each sees --batch-size new windows of the text."),
+    lr: float = typer.Option(defaults.FINETUNE_LR, help="Adam's learning rate at step 0, decayed linearly to 0 at the last step."),
+    seqlen: int = typer.Option(defaults.FINETUNE_SEQLEN, help="Tokens per training window."),
+    batch_size: int = typer.Option(defaults.FINETUNE_BATCH, "--batch-size", help="Windows per step; time per step grows with seqlen x batch."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Training text: as compress's --calib; default: the checkpoint's own calibration choice."),
+    teacher: Optional[str] = typer.Option(None, help="--loss distill: the dense model (default: the checkpoint's source model; its hash must match)."),
+    seed: int = typer.Option(defaults.SEED, help="Seed for the training windows and their order."),
+    save_every: int = typer.Option(defaults.FINETUNE_SAVE_EVERY, help="Steps between the points --resume continues from."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last saved step (same flags); "
+                                "it ends with the same tensors as an uninterrupted run."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder (only once the new one is complete)."),
+    threads: Optional[int] = ThreadsOption,
+    json_path: Optional[Path] = JsonOption,
+):
+    """Recover quality after compression: train each compressed Linear's U and V with S, its mask, biases,
+    embeddings, norms and head frozen, and write a new checkpoint that records its parent's hash and the settings.
+
+    No parameter is added: the new checkpoint has the parent's shape and size and exports the same way. A
+    quantized checkpoint (compress --bits) is trained on its grid (straight-through estimator): the rounded U and
+    V are used in every forward pass and stored as integers on the parent's scales.
+
+    Example: `finetune runs/sslc-0.5 --out runs/sslc-0.5-ft`, then `eval runs/sslc-0.5 runs/sslc-0.5-ft`."""
+    from sslc_export.finetune import FinetuneJob, finetune
+    from sslc_export.report import write_json
+
+    set_threads(threads)
+    job = FinetuneJob(checkpoint=checkpoint, out=out_dir, loss=loss, steps=steps, lr=lr, seqlen=seqlen, batch_size=batch_size,
+                      calib=calib, teacher=teacher, seed=seed, save_every=save_every, resume=resume, overwrite=overwrite)
+    with progress_bar() as bar:
+        task = bar.add_task("loading", total=None)
+
+        def advance(done: int, total: int, value: float) -> None:
+            bar.update(task, completed=done, total=total, description=f"{loss} loss {value:.4f}")
+
+        try:
+            manifest = finetune(job, advance)
+        except KeyboardInterrupt:
+            console.print(f"interrupted: progress kept every {save_every} steps, rerun with --resume to continue")
+            raise typer.Exit(130) from None
+    record = manifest["finetune"]
+    out.print(f"{loss} loss {record['losses'][0]:.4f} -> {record['losses'][-1]:.4f} over {steps} steps in {record['seconds']} s "
+              f"({manifest['threads']} threads); checkpoint written to {out_dir}")
+    write_json(json_path, {key: value for key, value in manifest.items() if key not in ("files", "layers")})
+
+
 @app.command("convert")
 @handles_user_errors
 def convert_command(

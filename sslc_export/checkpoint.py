@@ -104,7 +104,7 @@ def decode_layer(name: str, tensors: dict[str, torch.Tensor], grid: Grid | None 
                              factors)
 
 
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     write_file_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
@@ -154,8 +154,8 @@ class CheckpointWriter:
         tensors: dict[str, torch.Tensor] = {}
         for name, layer in layers.items():
             tensors.update(encode_layer(name, layer))
-        _save_tensors(self.work / block_file(index), tensors)
-        _save_tensors(self.work / HIDDEN, {"hidden": hidden.contiguous()})
+        save_tensors(self.work / block_file(index), tensors)
+        save_tensors(self.work / HIDDEN, {"hidden": hidden.contiguous()})
         self.completed = index + 1
         self.layers.extend(reports)
         self._write_progress()
@@ -177,27 +177,31 @@ class CheckpointWriter:
         dense = {key: value.contiguous() for key, value in model.state_dict().items() if key not in skip}
         if getattr(model.config, "tie_word_embeddings", False):
             dense.pop("lm_head.weight", None)
-        _save_tensors(self.work / "dense.safetensors", dense)
+        save_tensors(self.work / "dense.safetensors", dense)
         model.config.save_pretrained(self.work)
         loaded.tokenizer.save_pretrained(self.work)
         for leftover in (PROGRESS, HIDDEN):
             (self.work / leftover).unlink(missing_ok=True)
-        files = file_inventory(self.work)
         dense_params = sum(value.numel() for value in dense.values())
-        manifest = {
-            **manifest,
-            "dense_params": dense_params,
-            "model_params_after": dense_params + manifest["params_kept"],
-            "bytes": {
-                "compressed_layers": sum(f["bytes"] for name, f in files.items() if name.startswith("blocks/")),
-                "dense_part": files["dense.safetensors"]["bytes"],
-                "total": sum(f["bytes"] for f in files.values()),
-            },
-            "files": files,
-        }
-        write_json_atomic(self.work / MANIFEST, manifest)
-        publish_directory(self.work, self.out)
-        return manifest
+        manifest = {**manifest, "dense_params": dense_params, "model_params_after": dense_params + manifest["params_kept"]}
+        return publish_checkpoint(self.work, self.out, manifest)
+
+
+def publish_checkpoint(work: Path, out: Path, manifest: dict) -> dict:
+    """Hash every file of a finished work folder into its manifest, write the manifest last, rename the folder to `out`."""
+    files = file_inventory(work)
+    manifest = {
+        **manifest,
+        "bytes": {
+            "compressed_layers": sum(f["bytes"] for name, f in files.items() if name.startswith("blocks/")),
+            "dense_part": files["dense.safetensors"]["bytes"],
+            "total": sum(f["bytes"] for f in files.values()),
+        },
+        "files": files,
+    }
+    write_json_atomic(work / MANIFEST, manifest)
+    publish_directory(work, out)
+    return manifest
 
 
 def read_block(folder: Path, index: int, grid: Grid | None = None) -> dict[str, CompressedTensors]:

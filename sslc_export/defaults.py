@@ -26,3 +26,9 @@ DEVICE = "cpu"
 ALLOCATION = "uniform"  # how the budget is split over layers: uniform | global
 MIN_KEEP = 0.2  # global allocation: bounds on each layer's kept fraction
 MAX_KEEP = 0.9
+FINETUNE_LOSS = "distill"  # finetune: distill (KL to the dense model's logits) | lm (next-token cross-entropy)
+FINETUNE_STEPS = 64  # finetune: optimizer steps (SmolLM2 on 2 cores in <= 15 min: docs/results.md)
+FINETUNE_LR = 1e-4  # finetune: Adam's learning rate, decayed linearly to 0
+FINETUNE_SEQLEN = 256  # finetune: tokens per training sequence
+FINETUNE_BATCH = 4  # finetune: sequences per step
+FINETUNE_SAVE_EVERY = 8  # finetune: steps between the points --resume continues from

@@ -1,0 +1,271 @@
+"""Recovery fine-tuning of a checkpoint (the paper's last step): each compressed Linear's U and V are
+trained; S, its mask, biases, embeddings, norms and head stay frozen and no parameter is added, so the
+new checkpoint has exactly its parent's shape and size.
+
+The loss is distillation to the dense model's logits (KL(teacher || student) per token) or plain
+next-token cross-entropy, on windows of the calibration text. A quantized checkpoint (compress --bits)
+trains on its grid: the forward pass sees U and V rounded to the parent's scales, the gradient passes
+the rounding unchanged (straight-through estimator) to fp32 copies, and the new checkpoint stores
+those copies rounded the same way. So the model that was trained is (up to the last step) the model
+that ships, the stored scales stay valid, and no rounding after training adds an error that nothing
+in the model (S is frozen) can absorb.
+
+While it runs the output is `.NAME.partial`, holding the step, the optimizer and the trained
+factors for --resume; batches and learning rate depend only on the step, so a resumed run ends
+with the same tensors as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from models.loading import LoadedModel, load_model
+from sslc_export import __version__, defaults
+from sslc_export.atomic import check_writable_target, partial_path, sha256_file, write_file_atomic, write_json_atomic
+from sslc_export.calibration import CalibrationSet
+from sslc_export.checkpoint import (MANIFEST, CompressedTensors, block_file, checkpoint_grid, encode_layer, load_checkpoint,
+                                    publish_checkpoint, read_block, save_tensors)
+from sslc_export.errors import UserError
+from sslc_export.layers import SparseLowRankLinear
+from sslc_export.quantization import Grid, Quantized, QuantizedFactors
+
+LOSSES = ("distill", "lm")
+STATE = "finetune-state.pt"
+PROGRESS = "finetune-progress.json"
+ProgressCallback = Callable[[int, int, float], None]  # (steps done, steps in all, loss of the last step)
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    checkpoint: Path
+    out: Path
+    loss: str = defaults.FINETUNE_LOSS
+    steps: int = defaults.FINETUNE_STEPS
+    lr: float = defaults.FINETUNE_LR
+    seqlen: int = defaults.FINETUNE_SEQLEN
+    batch_size: int = defaults.FINETUNE_BATCH
+    calib: str | None = None  # None: the parent's calibration choice
+    teacher: str | None = None  # dense model for --loss distill; None: the parent's source model
+    seed: int = defaults.SEED
+    save_every: int = defaults.FINETUNE_SAVE_EVERY  # steps between --resume points
+    resume: bool = False
+    overwrite: bool = False
+
+
+class StraightThrough(nn.Module):
+    """A factor rounded to fixed per-(row, group) scales in the forward pass; identity in the backward pass."""
+
+    def __init__(self, grid: Grid, scales: torch.Tensor, cols: int):
+        super().__init__()
+        self.grid = grid
+        self.register_buffer("scale", grid.expand(scales, cols).clone())
+
+    def integers(self, latent: torch.Tensor) -> torch.Tensor:
+        safe = torch.where(self.scale > 0, self.scale, torch.ones_like(self.scale))
+        return torch.clamp(torch.round(latent / safe), self.grid.qmin, self.grid.qmax) * (self.scale > 0)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return latent + (self.integers(latent) * self.scale - latent).detach()
+
+
+def check_job(job: FinetuneJob) -> None:
+    """Every flag checked before the models are loaded."""
+    if job.loss not in LOSSES:
+        raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got '{job.loss}'")
+    if job.steps < 1 or job.batch_size < 1 or job.save_every < 1:
+        raise UserError(f"--steps, --batch-size and --save-every must be >= 1, got {job.steps}, {job.batch_size}, {job.save_every}")
+    if not (job.lr > 0 and math.isfinite(job.lr)):
+        raise UserError(f"--lr must be a positive number, got {job.lr}")
+    if job.seqlen < 2:
+        raise UserError(f"--seqlen must be >= 2, got {job.seqlen}")
+    if job.out.resolve() == job.checkpoint.resolve():
+        raise UserError("--out must differ from the checkpoint: fine-tuning writes a new checkpoint beside its parent")
+
+
+def finetune(job: FinetuneJob, progress: ProgressCallback | None = None) -> dict:
+    """Train U and V of every compressed Linear of job.checkpoint and write job.out; returns its manifest."""
+    check_job(job)
+    student, manifest = load_checkpoint(job.checkpoint)  # a missing or corrupt checkpoint fails here
+    parent_hash = sha256_file(job.checkpoint / MANIFEST)  # the manifest hashes every file: one hash names the whole parent
+    if job.seqlen > student.model.config.max_position_embeddings:
+        raise UserError(f"--seqlen {job.seqlen} is longer than the model's {student.model.config.max_position_embeddings} positions")
+    calib = job.calib or manifest["calibration"]["source"]
+    calibration = CalibrationSet.read(None if calib == "mix" else calib)
+    job = replace(job, calib=calib)
+    if not job.resume:
+        check_writable_target(job.out, job.overwrite)
+    grid = checkpoint_grid(manifest)
+    layers = {index: read_block(job.checkpoint, index, grid) for index in range(manifest["num_blocks"])}
+    trainable = _make_trainable(student.model, layers, grid)
+    if not trainable:
+        raise UserError(f"{job.checkpoint} has no low-rank factors (rank 0 everywhere): nothing to fine-tune")
+    teacher = _teacher(job, manifest) if job.loss == "distill" else None
+    tokens = calibration.tokens(student.tokenizer, job.steps * job.batch_size, job.seqlen, job.seed)
+    order = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(job.seed))  # domains mixed in every batch
+    tokens = tokens[order]
+
+    settings = {key: value for key, value in asdict(job).items() if key not in ("checkpoint", "out", "resume", "overwrite")}
+    record = {"parent": {"path": str(job.checkpoint), "manifest_sha256": parent_hash}, "settings": settings,
+              "calibration": calibration.record(job.steps * job.batch_size),
+              "teacher": None if teacher is None else teacher.identity,
+              "quantized_factors": None if grid is None else "straight-through: trained on the parent's grid and scales"}
+    optimizer = torch.optim.Adam(trainable.values(), lr=job.lr)
+    state = _State(partial_path(job.out), record, job.resume)
+    step, losses = state.load(trainable, optimizer)
+    student.model.eval()  # no dropout: a step is a function of its batch
+    try:
+        while step < job.steps:
+            for group in optimizer.param_groups:
+                group["lr"] = job.lr * (1 - step / job.steps)  # linear decay, a function of the step alone
+            batch = tokens[step * job.batch_size : (step + 1) * job.batch_size]
+            loss = _loss(job.loss, student.model, teacher, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            losses.append(round(loss.item(), 5))
+            if step % job.save_every == 0 and step < job.steps:
+                state.save(step, losses, trainable, optimizer)
+            if progress:
+                progress(step, job.steps, losses[-1])
+    except UserError:
+        state.discard_if_empty()
+        raise
+    record.update(seconds=round(state.seconds_before + time.perf_counter() - state.started, 1), losses=losses,
+                  finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return _write(job, state.work, manifest, layers, student, grid, record)
+
+
+def _make_trainable(model: nn.Module, layers: dict[int, dict[str, CompressedTensors]], grid: Grid | None) -> dict[str, nn.Parameter]:
+    """Freeze everything, then open U and V (behind the straight-through rounding on a grid); name -> trained tensor."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    trainable = {}
+    for block in layers.values():
+        for name, layer in block.items():
+            module = model.get_submodule(name)
+            if not isinstance(module, SparseLowRankLinear) or module.rank == 0:
+                continue
+            for part in ("u", "v"):
+                if grid is not None:
+                    factor = getattr(layer.quantized, part)
+                    parametrize.register_parametrization(module, part, StraightThrough(grid, factor.scales, factor.q.shape[1]))
+                    parameter = module.parametrizations[part].original
+                else:
+                    parameter = getattr(module, part)
+                parameter.requires_grad_(True)
+                trainable[f"{name}.{part}"] = parameter
+    return trainable
+
+
+def _teacher(job: FinetuneJob, manifest: dict) -> LoadedModel:
+    """The dense model the checkpoint was compressed from (its content hash must match the manifest's)."""
+    expected = manifest["source_model"]
+    teacher = load_model(job.teacher or expected["source"])
+    if teacher.identity["sha256"] != expected["sha256"]:
+        raise UserError(f"the teacher {teacher.identity['source']} is not the model the checkpoint was compressed from "
+                        f"(sha256 {teacher.identity['sha256'][:12]}, manifest {expected['sha256'][:12]}): pass that model as --teacher")
+    teacher.model.eval()
+    for parameter in teacher.model.parameters():
+        parameter.requires_grad_(False)
+    return teacher
+
+
+def _loss(kind: str, model: nn.Module, teacher: LoadedModel | None, batch: torch.Tensor) -> torch.Tensor:
+    logits = model(batch).logits.float()
+    if kind == "lm":
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+    with torch.no_grad():
+        target = F.log_softmax(teacher.model(batch).logits.float().flatten(0, 1), dim=-1)
+    return F.kl_div(F.log_softmax(logits.flatten(0, 1), dim=-1), target, log_target=True, reduction="batchmean")
+
+
+class _State:
+    """The `.NAME.partial` folder of a run: what --resume needs, and a record that refuses other settings."""
+
+    def __init__(self, work: Path, record: dict, resume: bool):
+        self.work = work
+        self.fingerprint = json.loads(json.dumps({key: record[key] for key in ("parent", "settings", "calibration")}))
+        self.seconds_before = 0.0  # spent by the runs this one resumes
+        self.started = time.perf_counter()
+        self.step = 0
+        progress = work / PROGRESS
+        if resume and progress.is_file():
+            saved = json.loads(progress.read_text())
+            if saved["fingerprint"] != self.fingerprint:
+                raise UserError(f"{work} was started with other settings or another checkpoint: delete it or rerun with the same flags")
+            self.step = saved["step"]
+        elif work.exists() and not resume:
+            raise UserError(f"an unfinished run exists at {work}: pass --resume to continue it or delete the folder")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+
+    def load(self, trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
+        if self.step == 0:
+            return 0, []
+        saved = torch.load(self.work / STATE, weights_only=True)
+        with torch.no_grad():
+            for name, parameter in trainable.items():
+                parameter.copy_(saved["factors"][name])
+        optimizer.load_state_dict(saved["optimizer"])
+        self.seconds_before = saved["seconds"]
+        return self.step, list(saved["losses"])
+
+    def save(self, step: int, losses: list[float], trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+        """The tensors first, then the progress record that points at them."""
+        state = {"factors": {name: p.detach().clone() for name, p in trainable.items()}, "optimizer": optimizer.state_dict(),
+                 "losses": losses, "seconds": self.seconds_before + time.perf_counter() - self.started}
+        write_file_atomic(self.work / STATE, lambda tmp: torch.save(state, tmp))
+        write_json_atomic(self.work / PROGRESS, {"fingerprint": self.fingerprint, "step": step})
+
+    def discard_if_empty(self) -> None:
+        if not (self.work / PROGRESS).is_file():
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _write(job: FinetuneJob, work: Path, manifest: dict, layers: dict[int, dict[str, CompressedTensors]], student: LoadedModel,
+           grid: Grid | None, record: dict) -> dict:
+    """The parent's files with new U, V: S, masks, biases and the dense part are copied, so they stay bit-identical."""
+    model = student.model
+    for index, block in layers.items():
+        tensors: dict[str, torch.Tensor] = {}
+        for name, layer in block.items():
+            module = model.get_submodule(name)
+            if module.rank:
+                layer = _trained(module, layer, grid)
+            tensors.update(encode_layer(name, layer))
+        save_tensors(work / block_file(index), tensors)
+    for item in job.checkpoint.iterdir():
+        if item.is_file() and item.name != MANIFEST:
+            shutil.copy2(item, work / item.name)
+    for leftover in (STATE, PROGRESS):
+        (work / leftover).unlink(missing_ok=True)
+    fingerprint = {**manifest["fingerprint"], "finetune": {"parent": record["parent"]["manifest_sha256"], **record["settings"]}}
+    new = {**manifest, "tool": {"name": "sslc-export", "version": __version__, "torch": torch.__version__},
+           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "fingerprint": fingerprint, "finetune": record,
+           "threads": torch.get_num_threads()}
+    return publish_checkpoint(work, job.out, {key: value for key, value in new.items() if key not in ("files", "bytes")})
+
+
+def _trained(module: SparseLowRankLinear, layer: CompressedTensors, grid: Grid | None) -> CompressedTensors:
+    """One Linear's tensors with the trained U, V (on a grid: the integers its last forward pass used)."""
+    if grid is None:
+        return replace(layer, u=module.u.detach().clone(), v=module.v.detach().clone())
+    factors = {}
+    for part in ("u", "v"):
+        rounding = module.parametrizations[part][0]
+        latent = module.parametrizations[part].original.detach()
+        factors[part] = Quantized(rounding.integers(latent).to(torch.int8), getattr(layer.quantized, part).scales)
+    quantized = QuantizedFactors(grid, layer.quantized.sparse, factors["u"], factors["v"])
+    return replace(layer, u=factors["u"].dequantize(grid), v=factors["v"].dequantize(grid), quantized=quantized)

@@ -1,0 +1,140 @@
+"""finetune: only U and V move, the parent's other tensors stay bit-identical, the loss falls, --resume ends
+where an uninterrupted run ends, the child names its parent, bad input is one line and leaves nothing."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cli import app
+from models.synthetic import build_random_model
+from sslc_export.atomic import partial_path, sha256_file
+from sslc_export.checkpoint import block_file, load_checkpoint, read_manifest
+from sslc_export.compress import CompressJob, compress
+from sslc_export.finetune import FinetuneJob, finetune
+from sslc_export.methods import Settings
+from test_cli_errors import assert_clean_failure
+
+SMALL = dict(steps=6, seqlen=32, batch_size=2, lr=1e-2, save_every=2)
+
+
+@pytest.fixture(scope="module", params=[32, 4], ids=["fp32", "int4"])
+def parent(request, tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("parent") / f"sslc-b{request.param}"
+    compress(CompressJob(out=out, model=str(tiny_llama), nsamples=8, seqlen=32, batch_size=4,
+                         settings=Settings(iters=3, bits=request.param, group_size=16)))
+    return out
+
+
+def tensors(folder, index=0):
+    return load_file(str(folder / block_file(index)))
+
+
+def run_cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_only_u_and_v_change(parent, tmp_path):
+    out = tmp_path / "tuned"
+    manifest = finetune(FinetuneJob(parent, out, **SMALL))
+    for index in range(manifest["num_blocks"]):
+        before, after = tensors(parent, index), tensors(out, index)
+        assert before.keys() == after.keys()
+        for key in before:
+            part = key.rsplit(".", 1)[1]
+            if part in ("u", "v", "u_q", "v_q"):
+                continue
+            assert torch.equal(before[key], after[key]), key  # S's mask, values or integers, scales, biases
+        moved = [key for key in before if key.rsplit(".", 1)[1] in ("u", "v", "u_q", "v_q") and not torch.equal(before[key], after[key])]
+        assert len(moved) >= len(before) // 4, moved
+    for name in ("dense.safetensors", "config.json", "tokenizer.json"):
+        assert sha256_file(out / name) == sha256_file(parent / name)  # embeddings, norms, head: the parent's bytes
+    child, _ = load_checkpoint(out)  # a quantized child still passes the grid check on load
+    original, _ = load_checkpoint(parent)
+    tokens = torch.randint(0, child.model.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        assert not torch.equal(child.model(tokens).logits, original.model(tokens).logits)
+
+
+@pytest.mark.parametrize("loss, lr, drop", [("distill", 1e-2, 0.9), ("lm", 3e-2, 0.98)])  # a random model has little text to learn
+def test_loss_decreases(parent, tmp_path, loss, lr, drop):
+    if "b4" in parent.name and loss == "lm":
+        pytest.skip("one loss is enough on the grid")
+    losses = finetune(FinetuneJob(parent, tmp_path / "tuned", loss=loss, **{**SMALL, "steps": 24, "lr": lr}))["finetune"]["losses"]
+    assert sum(losses[-6:]) / 6 < drop * sum(losses[:6]) / 6, losses
+
+
+def test_resume_gives_the_same_checkpoint(parent, tmp_path):
+    whole = finetune(FinetuneJob(parent, tmp_path / "whole", **SMALL))
+
+    def interrupt(step, steps, loss):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    job = FinetuneJob(parent, tmp_path / "resumed", **SMALL)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(job, interrupt)
+    assert json.loads((partial_path(job.out) / "finetune-progress.json").read_text())["step"] == 4
+    with pytest.raises(Exception, match="pass --resume"):
+        finetune(job)
+    resumed = finetune(FinetuneJob(parent, tmp_path / "resumed", resume=True, **SMALL))
+    assert resumed["finetune"]["losses"] == whole["finetune"]["losses"]
+    for index in range(whole["num_blocks"]):
+        expected, actual = tensors(tmp_path / "whole", index), tensors(tmp_path / "resumed", index)
+        assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    assert not partial_path(job.out).exists()
+
+
+def test_resume_refuses_other_settings(parent, tmp_path):
+    def interrupt(step, steps, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(FinetuneJob(parent, tmp_path / "tuned", **SMALL), interrupt)
+    with pytest.raises(Exception, match="other settings"):
+        finetune(FinetuneJob(parent, tmp_path / "tuned", resume=True, **{**SMALL, "lr": 1e-3}))
+
+
+def test_manifest_names_its_parent_and_settings(parent, tmp_path):
+    manifest = finetune(FinetuneJob(parent, tmp_path / "tuned", **SMALL))
+    assert read_manifest(tmp_path / "tuned") == manifest  # every file hashed, as for compress
+    record = manifest["finetune"]
+    assert record["parent"]["manifest_sha256"] == sha256_file(parent / "manifest.json")
+    assert record["settings"]["loss"] == "distill" and record["settings"]["steps"] == SMALL["steps"]
+    assert record["teacher"]["sha256"] == read_manifest(parent)["source_model"]["sha256"]
+    assert record["seconds"] > 0 and len(record["losses"]) == SMALL["steps"] and record["finished"]
+    assert manifest["fingerprint"] != read_manifest(parent)["fingerprint"]  # compare never reuses it as its parent
+    assert (record["quantized_factors"] is None) == ("b32" in parent.name)
+
+
+def test_cli_trains_and_prints_the_loss(parent, tmp_path):
+    out = tmp_path / "tuned"
+    result = run_cli("finetune", parent, "--out", out, "--steps", 2, "--seqlen", 32, "--batch-size", 1, "--loss", "lm")
+    assert result.exit_code == 0, result.output
+    assert "loss" in result.output and read_manifest(out)["finetune"]["settings"]["loss"] == "lm"
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--loss", "mse"], "--loss must be one of"),
+    (["--steps", 0], "--steps"),
+    (["--lr", -1], "--lr must be a positive number"),
+    (["--seqlen", 1], "--seqlen must be >= 2"),
+    (["--seqlen", 100000], "longer than the model's"),
+    (["--calib", "no-such-text"], "does not exist"),
+])
+def test_bad_flags_are_one_line_and_leave_nothing(parent, tmp_path, flags, expected):
+    out = tmp_path / "tuned"
+    assert_clean_failure(run_cli("finetune", parent, "--out", out, *flags), out, expected)
+
+
+def test_bad_sources_are_one_line_and_leave_nothing(parent, tmp_path):
+    out = tmp_path / "tuned"
+    assert_clean_failure(run_cli("finetune", tmp_path / "nothing", "--out", out), out, "not a complete sslc-export checkpoint")
+    assert_clean_failure(run_cli("finetune", parent, "--out", parent), parent / "x", "--out must differ")
+    other = build_random_model(tmp_path / "other", "llama", seed=1)
+    assert_clean_failure(run_cli("finetune", parent, "--out", out, "--teacher", other), out, "is not the model the checkpoint")
+    out.mkdir()
+    result = run_cli("finetune", parent, "--out", out)
+    assert result.exit_code == 2 and "already exists" in result.output
