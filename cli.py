@@ -18,6 +18,7 @@ from rich.table import Table
 
 from sslc_export import defaults
 from sslc_export.atomic import check_output_path
+from sslc_export.distributed import is_main_process
 from sslc_export.errors import UserError, describe_os_error
 from sslc_export.onnx.formats import help_text as format_help_text
 
@@ -47,7 +48,8 @@ def handles_user_errors(command):
                     check_output_path(kwargs[name])
             return command(*args, **kwargs)
         except UserError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            if is_main_process():  # under a launcher every rank raises the same error: rank 0 prints it
+                console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except Exception as exc:  # noqa: BLE001 - only named failures are caught; the rest re-raise as they were
             named = describe_os_error(exc)  # a full disk, a read-only file system: one line too
@@ -124,10 +126,11 @@ def compress(
     context: typer.Context,
     out_dir: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to create."),
     model: Optional[str] = ModelOption,
-    method: str = typer.Option("sslc", help="sslc | wanda | sparsegpt | magnitude | svd."),
+    method: str = typer.Option("sslc", help="sslc | wanda | sparsegpt | magnitude | svd | losparse (structured S, trained with its cubic pruning schedule)."),
     ratio: float = typer.Option(defaults.RATIO, help="Fraction of each compressed layer's parameters removed (0 < c < 1); U, V count inside."),
-    rank_ratio: float = typer.Option(defaults.RANK_RATIO, help="sslc: share of the kept budget spent on the low-rank pair (why this default: docs/results.md)."),
-    iters: Optional[int] = typer.Option(None, help=f"sslc: maximum alternating iterations (default: {defaults.SSLC_ITERS_TEXT})."),
+    rank_ratio: float = typer.Option(defaults.RANK_RATIO, help="sslc, losparse: share of the kept budget spent on the low-rank pair (why this default: docs/results.md)."),
+    iters: Optional[int] = typer.Option(None, help=f"sslc: maximum alternating iterations (default: {defaults.SSLC_ITERS_TEXT}); "
+                                        f"losparse: training steps (default: {defaults.LOSPARSE_STEPS['exact']})."),
     preset: Optional[str] = typer.Option(None, help="sslc: paper = the published algorithm (--loss diag, SVD step first, --rank-ratio "
                                          "0.25, 40 iterations) instead of our defaults; --loss, --rank-ratio, --iters given still win."),
     salient: float = typer.Option(defaults.SALIENT_FRACTION, help="sslc: fraction of weights (largest |W·D|) always kept in S."),
@@ -136,7 +139,8 @@ def compress(
     bits: int = typer.Option(defaults.BITS, help="32 (fp32) | 8 | 4: S, U and V quantized inside the decomposition (sslc --loss exact, sparsegpt; S in the OBS sweep); with --ratio 0, a GPTQ-quantized dense model."),
     group_size: int = typer.Option(defaults.GROUP_SIZE, "--group-size", help="With --bits: input columns per scale (a positive multiple of 16)."),
     damp: float = typer.Option(defaults.DAMP, help="Exact loss (sslc, svd, sparsegpt): damping added to XᵀX, as a fraction of its mean diagonal; (0, 1]."),
-    pattern: str = typer.Option("unstructured", help="Sparsity of S: unstructured | nm | structured."),
+    pattern: Optional[str] = typer.Option(None, help="Sparsity of S: unstructured | nm | structured; default: the method's first "
+                                          "(structured for losparse, unstructured for the others)."),
     nm: str = typer.Option("2:4", help="N:M for --pattern nm."),
     scope: str = typer.Option("row", help="unstructured: budget per output row (row) or per matrix (layer)."),
     axis: str = typer.Option("columns", help="structured: keep whole input columns or output rows of S."),
@@ -158,7 +162,7 @@ def compress(
     """Compress every decoder Linear to W ≈ U·V + S and write a checkpoint folder."""
     from sslc_export.allocation import Allocation
     from sslc_export.compress import CompressJob, compress as run_compress
-    from sslc_export.methods import Settings
+    from sslc_export.methods import Settings, get_method
     from sslc_export.patterns import Pattern
     from sslc_export.report import write_json
 
@@ -171,7 +175,7 @@ def compress(
         method=method,
         ratio=ratio,
         model=model,
-        pattern=Pattern.parse(pattern, nm, scope, axis),
+        pattern=Pattern.parse(pattern or get_method(method).patterns[0], nm, scope, axis),
         settings=Settings.from_flags(preset, rank_ratio=None if unset else rank_ratio, iters=iters, salient_fraction=salient,
                                      loss=loss, tol=tol, damp=damp, seed=seed, bits=bits, group_size=group_size),
         calib=calib,
@@ -183,6 +187,9 @@ def compress(
         device=device,
         allocation=Allocation(allocation, min_keep, max_keep),
     )
+    if not is_main_process():  # under torchrun / accelerate launch: rank 0 alone shows progress and the summary
+        run_compress(job)
+        return
     with progress_bar() as bar:
         task = bar.add_task("compressing", total=None)
 

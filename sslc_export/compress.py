@@ -27,6 +27,7 @@ from sslc_export.blockwalk import walk_block
 from sslc_export.budget import check_ratio, plan_budget, split_budget
 from sslc_export.calibration import CalibrationSet, InputStatistics
 from sslc_export.errors import UserError
+from sslc_export.distributed import World, join
 from sslc_export.checkpoint import FORMAT_VERSION, QUANTIZED_FORMAT_VERSION, CheckpointWriter, CompressedTensors
 from sslc_export.layers import SparseLowRankLinear, replace_linear
 from sslc_export.methods import Method, Settings, get_method
@@ -103,7 +104,13 @@ def fingerprint(job: CompressJob, model_identity: dict, calibration: Calibration
 
 
 def compress(job: CompressJob, progress: ProgressCallback | None = None) -> CompressOutcome:
-    """Compress every decoder Linear of the model and write the checkpoint."""
+    """Compress every decoder Linear of the model and write the checkpoint; under torchrun or accelerate launch the
+    ranks share each block's decompositions and rank 0 writes (sslc_export/distributed.py)."""
+    with join(job.device) as world:
+        return world.together(lambda: _compress(job, world, progress if world.is_main else None))
+
+
+def _compress(job: CompressJob, world: World, progress: ProgressCallback | None) -> CompressOutcome:
     method = get_method(job.method)
     check_ratio(job.ratio, quantized=job.settings.grid is not None)
     job.allocation.check(job.ratio)
@@ -111,8 +118,9 @@ def compress(job: CompressJob, progress: ProgressCallback | None = None) -> Comp
     method.check(job.pattern, job.settings)
     if job.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {job.batch_size}")
-    device = compute_device(job.device)
-    check_writable_target(job.out, job.overwrite)
+    device = compute_device(world.device(job.device))
+    if world.is_main:
+        check_writable_target(job.out, job.overwrite)
     calibration = CalibrationSet.read(job.calib)
     resolve_source(job.model)
 
@@ -125,34 +133,52 @@ def compress(job: CompressJob, progress: ProgressCallback | None = None) -> Comp
     for block in blocks:  # every budget error surfaces before anything is written (shapes work on meta too)
         for name in architecture.linear_names:
             plan_budget(*block.get_submodule(name).weight.shape, job.ratio, rank_ratio, job.pattern)
-    writer = CheckpointWriter(job.out, fingerprint(job, loaded.identity, calibration), job.resume)
-    if job.allocation.mode == "global" and writer.allocation is None:  # a resumed run keeps the split it started with
-        writer.save_allocation(_global_split(job, method, loaded, tokens, device, progress))
-    kept = None if writer.allocation is None else writer.allocation["layers"]
-    inputs = _block_inputs(loaded, tokens, writer.load_hidden() if writer.completed else None, job.batch_size, device)
-    compressed_names = {f"{architecture.blocks_path}.{i}.{name}" for i in range(len(blocks)) for name in architecture.linear_names}
+    # Rank 0 alone writes; the others learn where a resumed run stands from it.
+    writer = CheckpointWriter(job.out, fingerprint(job, loaded.identity, calibration), job.resume) if world.is_main else None
     try:
+        completed, allocation, hidden = world.broadcast(
+            lambda: (writer.completed, writer.allocation, writer.load_hidden() if writer.completed else None))
+        if job.allocation.mode == "global" and allocation is None:  # a resumed run keeps the split it started with
+            allocation = _global_split(job, method, loaded, tokens, device, progress, world)
+            if writer is not None:
+                writer.save_allocation(allocation)
+        kept = None if allocation is None else allocation["layers"]
+        inputs = _block_inputs(loaded, tokens, hidden, job.batch_size, device)
+        compressed_names = {f"{architecture.blocks_path}.{i}.{name}" for i in range(len(blocks)) for name in architecture.linear_names}
         for index, block in enumerate(blocks):
-            if index < writer.completed:  # finished before a resume: its outputs are the saved hidden states
-                if not loaded.streamer:
+            if index < completed:  # finished before a resume: its outputs are the saved hidden states
+                if writer is not None and not loaded.streamer:
                     for name, layer in writer.load_block(index, job.settings.grid).items():
                         replace_linear(loaded.model, name, SparseLowRankLinear(layer.sparse, layer.u, layer.v, layer.bias))
                 continue
             if loaded.streamer:
                 loaded.streamer.load_block(index)
             block.to(device)
-            _compress_block(job, method, architecture, index, block, inputs, writer, progress, len(blocks), kept)
+            _compress_block(job, method, architecture, index, block, inputs, writer, progress, len(blocks), kept, world)
             block.to("cpu")  # the compressed block rejoins the model in host memory; the device holds one block at a time
             if loaded.streamer:  # written to the checkpoint: free it (the block's norms are tiny and stay)
                 for name in architecture.linear_names:
                     loaded.streamer.release(block.get_submodule(name))
+        ranks = world.gather(lambda: _rank_record(device))
     except BaseException:
-        writer.discard_if_empty()  # a failure before any block is saved leaves nothing; after, the folder is --resume's
+        if writer is not None:
+            writer.discard_if_empty()  # a failure before any block is saved leaves nothing; after, the folder is --resume's
         raise
 
+    if writer is None:  # every rank returns the manifest rank 0 published; rank 0's model is the complete one
+        return CompressOutcome(world.broadcast(lambda: None), None)
     manifest = _manifest(job, loaded, writer.layers, len(blocks), calibration, time.perf_counter() - started)
     manifest["allocation"] = writer.allocation
-    return CompressOutcome(writer.finish(loaded, compressed_names, manifest), None if loaded.streamer else loaded)
+    manifest["distributed"] = {**world.record(), "ranks": ranks}
+    published = writer.finish(loaded, compressed_names, manifest)
+    world.broadcast(lambda: published)
+    return CompressOutcome(published, None if loaded.streamer else loaded)
+
+
+def _rank_record(device: torch.device) -> dict:
+    """What one rank ran on and the most memory it held (the process's peak RSS; the device's peak on a GPU)."""
+    return {"device": str(device), "peak_rss_bytes": peak_rss_bytes(),
+            "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
 
 
 def _compress_block(
@@ -162,64 +188,82 @@ def _compress_block(
     index: int,
     block: nn.Module,
     inputs: BlockInputs,
-    writer: CheckpointWriter,
+    writer: CheckpointWriter | None,
     progress: ProgressCallback | None,
     num_blocks: int,
     kept: dict[str, int] | None,
+    world: World,
 ) -> None:
     """Compress one block's Linears group by group, then advance the activations through it; `kept` is a global
-    split's parameters per layer (None: every layer at the job's ratio)."""
+    split's parameters per layer (None: every layer at the job's ratio). A group's Linears are shared out over the
+    ranks and every rank puts all of them into its block; `writer` is rank 0's (None on the others)."""
     prefix = f"{architecture.blocks_path}.{index}"
     rank_ratio = method.rank_ratio(job.settings)
     layers: dict[str, CompressedTensors] = {}
     reports: list[dict] = []
 
+    def decompose(name: str, stats: InputStatistics) -> tuple[CompressedTensors, dict]:
+        linear = block.get_submodule(name)
+        weight = linear.weight.detach().float()
+        if kept is None:
+            budget = plan_budget(*weight.shape, job.ratio, rank_ratio, job.pattern)
+        else:
+            budget = split_budget(*weight.shape, kept[f"{prefix}.{name}"], rank_ratio, job.pattern)
+        layer_start = time.perf_counter()
+        result = method.decompose(weight, stats, budget, job.pattern, job.settings)
+        bias = None if linear.bias is None else linear.bias.detach().float().cpu()
+        layer = CompressedTensors(result.u.cpu(), result.v.cpu(), result.sparse.cpu(), result.mask.cpu(), bias,
+                                  None if result.quantized is None else result.quantized.to("cpu"))
+        nnz = int(result.mask.sum())
+        report = {
+            "name": f"{prefix}.{name}",
+            "shape": list(weight.shape),
+            "ratio": round(1.0 - budget.allowed / weight.numel(), 6),
+            "rank": result.rank,
+            "nnz": nnz,
+            "params_kept": result.rank * sum(weight.shape) + nnz,
+            "params_total": weight.numel(),
+            "params_allowed": budget.allowed,
+            "relative_loss": stats.relative_error(weight, result.dense()),
+            "iterations": result.iterations,
+            "seconds": round(time.perf_counter() - layer_start, 3),
+        }
+        return layer, report
+
     def compress_group(names: tuple[str, ...], stats: InputStatistics) -> None:
-        for name in names:
-            if progress:
-                per_block = len(architecture.linear_names)
-                progress(index * per_block + len(reports), num_blocks * per_block, f"block {index} {name}")
-            linear = block.get_submodule(name)
-            weight = linear.weight.detach().float()
-            if kept is None:
-                budget = plan_budget(*weight.shape, job.ratio, rank_ratio, job.pattern)
-            else:
-                budget = split_budget(*weight.shape, kept[f"{prefix}.{name}"], rank_ratio, job.pattern)
-            layer_start = time.perf_counter()
-            result = method.decompose(weight, stats, budget, job.pattern, job.settings)
-            bias = None if linear.bias is None else linear.bias.detach().float()
-            layers[f"{prefix}.{name}"] = CompressedTensors(
-                result.u.cpu(), result.v.cpu(), result.sparse.cpu(), result.mask.cpu(), None if bias is None else bias.cpu(),
-                None if result.quantized is None else result.quantized.to("cpu"),
-            )
-            replace_linear(block, name, SparseLowRankLinear(result.sparse, result.u, result.v, bias))
-            nnz = int(result.mask.sum())
-            reports.append(
-                {
-                    "name": f"{prefix}.{name}",
-                    "shape": list(weight.shape),
-                    "ratio": round(1.0 - budget.allowed / weight.numel(), 6),
-                    "rank": result.rank,
-                    "nnz": nnz,
-                    "params_kept": result.rank * sum(weight.shape) + nnz,
-                    "params_total": weight.numel(),
-                    "params_allowed": budget.allowed,
-                    "relative_loss": stats.relative_error(weight, result.dense()),
-                    "iterations": result.iterations,
-                    "seconds": round(time.perf_counter() - layer_start, 3),
-                }
-            )
+        owners = world.owners([block.get_submodule(name).weight.numel() for name in names])
+        mine = [name for name, owner in zip(names, owners) if owner == world.rank]
+
+        def decompose_mine() -> dict[str, tuple[CompressedTensors, dict]]:
+            done = {}
+            for name in mine:
+                if progress:
+                    per_block = len(architecture.linear_names)
+                    progress(index * per_block + len(reports) + len(done), num_blocks * per_block, f"block {index} {name}")
+                done[name] = decompose(name, stats)
+            return done
+
+        results = world.share(decompose_mine)
+        for name in names:  # in the block's order, whichever rank computed it
+            layer, report = results[name]
+            layers[f"{prefix}.{name}"] = layer
+            reports.append(report)
+            on = block.get_submodule(name).weight.device
+            replace_linear(block, name, SparseLowRankLinear(layer.sparse.to(on), layer.u.to(on), layer.v.to(on),
+                                                            None if layer.bias is None else layer.bias.to(on)))
 
     inputs.hidden = walk_block(block, architecture, inputs, compress_group)
-    writer.save_block(index, layers, reports, inputs.hidden.cpu())
+    if writer is not None:
+        writer.save_block(index, layers, reports, inputs.hidden.cpu())
 
 
 def _global_split(
     job: CompressJob, method: Method, loaded: LoadedModel, tokens: torch.Tensor, device: torch.device,
-    progress: ProgressCallback | None,
+    progress: ProgressCallback | None, world: World,
 ) -> dict:
     """The first pass of --allocation global: every Linear's loss curve on the dense model's block inputs (the same
-    walk as compression, nothing replaced), then the split of the model-wide budget."""
+    walk as compression, nothing replaced; a group's curves shared out over the ranks like its decompositions),
+    then the split of the model-wide budget, the same on every rank."""
     started = time.perf_counter()
     architecture = loaded.architecture
     blocks = architecture.blocks(loaded.model)
@@ -233,12 +277,22 @@ def _global_split(
         block.to(device)
 
         def measure(names: tuple[str, ...], stats: InputStatistics) -> None:
-            for name in names:
-                if progress:
-                    progress(len(curves), layers_in_all, f"loss curves: block {index} {name}")
-                weight = block.get_submodule(name).weight.detach().float()
-                curves[f"{prefix}.{name}"] = measure_curve(method, weight, stats, job.ratio, job.allocation, job.pattern,
-                                                           job.settings)
+            owners = world.owners([block.get_submodule(name).weight.numel() for name in names])
+
+            def measure_mine() -> dict[str, LossCurve]:
+                measured = {}
+                for name, owner in zip(names, owners):
+                    if owner != world.rank:
+                        continue
+                    if progress:
+                        progress(len(curves) + len(measured), layers_in_all, f"loss curves: block {index} {name}")
+                    weight = block.get_submodule(name).weight.detach().float()
+                    measured[f"{prefix}.{name}"] = measure_curve(method, weight, stats, job.ratio, job.allocation,
+                                                                 job.pattern, job.settings)
+                return measured
+
+            shared = world.share(measure_mine)
+            curves.update((f"{prefix}.{name}", shared[f"{prefix}.{name}"]) for name in names)  # the block's order
 
         walk_block(block, architecture, inputs, measure)
         block.to("cpu")

@@ -1,0 +1,132 @@
+"""compress under a launcher (sslc_export/distributed.py), on the CPU with gloo: the checkpoint of 2 processes is the
+one of a plain process, bit for bit; a failure on one rank stops every rank with one line and publishes nothing."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from sslc_export.distributed import World
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--nsamples", "8", "--seqlen", "64", "--threads", "1"]
+TIMING = ("created", "compression_seconds", "peak_rss_bytes", "distributed", "memory_limits")
+# A rank's failure planted before the CLI runs: `where` raises on rank 1 only.
+PLANTED = """
+import os, sys
+from sslc_export.errors import UserError
+import sslc_export.compress, sslc_export.methods.sslc
+where, message = sys.argv[1], sys.argv[2]
+def fail(*args, **kwargs):
+    raise (UserError if where == "decompose" else RuntimeError)(message)
+if os.environ["RANK"] == "1":
+    if where == "decompose":  # inside a shared step
+        sslc_export.methods.sslc.Sslc.decompose = fail
+    elif where == "walk":  # between shared steps: rank 0 is already waiting for the first group's results
+        sslc_export.compress.walk_block = fail
+sys.argv = ["sslc-export", *sys.argv[3:]]
+import cli
+cli.main()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def environment(**extra: str) -> dict:
+    env = {key: value for key, value in os.environ.items() if key not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
+
+
+def compress_args(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["compress", "--model", str(model), "--out", str(out), *SMALL, *extra]
+
+
+def run_plain(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "cli.py", *args], cwd=REPO, env=environment(), capture_output=True, text=True,
+                          timeout=300)
+
+
+def run_torchrun(processes: int, args: list[str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-addr",
+               "127.0.0.1", "--master-port", str(free_port()), "cli.py", *args]
+    return subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+
+
+def run_ranks(processes: int, code: str, args: list[str]) -> list[subprocess.CompletedProcess]:
+    """What torchrun does, without its agent: one process per rank with the launcher's variables."""
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE,
+                              env=environment(WORLD_SIZE=str(processes), RANK=str(rank), LOCAL_RANK=str(rank),
+                                              MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for rank in range(processes)]
+    results = []
+    for rank in ranks:
+        stdout, stderr = rank.communicate(timeout=300)  # a rank left waiting in a collective would hang here
+        results.append(subprocess.CompletedProcess(rank.args, rank.returncode, stdout, stderr))
+    return results
+
+
+def test_owners_are_balanced_and_cover_every_layer():
+    assert World().owners([5, 1, 1]) == [0, 0, 0]
+    assert World(size=2, rank=1).owners([9, 3, 3]) == [0, 1, 1]  # q alone, k and v together
+    assert World(size=2).owners([4, 4]) == [0, 1]
+    assert World(size=4).owners([7]) == [0]
+
+
+def test_two_processes_write_the_checkpoint_of_one(tiny_llama, tmp_path):
+    """--allocation global too: its loss curves are shared out like the decompositions, the split must not move."""
+    extra = ("--allocation", "global", "--min-keep", "0.3", "--max-keep", "0.7")
+    plain = run_plain(compress_args(tiny_llama, tmp_path / "one", *extra))
+    assert plain.returncode == 0, plain.stderr
+    launched = run_torchrun(2, compress_args(tiny_llama, tmp_path / "two", *extra))
+    assert launched.returncode == 0, launched.stderr
+    assert launched.stdout.count("checkpoint written to") == 1  # rank 0 alone reports
+
+    one, two = (json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("one", "two"))
+    assert one["files"] == two["files"]  # every tensor file, hash for hash
+    for name in one["files"]:
+        if name.endswith(".safetensors"):
+            a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
+            assert a.keys() == b.keys() and all((a[key] == b[key]).all() and a[key].dtype == b[key].dtype for key in a)
+    untimed = lambda manifest: {key: value for key, value in manifest.items() if key not in TIMING + ("layers", "allocation")}
+    assert untimed(one) == untimed(two)
+    assert [{**layer, "seconds": 0} for layer in one["layers"]] == [{**layer, "seconds": 0} for layer in two["layers"]]
+    assert {**one["allocation"], "seconds": 0} == {**two["allocation"], "seconds": 0}
+    assert one["distributed"] == {"world_size": 1, "backend": None, "ranks": [one["distributed"]["ranks"][0]]}
+    assert two["distributed"]["world_size"] == 2 and two["distributed"]["backend"] == "gloo"
+    assert [rank["device"] for rank in two["distributed"]["ranks"]] == ["cpu", "cpu"]
+    assert all(rank["peak_rss_bytes"] > 0 for rank in two["distributed"]["ranks"])
+    assert not (tmp_path / ".two.partial").exists()
+
+
+@pytest.mark.parametrize("where", ["decompose", "walk"])
+def test_a_failure_on_one_rank_stops_every_rank(tiny_llama, tmp_path, where):
+    out = tmp_path / "out"
+    message = f"planted failure in {where}"
+    ranks = run_ranks(2, PLANTED, [where, message, *compress_args(tiny_llama, out)])
+    assert [rank.returncode for rank in ranks] == [2, 2], [rank.stderr for rank in ranks]
+    error_lines = [line for rank in ranks for line in (rank.stdout + rank.stderr).splitlines() if line.startswith("error:")]
+    assert error_lines == [f"error: rank 1 of 2 failed, so every rank stopped: "
+                           f"{message if where == 'decompose' else 'RuntimeError: ' + message}"]
+    if where == "decompose":  # a user's error: that one line and nothing else
+        assert "Traceback" not in "".join(rank.stderr for rank in ranks)
+    assert not out.exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_every_rank_refuses_bad_input_with_one_line(tiny_llama, tmp_path):
+    ranks = run_ranks(2, PLANTED, ["nowhere", "", *compress_args(tiny_llama, tmp_path / "out", "--ratio", "1.5")])
+    assert [rank.returncode for rank in ranks] == [2, 2]
+    lines = ranks[0].stderr.splitlines()  # the progress bar's first frame, then the error
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:] and "--ratio" in lines[-1]
+    assert ranks[1].stdout + ranks[1].stderr == ""
