@@ -17,6 +17,7 @@ from sslc_export.compress import CompressJob, compress, fingerprint
 from sslc_export.errors import UserError
 from sslc_export.evaluate import perplexity_per_text
 from sslc_export.methods import get_method
+from sslc_export.patterns import Pattern
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,10 @@ def compare(
             overwrite=True,
             allocation=replace(base_job.allocation, mode=variant.allocation),
         )
-        job = replace(job, settings=get_method(variant.method).resolve(replace(base_job.settings, loss=variant.loss), job.pattern))
+        method = get_method(variant.method)
+        if job.pattern.kind not in method.patterns:  # e.g. losparse, structured only: its own pattern, as compress's default
+            job = replace(job, pattern=Pattern(kind=method.patterns[0]))
+        job = replace(job, settings=method.resolve(replace(base_job.settings, loss=variant.loss), job.pattern))
         if _reusable(job.out, job, identity):
             loaded, manifest = load_checkpoint(job.out)
         else:

@@ -17,6 +17,7 @@ SEQLEN = 256  # tokens per calibration sequence
 WINDOW = 512  # tokens per perplexity window
 SSLC_ITERS = {"exact": 16, "diag": 40}  # sslc: alternating iterations per loss when --iters is not given
 SSLC_ITERS_TEXT = f"{SSLC_ITERS['exact']} with --loss exact, {SSLC_ITERS['diag']} with diag"
+LOSPARSE_STEPS = {"exact": 64, "diag": 64}  # losparse: training steps (pruning schedule + final warm-up) when --iters is not given
 # sslc settings by name; explicit flags win. paper: the published algorithm (the SSLC paper's Algorithm 1 and settings).
 PRESETS = {"paper": {"loss": "diag", "first_step": "svd", "rank_ratio": 0.25, "iters": 40}}
 BENCH_PROMPT_LENGTHS = (32, 128, 512)  # prefill lengths timed by bench

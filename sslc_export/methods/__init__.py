@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from sslc_export.errors import UserError
 from sslc_export.methods.base import Decomposition, Method, Settings
+from sslc_export.methods.losparse import LoSparse
 from sslc_export.methods.magnitude import Magnitude
 from sslc_export.methods.sparsegpt import SparseGpt
 from sslc_export.methods.sslc import Sslc
 from sslc_export.methods.svd import Svd
 from sslc_export.methods.wanda import Wanda
 
-METHODS: dict[str, Method] = {method.name: method for method in (Sslc(), Magnitude(), Wanda(), SparseGpt(), Svd())}
+METHODS: dict[str, Method] = {method.name: method for method in (Sslc(), Magnitude(), Wanda(), SparseGpt(), Svd(), LoSparse())}
 
 
 def get_method(name: str) -> Method:

@@ -78,7 +78,7 @@ class Decomposition:
 
 class Method(ABC):
     name: ClassVar[str]
-    patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm", "structured")
+    patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm", "structured")  # the first: what a run without --pattern gets
     losses: ClassVar[tuple[str, ...]] = ("diag",)
     quantizes: ClassVar[bool] = False  # whether --bits 8|4 is built into the method's sweep
 
