@@ -180,8 +180,8 @@ results-large: $(STAMP)
 test: $(STAMP) kernels-or-skip
 	$(BIN)/python -m pytest -q
 
-# The GPU paths in one run (runtimes/gpu_check.py, under 8 minutes): compress on cuda and on the CPU, compare,
-# onnxruntime's CUDA provider if installed. Installs nothing (the machine may have no registry): .venv's python, else $(PYTHON).
+# The GPU paths in one run (runtimes/gpu_check.py): compress on cuda and on the CPU, compare; again on cuda under
+# torchrun --nproc-per-node 1 (the distributed path, nccl), compared with the plain cuda run; onnxruntime's CUDA provider if installed. Installs nothing (the machine may have no registry): .venv's python, else $(PYTHON).
 gpu-check:
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m runtimes.gpu_check
 

@@ -1,14 +1,19 @@
 """The GPU paths in one prepared run (`make gpu-check`), for a machine with a CUDA build of torch
 and no package registry: compress a random LLaMA of SmolLM2-135M's shape with --device cuda and on
-the CPU, compare the two checkpoints' quality and times, and, when onnxruntime-gpu is importable,
-run the CUDA checkpoint's ONNX export on onnxruntime's CUDA provider beside its CPU provider.
+the CPU, compare the two checkpoints' quality and times; compress it again on the GPU under
+`torchrun --nproc-per-node 1` (the distributed path: nccl, cuda:LOCAL_RANK, results exchanged) and
+compare that with the plain GPU run; and, when onnxruntime-gpu is importable, run the CUDA
+checkpoint's ONNX export on onnxruntime's CUDA provider beside its CPU provider.
 
     python -m runtimes.gpu_check [--work-dir runs/gpu-check] [--tiny] [--device cuda]
 
-Exit 1 with one line when there is no CUDA device or when the two checkpoints disagree.
+Exit 1 with one line when there is no CUDA device, or when the checkpoints disagree or the torchrun run fails.
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +23,9 @@ import typer
 from models.synthetic import TINY_DIMS, build_random_model
 from sslc_export import defaults
 from sslc_export.corpus import HELDOUT_TEXTS, read_text
+from sslc_export.distributed import free_port
+
+CLI = Path(__file__).resolve().parents[1] / "cli.py"
 
 SMOLLM2_DIMS = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, max_position_embeddings=2048)
@@ -39,18 +47,37 @@ def no_cuda_reason() -> str | None:
 
 def compress_on(model_dir: Path, out: Path, device: str) -> dict:
     """Compress with the default method and ratio on one device; the manifest plus the held-out perplexity."""
-    from sslc_export.checkpoint import load_model_or_checkpoint
     from sslc_export.compress import CompressJob, compress
+
+    return scored(out, compress(CompressJob(out=out, model=str(model_dir), device=device, overwrite=True)).manifest)
+
+
+def compress_under_torchrun(model_dir: Path, out: Path, device: str) -> dict:
+    """The same compression as one rank of `torchrun --nproc-per-node 1` (torch.distributed set up: nccl on cuda,
+    gloo on the CPU); one line naming the failure when it fails."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), str(CLI), "compress", "--model", str(model_dir), "--out", str(out),
+               "--device", "cuda" if device.startswith("cuda") else device, "--overwrite"]
+    run = subprocess.run(command, capture_output=True, text=True)
+    if run.returncode != 0:
+        lines = [line for line in run.stderr.splitlines() if line.startswith("error:")] or run.stderr.splitlines()[-1:]
+        raise RuntimeError(f"torchrun --nproc-per-node 1 exited {run.returncode}: {' '.join(lines)}")
+    return scored(out, json.loads((out / "manifest.json").read_text()))
+
+
+def scored(out: Path, manifest: dict) -> dict:
+    """A checkpoint's times, mean relative layer loss and held-out perplexity, and where it ran."""
+    from sslc_export.checkpoint import load_model_or_checkpoint
     from sslc_export.evaluate import perplexity_per_text
 
-    manifest = compress(CompressJob(out=out, model=str(model_dir), device=device, overwrite=True)).manifest
     loaded = load_model_or_checkpoint(str(out))
     text = {"prose": read_text(HELDOUT_TEXTS["prose"])[:HELDOUT_CHARS]}
     window = min(defaults.WINDOW, loaded.model.config.max_position_embeddings)
     perplexity = perplexity_per_text(loaded.model, loaded.tokenizer, text, window)["prose"]["perplexity"]
     losses = [layer["relative_loss"] for layer in manifest["layers"]]
-    return {"device": device, "seconds": manifest["compression_seconds"], "mean_relative_loss": sum(losses) / len(losses),
-            "perplexity": perplexity}
+    distributed = manifest["distributed"]
+    return {"device": manifest["device"], "seconds": manifest["compression_seconds"], "mean_relative_loss": sum(losses) / len(losses),
+            "perplexity": perplexity, "backend": distributed["backend"], "ranks": distributed["ranks"], "files": manifest["files"]}
 
 
 def relative_difference(a: float, b: float) -> float:
@@ -93,13 +120,34 @@ def main(
               f"held-out perplexity {run['perplexity']:.3f}")
     loss_gap = relative_difference(runs[0]["mean_relative_loss"], runs[1]["mean_relative_loss"])
     perplexity_gap = relative_difference(runs[0]["perplexity"], runs[1]["perplexity"])
-    print(onnx_cuda_line(checkpoints[0], work_dir))
     agree = loss_gap <= LOSS_TOLERANCE and perplexity_gap <= PERPLEXITY_TOLERANCE
     print(f"{device} vs cpu: mean relative loss differs by {loss_gap:.2%} (tolerance {LOSS_TOLERANCE:.0%}), perplexity by "
-          f"{perplexity_gap:.2%} (tolerance {PERPLEXITY_TOLERANCE:.0%}): {'agree' if agree else 'DISAGREE'}; "
-          f"{time.perf_counter() - started:.0f} s in all")
+          f"{perplexity_gap:.2%} (tolerance {PERPLEXITY_TOLERANCE:.0%}): {'agree' if agree else 'DISAGREE'}")
+    agree = distributed_line(runs[0], model_dir, work_dir / f"sslc-torchrun-{device}", device) and agree
+    print(onnx_cuda_line(checkpoints[0], work_dir))
+    print(f"gpu-check: {'all agree' if agree else 'DISAGREEMENT above'}; {time.perf_counter() - started:.0f} s in all")
     if not agree:
         raise typer.Exit(1)
+
+
+def distributed_line(plain: dict, model_dir: Path, out: Path, device: str) -> bool:
+    """Print the torchrun run beside the plain one on the same device; whether they agree (same tolerances as
+    against the CPU: on a GPU the two runs need not sum in the same order)."""
+    try:
+        run = compress_under_torchrun(model_dir, out, device)
+    except RuntimeError as exc:
+        print(f"torchrun, 1 process: FAILED: {exc}")
+        return False
+    rank = run["ranks"][0]
+    memory = "" if rank["peak_device_bytes"] is None else f", peak device memory {rank['peak_device_bytes'] / 2**20:.0f} MiB"
+    loss_gap = relative_difference(run["mean_relative_loss"], plain["mean_relative_loss"])
+    perplexity_gap = relative_difference(run["perplexity"], plain["perplexity"])
+    agree = loss_gap <= LOSS_TOLERANCE and perplexity_gap <= PERPLEXITY_TOLERANCE
+    print(f"torchrun, 1 process ({run['backend']}) on {rank['device']}: {run['seconds']:.1f} s{memory}, mean relative layer loss "
+          f"{run['mean_relative_loss']:.4f}, held-out perplexity {run['perplexity']:.3f}; tensors "
+          f"{'identical to' if run['files'] == plain['files'] else 'differ from'} the plain {device} run's; "
+          f"{'agree' if agree else 'DISAGREE'}")
+    return agree
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ is used: the CLI asks is_main_process before it has loaded torch.)
 from __future__ import annotations
 
 import os
+import socket
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -128,6 +129,13 @@ def _failure_message(failed: dict[int, str], size: int) -> str:
     rank, message = min(failed.items())
     others = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
     return f"rank {rank} of {size} failed{others}, so every rank stopped: {message}"
+
+
+def free_port() -> int:
+    """A free TCP port for the ranks' rendezvous when launching them on this machine (tests, make gpu-check)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def launched() -> bool:

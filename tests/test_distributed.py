@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from sslc_export.distributed import World
+from sslc_export.distributed import World, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--nsamples", "8", "--seqlen", "64", "--threads", "1"]
@@ -34,12 +33,6 @@ sys.argv = ["sslc-export", *sys.argv[3:]]
 import cli
 cli.main()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def environment(**extra: str) -> dict:

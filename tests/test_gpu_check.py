@@ -1,4 +1,5 @@
-"""make gpu-check without a GPU: one line and exit 1; its comparison logic, run on the CPU twice with the tiny model."""
+"""make gpu-check without a GPU: one line and exit 1; its comparison logic, run on the CPU (plain twice, then under
+torchrun with one process) with the tiny model."""
 import pytest
 import torch
 import typer
@@ -21,4 +22,7 @@ def test_cpu_against_cpu_agrees(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("compress on cpu: ") == 2
     assert any(line.startswith("onnx ") for line in printed.splitlines())  # skipped, or both providers measured
-    assert ": agree;" in printed
+    assert "cpu vs cpu: " in printed and printed.count(": agree") == 1
+    torchrun = [line for line in printed.splitlines() if line.startswith("torchrun, 1 process (gloo) on cpu: ")]
+    assert len(torchrun) == 1 and torchrun[0].endswith("agree")
+    assert printed.splitlines()[-1].startswith("gpu-check: all agree; ")
