@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUNS := runs/demo
 
-.PHONY: results-allocation results-sparse results-quant demo test gpu-check setup clean kernels kernels-or-skip results results-compression results-heldout results-onnx results-streaming results-large
+.PHONY: results-distributed results-allocation results-sparse results-quant demo test gpu-check setup clean kernels kernels-or-skip results results-compression results-heldout results-onnx results-streaming results-large
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -126,6 +126,21 @@ results-allocation: $(STAMP)
 	  --report docs/results.md --section allocation --json docs/compare-allocation.json
 	$(BIN)/sslc-export checkpoints $(ALLOC)/sslc-default-r0.5 $(ALLOC)/sslc-default-r0.5-global --layers \
 	  --report docs/results.md --section allocation-layers
+
+# Compression on 1 and 2 processes, one thread each (issue 13): the bundled SmolLM2, sslc at ratio 0.5, plainly and
+# under torchrun; wall times from /usr/bin/time, each rank's peak RSS and per-layer times from the manifests, and the
+# 7B-on-8-ranks estimate by arithmetic (sslc_export/scaling.py) into docs/results.md. About 15 minutes on 2 idle cores.
+# DIST_FLAGS / DIST_REPORT / DIST let a smoke run use another model and output (e.g. DIST_FLAGS="--model tiny --nsamples 8").
+DIST ?= runs/distributed
+DIST_REPORT ?= docs/results.md
+DIST_FLAGS ?=
+DIST_JOB = compress --method sslc --ratio 0.5 --threads 1 --overwrite $(DIST_FLAGS)
+results-distributed: $(STAMP)
+	mkdir -p $(DIST)
+	OMP_NUM_THREADS=1 /usr/bin/time -f %e -o $(DIST)/sslc-0.5-n1.wall $(BIN)/sslc-export $(DIST_JOB) --out $(DIST)/sslc-0.5-n1
+	OMP_NUM_THREADS=1 /usr/bin/time -f %e -o $(DIST)/sslc-0.5-n2.wall $(BIN)/torchrun --standalone --nproc-per-node 2 \
+	  --no-python $(BIN)/sslc-export $(DIST_JOB) --out $(DIST)/sslc-0.5-n2
+	$(BIN)/python -m sslc_export.scaling $(DIST)/sslc-0.5-n1 $(DIST)/sslc-0.5-n2 --report $(DIST_REPORT) --section distributed
 
 # Peak RSS of compression with and without block streaming (wanda: the decomposition is cheap,
 # so the figures show the memory of the block walk itself), then a random LLaMA with ~3 GB of

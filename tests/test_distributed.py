@@ -123,3 +123,45 @@ def test_every_rank_refuses_bad_input_with_one_line(tiny_llama, tmp_path):
     lines = ranks[0].stderr.splitlines()  # the progress bar's first frame, then the error
     assert [line for line in lines if line.startswith("error:")] == lines[-1:] and "--ratio" in lines[-1]
     assert ranks[1].stdout + ranks[1].stderr == ""
+
+
+def test_two_processes_resume_a_plain_run(tiny_llama, tmp_path, monkeypatch):
+    """Rank 0 reads the progress and the saved activations and hands them to rank 1: the checkpoint is the plain one."""
+    import torch
+
+    import sslc_export.checkpoint as checkpoint_module
+    from sslc_export.compress import CompressJob, compress
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run: the same arithmetic, bit for bit
+    try:
+        job = lambda out: CompressJob(out=out, model=str(tiny_llama), nsamples=8, seqlen=64)
+        reference = compress(job(tmp_path / "reference")).manifest
+        original = checkpoint_module.CheckpointWriter.save_block
+
+        def crash_after_first_block(self, index, *args):
+            original(self, index, *args)
+            if index == 0:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(checkpoint_module.CheckpointWriter, "save_block", crash_after_first_block)
+        with pytest.raises(KeyboardInterrupt):
+            compress(job(tmp_path / "resumed"))
+    finally:
+        torch.set_num_threads(threads)
+    resumed = run_torchrun(2, compress_args(tiny_llama, tmp_path / "resumed", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    manifest = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    assert manifest["files"] == reference["files"]
+
+
+def test_scaling_arithmetic_shares_each_group_like_compress():
+    from sslc_export.scaling import cost, group_seconds
+
+    seconds = {"q_proj": 3, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 4, "up_proj": 4, "down_proj": 5}
+    shapes = {"q_proj": (8, 8), "k_proj": (4, 8), "v_proj": (4, 8), "o_proj": (8, 8), "gate_proj": (16, 8),
+              "up_proj": (16, 8), "down_proj": (8, 16)}
+    assert group_seconds(seconds, shapes, 1) == 20
+    assert group_seconds(seconds, shapes, 2) == 3 + 2 + 4 + 5  # q alone, k and v on the other rank
+    assert group_seconds(seconds, shapes, 8) == group_seconds(seconds, shapes, 2)
+    assert cost((2, 3)) == 2 * 9 + 27
