@@ -96,6 +96,20 @@ def test_beats_structured_sslc_at_equal_budget_on_correlated_inputs():
     assert stats.relative_error(weight, losparse.dense()) < stats.relative_error(weight, sslc.dense())
 
 
+def test_loss_curve_measures_each_budget_with_fewer_steps(planted):
+    """--allocation global's curve: each point is the decomposition with CURVE_STEPS steps, not --iters."""
+    from sslc_export.methods.losparse import CURVE_STEPS
+
+    weight, stats, _ = planted
+    method = METHODS["losparse"]
+    settings = method.resolve(Settings(rank_ratio=0.15, iters=64), COLUMNS)
+    budgets = [plan_budget(M, N, ratio, 0.15, COLUMNS) for ratio in (0.3, 0.6)]
+    curve = method.loss_curve(weight, stats, budgets, COLUMNS, settings)
+    short = [decompose("losparse", weight, stats, ratio, iters=CURVE_STEPS)[0] for ratio in (0.3, 0.6)]
+    assert curve == [stats.relative_error(weight, result.dense()) for result in short]
+    assert curve[0] < curve[1]
+
+
 def test_unstructured_pattern_is_refused():
     from sslc_export.errors import UserError
 
