@@ -20,7 +20,7 @@ for columns it is exactly the loss change of removing the column). PLATON's unce
 full-batch gradients have no sampling noise for it to measure.
 
 After the last step the kept lines of S are refit in closed form given U·V (least squares on the same loss), and
-that refit is kept only where it lowers the loss, so the result does not hang on how far Adam got.
+that refit is kept only if it lowers the loss, so the result does not hang on how far Adam got.
 """
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ class LoSparse(Method):
     def _refit(residual, trained, mask, alive, columns, product, gram, damp):
         """S's kept lines at their least-squares optimum given U·V: kept rows take the residual's rows (rows do not
         interact); kept columns K take R·G[:, K]·G[K, K]⁻¹ (exact loss, G damped as the SVD's whitening is) or R[:, K]
-        (diag). Returned only where it lowers the loss."""
+        (diag). Returned only if it lowers the loss."""
         refit = residual * mask
         if columns and damp is not None and bool(alive.any()):
             kept = alive.nonzero().squeeze(1)
