@@ -1,20 +1,26 @@
 """compress under a launcher (sslc_export/distributed.py), on the CPU with gloo: the checkpoint of 2 processes is the
-one of a plain process, bit for bit; a failure on one rank stops every rank with one line and publishes nothing."""
+one of a plain process, bit for bit (fresh and resumed); a failure on one rank stops every rank with one line and
+publishes nothing. The plain reference runs in this process with one thread, as each rank does."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
-from sslc_export.distributed import World, free_port
+from sslc_export.allocation import Allocation
+from sslc_export.compress import CompressJob, compress
+from sslc_export.distributed import World, _failure_message, free_port
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--nsamples", "8", "--seqlen", "64", "--threads", "1"]
+# --allocation global too: its loss curves are shared out like the decompositions, so the split must not move either.
+FLAGS = ["--nsamples", "8", "--seqlen", "64", "--threads", "1", "--allocation", "global", "--min-keep", "0.3", "--max-keep", "0.7"]
 TIMING = ("created", "compression_seconds", "peak_rss_bytes", "distributed", "memory_limits")
 # A rank's failure planted before the CLI runs: `where` raises on rank 1 only.
 PLANTED = """
@@ -27,7 +33,7 @@ def fail(*args, **kwargs):
 if os.environ["RANK"] == "1":
     if where == "decompose":  # inside a shared step
         sslc_export.methods.sslc.Sslc.decompose = fail
-    elif where == "walk":  # between shared steps: rank 0 is already waiting for the first group's results
+    else:  # between shared steps: rank 0 is already waiting for the first group's results
         sslc_export.compress.walk_block = fail
 sys.argv = ["sslc-export", *sys.argv[3:]]
 import cli
@@ -41,12 +47,23 @@ def environment(**extra: str) -> dict:
 
 
 def compress_args(model: Path, out: Path, *extra: str) -> list[str]:
-    return ["compress", "--model", str(model), "--out", str(out), *SMALL, *extra]
+    return ["compress", "--model", str(model), "--out", str(out), *FLAGS, *extra]
 
 
-def run_plain(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "cli.py", *args], cwd=REPO, env=environment(), capture_output=True, text=True,
-                          timeout=300)
+def job(model: Path, out: Path) -> CompressJob:
+    """compress_args's compression, in this process."""
+    return CompressJob(out=out, model=str(model), nsamples=8, seqlen=64, allocation=Allocation("global", 0.3, 0.7))
+
+
+@contextmanager
+def one_thread():
+    """Torch in this process computing as each rank does (OMP_NUM_THREADS=1): the same arithmetic, bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_torchrun(processes: int, args: list[str]) -> subprocess.CompletedProcess:
@@ -56,7 +73,7 @@ def run_torchrun(processes: int, args: list[str]) -> subprocess.CompletedProcess
 
 
 def run_ranks(processes: int, code: str, args: list[str]) -> list[subprocess.CompletedProcess]:
-    """What torchrun does, without its agent: one process per rank with the launcher's variables."""
+    """What torchrun does, without its agent (which would stop the others itself): one process per rank."""
     port = str(free_port())
     ranks = [subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE,
@@ -70,6 +87,18 @@ def run_ranks(processes: int, code: str, args: list[str]) -> list[subprocess.Com
     return results
 
 
+@pytest.fixture(scope="module")
+def reference(tiny_llama, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("plain") / "ckpt"
+    with one_thread():
+        compress(job(tiny_llama, folder))
+    return folder
+
+
+def read(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
 def test_owners_are_balanced_and_cover_every_layer():
     assert World().owners([5, 1, 1]) == [0, 0, 0]
     assert World(size=2, rank=1).owners([9, 3, 3]) == [0, 1, 1]  # q alone, k and v together
@@ -77,30 +106,51 @@ def test_owners_are_balanced_and_cover_every_layer():
     assert World(size=4).owners([7]) == [0]
 
 
-def test_two_processes_write_the_checkpoint_of_one(tiny_llama, tmp_path):
-    """--allocation global too: its loss curves are shared out like the decompositions, the split must not move."""
-    extra = ("--allocation", "global", "--min-keep", "0.3", "--max-keep", "0.7")
-    plain = run_plain(compress_args(tiny_llama, tmp_path / "one", *extra))
-    assert plain.returncode == 0, plain.stderr
-    launched = run_torchrun(2, compress_args(tiny_llama, tmp_path / "two", *extra))
+def test_failure_message_names_the_rank_unless_every_rank_failed_alike():
+    assert _failure_message({0: "bad --ratio", 1: "bad --ratio"}, 2) == "bad --ratio"  # bad input: as a plain run says it
+    assert _failure_message({1: "boom"}, 2) == "rank 1 of 2 failed, so every rank stopped: boom"
+    assert _failure_message({2: "b", 1: "a"}, 4) == "rank 1 of 4 failed (and 1 more rank(s)), so every rank stopped: a"
+
+
+def test_two_processes_write_the_checkpoint_of_one(tiny_llama, tmp_path, reference):
+    launched = run_torchrun(2, compress_args(tiny_llama, tmp_path / "two"))
     assert launched.returncode == 0, launched.stderr
     assert launched.stdout.count("checkpoint written to") == 1  # rank 0 alone reports
 
-    one, two = (json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("one", "two"))
-    assert one["files"] == two["files"]  # every tensor file, hash for hash
+    one, two = read(reference), read(tmp_path / "two")
+    assert one["files"] == two["files"]  # every file, hash for hash
     for name in one["files"]:
         if name.endswith(".safetensors"):
-            a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
-            assert a.keys() == b.keys() and all((a[key] == b[key]).all() and a[key].dtype == b[key].dtype for key in a)
+            a, b = load_file(reference / name), load_file(tmp_path / "two" / name)
+            assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) and a[key].dtype == b[key].dtype for key in a)
     untimed = lambda manifest: {key: value for key, value in manifest.items() if key not in TIMING + ("layers", "allocation")}
     assert untimed(one) == untimed(two)
     assert [{**layer, "seconds": 0} for layer in one["layers"]] == [{**layer, "seconds": 0} for layer in two["layers"]]
     assert {**one["allocation"], "seconds": 0} == {**two["allocation"], "seconds": 0}
-    assert one["distributed"] == {"world_size": 1, "backend": None, "ranks": [one["distributed"]["ranks"][0]]}
+    assert one["distributed"]["world_size"] == 1 and one["distributed"]["backend"] is None
     assert two["distributed"]["world_size"] == 2 and two["distributed"]["backend"] == "gloo"
     assert [rank["device"] for rank in two["distributed"]["ranks"]] == ["cpu", "cpu"]
     assert all(rank["peak_rss_bytes"] > 0 for rank in two["distributed"]["ranks"])
     assert not (tmp_path / ".two.partial").exists()
+
+
+def test_two_processes_resume_a_plain_run(tiny_llama, tmp_path, reference, monkeypatch):
+    """Rank 0 reads the progress, the split and the saved activations and hands them to rank 1."""
+    import sslc_export.checkpoint as checkpoint_module
+
+    original = checkpoint_module.CheckpointWriter.save_block
+
+    def crash_after_first_block(self, index, *args):
+        original(self, index, *args)
+        if index == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_module.CheckpointWriter, "save_block", crash_after_first_block)
+    with one_thread(), pytest.raises(KeyboardInterrupt):
+        compress(job(tiny_llama, tmp_path / "resumed"))
+    resumed = run_torchrun(2, compress_args(tiny_llama, tmp_path / "resumed", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert read(tmp_path / "resumed")["files"] == read(reference)["files"]
 
 
 @pytest.mark.parametrize("where", ["decompose", "walk"])
@@ -115,44 +165,6 @@ def test_a_failure_on_one_rank_stops_every_rank(tiny_llama, tmp_path, where):
     if where == "decompose":  # a user's error: that one line and nothing else
         assert "Traceback" not in "".join(rank.stderr for rank in ranks)
     assert not out.exists() and not (tmp_path / ".out.partial").exists()
-
-
-def test_every_rank_refuses_bad_input_with_one_line(tiny_llama, tmp_path):
-    ranks = run_ranks(2, PLANTED, ["nowhere", "", *compress_args(tiny_llama, tmp_path / "out", "--ratio", "1.5")])
-    assert [rank.returncode for rank in ranks] == [2, 2]
-    lines = ranks[0].stderr.splitlines()  # the progress bar's first frame, then the error
-    assert [line for line in lines if line.startswith("error:")] == lines[-1:] and "--ratio" in lines[-1]
-    assert ranks[1].stdout + ranks[1].stderr == ""
-
-
-def test_two_processes_resume_a_plain_run(tiny_llama, tmp_path, monkeypatch):
-    """Rank 0 reads the progress and the saved activations and hands them to rank 1: the checkpoint is the plain one."""
-    import torch
-
-    import sslc_export.checkpoint as checkpoint_module
-    from sslc_export.compress import CompressJob, compress
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks run: the same arithmetic, bit for bit
-    try:
-        job = lambda out: CompressJob(out=out, model=str(tiny_llama), nsamples=8, seqlen=64)
-        reference = compress(job(tmp_path / "reference")).manifest
-        original = checkpoint_module.CheckpointWriter.save_block
-
-        def crash_after_first_block(self, index, *args):
-            original(self, index, *args)
-            if index == 0:
-                raise KeyboardInterrupt
-
-        monkeypatch.setattr(checkpoint_module.CheckpointWriter, "save_block", crash_after_first_block)
-        with pytest.raises(KeyboardInterrupt):
-            compress(job(tmp_path / "resumed"))
-    finally:
-        torch.set_num_threads(threads)
-    resumed = run_torchrun(2, compress_args(tiny_llama, tmp_path / "resumed", "--resume"))
-    assert resumed.returncode == 0, resumed.stderr
-    manifest = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
-    assert manifest["files"] == reference["files"]
 
 
 def test_scaling_arithmetic_shares_each_group_like_compress():
