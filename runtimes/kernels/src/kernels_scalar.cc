@@ -42,6 +42,10 @@ struct Scalar {
     return s;
   }
 
+  static void Hsum8(const Vec* s, float* out) {
+    for (size_t j = 0; j < 8; ++j) out[j] = Hsum(s[j]);
+  }
+
   template <class Next>
   static Vec Expand(unsigned bits, Next&& next) {
     Vec r;

@@ -28,9 +28,15 @@ struct Simd256 {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // out[j] = Hsum(s[j]) for j < 8.
+  static void Hsum8(const Vec* s, float* out) {
+    const __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
+    const __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(s[4], s[5]), _mm256_hadd_ps(s[6], s[7]));
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31)));
+  }
   // The permute index for a mask byte (see ExpandTable in kernels_impl.h).
   static __m256i Index(unsigned bits) {
-    return _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpandIndex.index[bits]));
+    return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kExpandIndex.index[bits])));
   }
   // The cursor may read up to ReadPad() bytes ahead, so full-width loads are safe.
   static Vec ExpandF32(const float*& p, unsigned bits) {
