@@ -4,7 +4,8 @@ RANK and LOCAL_RANK); each rank computes on its own device (cuda:LOCAL_RANK with
 Blocks stay sequential and every rank runs the same block walk on the same data, so every rank holds the same
 statistics and advances the same compressed block; only the decompositions of an input group's Linears (the
 expensive part) are shared out (`owners`), and their results exchanged. Each rank's work is deterministic and
-CPU results travel pickled, so the checkpoint does not depend on the number of ranks.
+results travel pickled from the CPU, so with the same threads per process (OMP_NUM_THREADS) the checkpoint does not
+depend on the number of ranks, bit for bit.
 
 A failure on one rank must not leave the others waiting in a collective: every exchange carries each rank's
 outcome (value or error), so an error anywhere becomes the same RankFailure on every rank at the same exchange.
