@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
@@ -74,6 +75,19 @@ def _timed(run, repeats: int, warmup: int) -> list[float]:
     return times
 
 
+def lm_head_in_graph(model_path: Path) -> str:
+    """The precision of the node that writes `logits` (for folders without our export.json): fp32 for a MatMul,
+    int<bits> for MatMulNBits, else its operator's name."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    node = next((node for node in graph.node if "logits" in node.output), None)
+    if node is None:
+        return "?"
+    if node.op_type == "MatMulNBits":
+        bits = next((attr.i for attr in node.attribute if attr.name == "bits"), 4)
+        return f"int{bits}"
+    return "fp32" if node.op_type in ("MatMul", "Gemm") else node.op_type
+
+
 def bench_model(folder: Path, provider: str, config: BenchConfig) -> dict:
     runtime = OnnxCausalLM(folder, provider, config.threads)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -85,7 +99,7 @@ def bench_model(folder: Path, provider: str, config: BenchConfig) -> dict:
     record = json.loads((folder / EXPORT_MANIFEST).read_text()) if (folder / EXPORT_MANIFEST).is_file() else {}
     # A folder written by another tool (onnxruntime-genai's model builder) has no export.json.
     result: dict = {"model": folder.name, "provider": provider, "format": record.get("format", "other tool"),
-                    "lm_head": record.get("lm_head", "?"), "prefill": {}}
+                    "lm_head": record.get("lm_head") or lm_head_in_graph(folder / ONNX_FILE), "prefill": {}}
     for length in config.prompt_lengths:
         prompt = ids[:, :length]
         times = _timed(lambda: runtime.step(prompt, runtime.empty_past()), config.repeats, config.warmup)

@@ -29,3 +29,20 @@ def report(perplexity: bool) -> dict:
 def test_plot_writes_a_picture(tmp_path: Path, perplexity: bool):
     plot(report(perplexity), tmp_path / "bench.png")
     assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("op, attributes, expected", [
+    ("MatMul", {}, "fp32"), ("MatMulNBits", {"bits": 4, "K": 8, "N": 8, "block_size": 16}, "int4"),
+    ("MatMulNBits", {"bits": 8, "K": 8, "N": 8, "block_size": 16}, "int8"), ("Relu", {}, "Relu")])
+def test_lm_head_read_from_a_foreign_graph(tmp_path: Path, op, attributes, expected):
+    """A folder without our export.json (onnxruntime-genai's builder) still gets its lm_head column."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from runtimes.bench import lm_head_in_graph
+
+    node = helper.make_node(op, ["hidden", "w"][: 1 if op == "Relu" else 2], ["logits"], **attributes)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)])
+    onnx.save(helper.make_model(graph), tmp_path / "model.onnx")
+    assert lm_head_in_graph(tmp_path / "model.onnx") == expected
