@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUNS := runs/demo
 
-.PHONY: results-distributed results-allocation results-sparse results-quant demo test gpu-check setup clean kernels kernels-or-skip results results-compression results-heldout results-onnx results-streaming results-large
+.PHONY: results-quality results-distributed results-allocation results-sparse results-quant demo test gpu-check setup clean kernels kernels-or-skip results results-compression results-heldout results-onnx results-streaming results-large
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -116,6 +116,18 @@ results-quant: $(STAMP) kernels
 	  $(BIN)/sslc-export validate $(QUANT)/$$ckpt-sparse-int4 $(QUANT)/$$ckpt || exit 1; done
 	$(BIN)/sslc-export bench $(RES)/dense $(RES)/dense-int4 $(QUANT)/gptq-0-b4-sparse-int4 $(QUANT)/sslc-0.5-b4-sparse-int4 \
 	  --threads 2 --repeats 1 --decode-tokens 16 --prompt-lengths 128 --out-dir $(QUANT)/bench --report docs/results.md --section quant-bench
+
+# Quality at the bits users ship (issue 10, Targets): one compare of dense, round-to-nearest (--rtn) and GPTQ (sslc at
+# ratio 0) of the dense model, sslc at 0.3 and 0.5 in fp32, int8 and int4, each of those six also fine-tuned
+# (--finetune, into <checkpoint>-ft); perplexity on every held-out text, checkpoint MB, compress + finetune minutes.
+# Finished checkpoints are reused, so an interrupted run picks up where it stopped. Not yet run. Estimated on 2 cores
+# (about 4 min per sslc compress, 12 per finetune at its defaults): about 2 hours with the default QUALITY_FLAGS;
+# QUALITY_FLAGS="--ratios 0,0.3,0.5 --bits 32,4 --rtn --finetune --finetune-steps 16" is about 45 min.
+QUALITY ?= runs/quality
+QUALITY_FLAGS ?= --ratios 0,0.3,0.5 --bits 32,8,4 --rtn --finetune
+results-quality: $(STAMP)
+	$(BIN)/sslc-export compare --methods sslc --extra-losses "" $(QUALITY_FLAGS) --work-dir $(QUALITY) \
+	  --report docs/results.md --section quality-bits --json docs/compare-quality.json
 
 # Global allocation (issue 11, item 1): sslc at ratio 0.5 with the model-wide budget split over layers by their
 # measured loss curves, beside uniform sslc, perplexity on every bundled held-out text and compression time (one

@@ -136,7 +136,7 @@ def compress(
     salient: float = typer.Option(defaults.SALIENT_FRACTION, help="sslc: fraction of weights (largest |W·D|) always kept in S."),
     loss: Optional[str] = typer.Option(None, help="exact (default for sslc, svd): whitened SVD + OBS pruning on XᵀX; diag: activation-scaled, as in the paper."),
     tol: float = typer.Option(defaults.TOL, help="sslc: stop when an iteration improves the loss by less than this fraction."),
-    bits: int = typer.Option(defaults.BITS, help="32 (fp32) | 8 | 4: S, U and V quantized inside the decomposition (sslc --loss exact, sparsegpt; S in the OBS sweep); with --ratio 0, a GPTQ-quantized dense model."),
+    bits: int = typer.Option(defaults.BITS, help="32 (fp32) | 8 | 4: S, U and V quantized inside the decomposition (sslc --loss exact, sparsegpt; S in the OBS sweep; magnitude rounds to nearest); with --ratio 0, a GPTQ-quantized dense model (magnitude: round-to-nearest)."),
     group_size: int = typer.Option(defaults.GROUP_SIZE, "--group-size", help="With --bits: input columns per scale (a positive multiple of 16)."),
     damp: float = typer.Option(defaults.DAMP, help="Exact loss (sslc, svd, sparsegpt): damping added to XᵀX, as a fraction of its mean diagonal; (0, 1]."),
     pattern: Optional[str] = typer.Option(None, help="Sparsity of S: unstructured | nm | structured; default: the method's first "
@@ -688,6 +688,17 @@ def compare_command(
     extra_losses: str = typer.Option("sslc:diag,svd:diag", help="Also run these method:loss pairs (each method also runs at its default loss)."),
     allocations: str = typer.Option(defaults.ALLOCATION, help="Comma-separated: run every variant with each of these "
                                     "--allocation modes (uniform, global; global at compress's default --min-keep/--max-keep)."),
+    bits: str = typer.Option(str(defaults.BITS), help="Comma-separated: run every variant at each of these compress --bits (32, 8, "
+                             "4; at the default --group-size). Ratio 0 runs only at 8 and 4 (a quantized dense model; "
+                             "sslc: GPTQ): e.g. --ratios 0,0.3,0.5 --bits 32,4."),
+    rtn: bool = typer.Option(False, "--rtn", help="Also round the dense model to nearest at each --bits below 32 (magnitude "
+                             "at ratio 0, no error feedback; the grid's scale max|w|/7 per group of int4, where "
+                             "onnxruntime's int4 takes max|w|/8 and its sign), labelled 'RTN intN'."),
+    finetune: bool = typer.Option(False, "--finetune", help="After each variant with low-rank factors, also run `finetune` "
+                                  "into <checkpoint>-ft (reused when finished from the same parent) and add its row; its "
+                                  "minutes are compress + finetune."),
+    finetune_steps: int = typer.Option(defaults.FINETUNE_STEPS, help="With --finetune: finetune's --steps (its other settings "
+                                       "at finetune's defaults)."),
     model: Optional[str] = ModelOption,
     heldout: Optional[str] = HeldoutOption,
     window: int = typer.Option(defaults.WINDOW, help="Perplexity window (stride = window)."),
@@ -702,38 +713,45 @@ def compare_command(
     threads: Optional[int] = ThreadsOption,
     json_path: Optional[Path] = JsonOption,
 ):
-    """Compress with several methods at equal budgets and tabulate perplexity on each held-out text."""
+    """Compress with several methods at equal budgets (at each --bits, optionally fine-tuned) and tabulate perplexity
+    on each held-out text, checkpoint size and the minutes it took."""
     from sslc_export.corpus import read_heldout
-    from sslc_export.allocation import Allocation
-    from sslc_export.compare import compare, parse_variants
+    from sslc_export.compare import compare, parse_variants, variant_job
     from sslc_export.compress import CompressJob
-    from sslc_export.methods import Settings, get_method
+    from sslc_export.finetune import FinetuneJob, check_job
+    from sslc_export.methods import Settings
     from sslc_export.report import markdown_table, update_markdown_section, write_json
 
     set_threads(threads)
-    variants = parse_variants(methods, ratios, extra_losses, allocations)
-    for variant in variants:
-        get_method(variant.method)
-        Allocation(variant.allocation).check(variant.ratio)
+    variants = parse_variants(methods, ratios, extra_losses, allocations, bits, rtn)
     texts = read_heldout(heldout)
     base = CompressJob(
         out=work_dir, model=model, settings=Settings(rank_ratio=rank_ratio, iters=iters), calib=calib, nsamples=nsamples, seqlen=seqlen
     )
+    for variant in variants:  # every variant's flags checked before any work
+        variant_job(variant, base, work_dir)
+    # compare fills in each variant's checkpoint and out; these placeholders only let check_job see the settings
+    tune = FinetuneJob(checkpoint=work_dir / "parent", out=work_dir / "parent-ft", steps=finetune_steps) if finetune else None
+    if tune is not None:
+        check_job(tune)
     with progress_bar() as bar:
-        task = bar.add_task("dense", total=len(variants) + 1)
-        rows = compare(variants, base, work_dir, texts, window, lambda label: bar.update(task, advance=1, description=label))
-        bar.update(task, advance=1, description="done")
-    headers = ["method", "loss", "ratio", "kept", *(f"ppl {name}" for name in texts), "worst vs dense", "mean rel. loss", "compress s"]
+        task = bar.add_task("dense", total=len(variants) * (2 if finetune else 1) + 1)  # fine-tuning skips rank-0 checkpoints
+        rows = compare(variants, base, work_dir, texts, window, lambda label: bar.update(task, advance=1, description=label), tune)
+        bar.update(task, completed=len(variants) * (2 if finetune else 1) + 1, description="done")
+    headers = ["method", "loss", "ratio", "bits", "kept", *(f"ppl {name}" for name in texts), "worst vs dense", "mean rel. loss", "MB",
+               "minutes"]
     table_rows = [
         [
-            row["method"] + (f" ({row['allocation']})" if row.get("allocation", "uniform") != "uniform" else ""),
+            row["name"],
             row["loss"],
             row["ratio"],
+            row["bits"],
             f"{row['params_kept'] / row['params_total']:.1%}" if "params_kept" in row else "100%",
             *(f"{row['perplexity'][name]:.2f}" for name in texts),
             f"{max(row.get('perplexity_vs_dense', {'dense': 1.0}).values()):.2f}x",
             f"{row['mean_relative_loss']:.4f}" if "mean_relative_loss" in row else "",
-            row.get("compression_seconds", ""),
+            f"{row['bytes'] / 1e6:.1f}",
+            f"{(row['compression_seconds'] + row.get('finetune_seconds', 0)) / 60:.2f}" if "compression_seconds" in row else "",
         ]
         for row in rows
     ]
@@ -744,7 +762,10 @@ def compare_command(
     body = (
         f"Measured by `{command}` on this machine ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads); "
         f"held-out texts {', '.join(f'`{name}`' for name in texts)}, window {window}, stride {window}; calibration {nsamples} x {seqlen} tokens "
-        f"of `{calib or 'mix'}`; sslc rank ratio {rank_ratio}, at most {iters or defaults.SSLC_ITERS_TEXT} iterations.\n\n"
+        f"of `{calib or 'mix'}`; sslc rank ratio {rank_ratio}, at most {iters or defaults.SSLC_ITERS_TEXT} iterations"
+        + (f"; fine-tuned rows: `finetune` at {finetune_steps} steps, its other settings at their defaults" if finetune else "")
+        + ". MB: the checkpoint's files (dense: its fp32 parameters); minutes: compress (+ finetune) as the manifests record "
+        "them (reused checkpoints keep their first run's times).\n\n"
         + markdown_table(headers, table_rows)
     )
     if report is not None:

@@ -114,8 +114,7 @@ def finetune(job: FinetuneJob, progress: ProgressCallback | None = None) -> dict
     order = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(job.seed))  # domains mixed in every batch
     tokens = tokens[order]
 
-    settings = {key: value for key, value in asdict(job).items() if key not in ("checkpoint", "out", "resume", "overwrite")}
-    record = {"parent": {"path": str(job.checkpoint), "manifest_sha256": parent_hash}, "settings": settings,
+    record = {"parent": {"path": str(job.checkpoint), "manifest_sha256": parent_hash}, "settings": _settings(job),
               "calibration": calibration.record(job.steps * job.batch_size),
               "teacher": None if teacher is None else teacher.identity,
               "quantized_factors": None if grid is None else "straight-through: trained on the parent's grid and scales"}
@@ -144,6 +143,26 @@ def finetune(job: FinetuneJob, progress: ProgressCallback | None = None) -> dict
     record.update(seconds=round(state.seconds_before + time.perf_counter() - state.started, 1), losses=losses,
                   finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     return _write(job, state.work, manifest, layers, student, grid, record)
+
+
+def _settings(job: FinetuneJob) -> dict:
+    """What the record keeps of a job (its calibration resolved): with the parent's hash, what makes two runs the same."""
+    return {key: value for key, value in asdict(job).items() if key not in ("checkpoint", "out", "resume", "overwrite")}
+
+
+def finished(job: FinetuneJob) -> dict | None:
+    """job.out's manifest if it is a finished run of this job on the parent as it is now (same manifest hash, same
+    settings), so `compare` can reuse it; None otherwise."""
+    path = job.out / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    record = manifest.get("finetune") or {}
+    parent = json.loads((job.checkpoint / MANIFEST).read_text())
+    expected = _settings(replace(job, calib=job.calib or parent["calibration"]["source"]))
+    if record.get("parent", {}).get("manifest_sha256") != sha256_file(job.checkpoint / MANIFEST) or record.get("settings") != expected:
+        return None
+    return manifest
 
 
 def _make_trainable(model: nn.Module, layers: dict[int, dict[str, CompressedTensors]], grid: Grid | None) -> dict[str, nn.Parameter]:

@@ -99,7 +99,7 @@ class Method(ABC):
             raise UserError(f"method {self.name} does not support --pattern {pattern.kind}: use one of {', '.join(self.patterns)}")
         if settings.grid is not None and not self.quantizes:
             raise UserError(f"method {self.name} has no --bits {settings.bits}: quantization runs inside the OBS sweep of "
-                            "sslc (--loss exact) and sparsegpt; use one of those")
+                            "sslc (--loss exact) and sparsegpt, or rounds to nearest with magnitude; use one of those")
         if not 0 < settings.damp <= MAX_DAMP:
             raise UserError(f"--damp must be in (0, {MAX_DAMP}] (a fraction of the Gram's mean diagonal added to it), got {settings.damp}")
         if settings.loss is None:
