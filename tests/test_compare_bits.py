@@ -32,9 +32,13 @@ def test_magnitude_at_ratio_0_with_bits_is_round_to_nearest(tiny_llama, tmp_path
     checked = 0
     for index in range(manifest["num_blocks"]):
         for name, layer in read_block(out, index, grid).items():
-            expected = round_to_nearest(dense.get_submodule(name).weight.detach().float(), grid)
+            weight = dense.get_submodule(name).weight.detach().float()
+            expected = round_to_nearest(weight, grid)
             assert torch.equal(layer.quantized.sparse.q, expected.q), name
             assert torch.equal(layer.quantized.sparse.scales, expected.scales), name
+            by_hand = weight.reshape(weight.shape[0], -1, 16)  # the tiny model's widths are multiples of 16
+            scales = by_hand.abs().amax(dim=2, keepdim=True) / 7
+            assert torch.equal(layer.quantized.sparse.q.reshape(by_hand.shape).float(), torch.round(by_hand / scales)), name
             assert layer.mask.all() and layer.u.shape[1] == 0
             checked += 1
     assert checked == manifest["num_blocks"] * 7
