@@ -1,6 +1,8 @@
 """Recovery fine-tuning of a checkpoint (the paper's last step): each compressed Linear's U and V are
 trained; S, its mask, biases, embeddings, norms and head stay frozen and no parameter is added, so the
-new checkpoint has exactly its parent's shape and size.
+new checkpoint has exactly its parent's shape and size. fp32 factors are balanced first (U·V unchanged): the
+SVD step leaves the singular values in U (entries ~5 against ~0.002 in V on SmolLM2), and Adam, which moves
+every entry by about the learning rate, then changes V by percents per step.
 
 The loss is distillation to the dense model's logits (KL(teacher || student) per token) or plain
 next-token cross-entropy, on windows of the calibration text. A quantized checkpoint (compress --bits)
@@ -37,6 +39,7 @@ from sslc_export.checkpoint import (MANIFEST, CompressedTensors, block_file, che
                                     publish_checkpoint, read_block, save_tensors)
 from sslc_export.errors import UserError
 from sslc_export.layers import SparseLowRankLinear
+from sslc_export.lowrank import balance
 from sslc_export.quantization import Grid, Quantized, QuantizedFactors
 
 LOSSES = ("distill", "lm")
@@ -125,7 +128,7 @@ def finetune(job: FinetuneJob, progress: ProgressCallback | None = None) -> dict
     try:
         while step < job.steps:
             for group in optimizer.param_groups:
-                group["lr"] = job.lr * (1 - step / job.steps)  # linear decay, a function of the step alone
+                group["lr"] = learning_rate(job, step)
             batch = tokens[step * job.batch_size : (step + 1) * job.batch_size]
             loss = _loss(job.loss, student.model, teacher, batch)
             optimizer.zero_grad(set_to_none=True)
@@ -165,6 +168,13 @@ def finished(job: FinetuneJob) -> dict | None:
     return manifest
 
 
+def learning_rate(job: FinetuneJob, step: int) -> float:
+    """Linear warm-up over the first eighth of the steps (Adam's first steps move every entry by about lr, whatever
+    its gradient's size), then linear decay to 0; a function of the step alone, so --resume repeats it."""
+    warmup = max(1, job.steps // 8)
+    return job.lr * min((step + 1) / warmup, (job.steps - step) / (job.steps - warmup + 1))
+
+
 def _make_trainable(model: nn.Module, layers: dict[int, dict[str, CompressedTensors]], grid: Grid | None) -> dict[str, nn.Parameter]:
     """Freeze everything, then open U and V (behind the straight-through rounding on a grid); name -> trained tensor."""
     for parameter in model.parameters():
@@ -175,6 +185,11 @@ def _make_trainable(model: nn.Module, layers: dict[int, dict[str, CompressedTens
             module = model.get_submodule(name)
             if not isinstance(module, SparseLowRankLinear) or module.rank == 0:
                 continue
+            if grid is None:  # Adam moves every entry by about lr: U and V must be on one scale (see balance)
+                with torch.no_grad():
+                    u, v = balance(module.u, module.v)
+                    module.u.copy_(u)
+                    module.v.copy_(v)
             for part in ("u", "v"):
                 if grid is not None:
                     factor = getattr(layer.quantized, part)

@@ -138,3 +138,17 @@ def test_bad_sources_are_one_line_and_leave_nothing(parent, tmp_path):
     out.mkdir()
     result = run_cli("finetune", parent, "--out", out)
     assert result.exit_code == 2 and "already exists" in result.output
+
+
+def test_fp32_factors_are_balanced_before_training(parent, tmp_path):
+    """Adam moves every entry by about lr: the parent's U (singular values inside) and V differ by orders of
+    magnitude, so they are rescaled to equal norms per rank-1 term first, U·V unchanged."""
+    if "b4" in parent.name:
+        pytest.skip("a quantized checkpoint's factors are balanced by compress and stay on their grid")
+    finetune(FinetuneJob(parent, tmp_path / "tuned", **{**SMALL, "steps": 1, "lr": 1e-12}))
+    before, after = tensors(parent), tensors(tmp_path / "tuned")
+    for key in [key for key in before if key.endswith(".u")]:
+        v_key = key[:-2] + ".v"
+        u, v = after[key], after[v_key]
+        assert torch.allclose(u @ v, before[key] @ before[v_key], rtol=1e-4, atol=1e-6), key
+        assert torch.allclose(u.norm(dim=0), v.norm(dim=1), rtol=1e-3), key
