@@ -10,6 +10,7 @@ from sslc_export.calibration import InputStatistics
 from sslc_export.errors import UserError
 from sslc_export.methods import METHODS, Settings
 from sslc_export.patterns import Pattern
+from conftest import interrupted_after_first_block
 from test_pipeline import small_job
 
 M, N = 96, 64
@@ -122,22 +123,11 @@ def test_global_checkpoint_records_each_layers_split(tiny_llama, tmp_path):
 
 
 def test_resume_keeps_the_split_it_started_with(tiny_llama, tmp_path, monkeypatch):
-    import sslc_export.checkpoint as checkpoint_module
     import sslc_export.compress as compress_module
 
     job = lambda out, **extra: small_job(tiny_llama, out, method="wanda", allocation=Allocation("global", 0.3, 0.8), **extra)
     reference = compress_module.compress(job(tmp_path / "reference")).manifest
-    original = checkpoint_module.CheckpointWriter.save_block
-
-    def crash_after_first_block(self, index, *args):
-        original(self, index, *args)
-        if index == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint_module.CheckpointWriter, "save_block", crash_after_first_block)
-    with pytest.raises(KeyboardInterrupt):
-        compress_module.compress(job(tmp_path / "resumed"))
-    monkeypatch.setattr(checkpoint_module.CheckpointWriter, "save_block", original)
+    interrupted_after_first_block(lambda: compress_module.compress(job(tmp_path / "resumed")))
 
     def no_second_measurement(*_args, **_kwargs):
         raise AssertionError("a resumed run measured the loss curves again")

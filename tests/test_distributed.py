@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import interrupted_after_first_block
 from sslc_export.allocation import Allocation
 from sslc_export.compress import CompressJob, compress
 from sslc_export.distributed import World, _failure_message, free_port
@@ -134,20 +135,10 @@ def test_two_processes_write_the_checkpoint_of_one(tiny_llama, tmp_path, referen
     assert not (tmp_path / ".two.partial").exists()
 
 
-def test_two_processes_resume_a_plain_run(tiny_llama, tmp_path, reference, monkeypatch):
+def test_two_processes_resume_a_plain_run(tiny_llama, tmp_path, reference):
     """Rank 0 reads the progress, the split and the saved activations and hands them to rank 1."""
-    import sslc_export.checkpoint as checkpoint_module
-
-    original = checkpoint_module.CheckpointWriter.save_block
-
-    def crash_after_first_block(self, index, *args):
-        original(self, index, *args)
-        if index == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint_module.CheckpointWriter, "save_block", crash_after_first_block)
-    with one_thread(), pytest.raises(KeyboardInterrupt):
-        compress(job(tiny_llama, tmp_path / "resumed"))
+    with one_thread():
+        interrupted_after_first_block(lambda: compress(job(tiny_llama, tmp_path / "resumed")))
     resumed = run_torchrun(2, compress_args(tiny_llama, tmp_path / "resumed", "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert read(tmp_path / "resumed")["files"] == read(reference)["files"]

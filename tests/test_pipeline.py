@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import interrupted_after_first_block
 from sslc_export.checkpoint import load_checkpoint, read_block, read_manifest
 from sslc_export.compress import CompressJob, compress
 from sslc_export.errors import UserError
@@ -101,21 +102,9 @@ def test_sparse_part_is_stored_compactly(tiny_llama, tmp_path):
     assert manifest["bytes"]["compressed_layers"] < 0.5 * dense_bytes  # 30 % kept + a 1-bit mask, not a zero-filled matrix
 
 
-def test_resume_after_a_crash_gives_the_same_checkpoint(tiny_llama, tmp_path, monkeypatch):
+def test_resume_after_a_crash_gives_the_same_checkpoint(tiny_llama, tmp_path):
     reference = compress(small_job(tiny_llama, tmp_path / "reference")).manifest
-    import sslc_export.checkpoint as checkpoint_module
-
-    original = checkpoint_module.CheckpointWriter.save_block
-
-    def crash_after_first_block(self, index, *args):
-        original(self, index, *args)
-        if index == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint_module.CheckpointWriter, "save_block", crash_after_first_block)
-    with pytest.raises(KeyboardInterrupt):
-        compress(small_job(tiny_llama, tmp_path / "resumed"))
-    monkeypatch.setattr(checkpoint_module.CheckpointWriter, "save_block", original)
+    interrupted_after_first_block(lambda: compress(small_job(tiny_llama, tmp_path / "resumed")))
     assert not (tmp_path / "resumed").exists()  # nothing that looks complete
     with pytest.raises(UserError, match="--resume"):
         compress(small_job(tiny_llama, tmp_path / "resumed"))
