@@ -167,7 +167,7 @@ results-streaming: $(STAMP)
 	$(BIN)/sslc-export convert $(RES)/smollm2-hf --overwrite
 	$(BIN)/sslc-export compress --model $(RES)/smollm2-hf --method wanda --out $(RES)/stream-off --overwrite
 	$(BIN)/sslc-export compress --model $(RES)/smollm2-hf --method wanda --out $(RES)/stream-on --streaming --overwrite
-	test -f $(RES)/big-random/config.json || $(BIN)/python -m models.synthetic $(RES)/big-random --hidden 1536 --intermediate 6144 --layers 20
+	test -f $(RES)/big-random/config.json || $(BIN)/python -m sslc_export.models.synthetic $(RES)/big-random --hidden 1536 --intermediate 6144 --layers 20
 	mkdir -p $(CGROUP) && echo $(BIG_CAP) > $(CGROUP)/memory.limit_in_bytes && echo 0 > $(CGROUP)/memory.swappiness
 	$(IN_CAP) $(BIN)/sslc-export $(BIG_JOB) --streaming --out $(RES)/big-stream-on
 	! $(IN_CAP) $(BIN)/sslc-export $(BIG_JOB) --out $(RES)/big-stream-off
@@ -188,7 +188,7 @@ LARGE_CKPT := $(LARGE)/wanda-0.5
 TIMED = nice -n 10 /usr/bin/time -a -o $(LARGE)/times.txt -f '%e s wall, %M KB peak RSS: %C'
 results-large: $(STAMP)
 	mkdir -p $(LARGE)
-	test -f $(LARGE_MODEL)/config.json || $(TIMED) $(BIN)/python -m models.synthetic $(LARGE_MODEL) --model-type qwen2 \
+	test -f $(LARGE_MODEL)/config.json || $(TIMED) $(BIN)/python -m sslc_export.models.synthetic $(LARGE_MODEL) --model-type qwen2 \
 	  --hidden 896 --intermediate 4864 --layers 24 --heads 14 --kv-heads 2 --vocab 151936 --max-positions 32768
 	head -c 6000 sslc_export/data/heldout.txt > $(LARGE_TEXT)
 	test -f $(LARGE)/qwen2-hf/config.json || $(TIMED) $(BIN)/sslc-export convert $(LARGE)/qwen2-hf --model $(LARGE_MODEL)
@@ -210,7 +210,7 @@ test: $(STAMP) kernels-or-skip
 # The GPU paths in one run (runtimes/gpu_check.py): compress on cuda and on the CPU, compare; again on cuda under
 # torchrun --nproc-per-node 1 (the distributed path, nccl), compared with the plain cuda run; onnxruntime's CUDA provider if installed. Installs nothing (the machine may have no registry): .venv's python, else $(PYTHON).
 gpu-check:
-	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m runtimes.gpu_check
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m sslc_export.runtimes.gpu_check
 
 clean:
 	rm -rf runs build .pytest_cache

@@ -293,7 +293,7 @@ def convert_command(
 ):
     """Write a model (e.g. a GGUF file, dequantized to float32) as a safetensors folder, which
     `compress --streaming` can read one block at a time."""
-    from models.loading import save_model_folder
+    from sslc_export.models.loading import save_model_folder
 
     with console.status("converting"):
         save_model_folder(model, out_dir, overwrite)
@@ -511,7 +511,7 @@ def checkpoints_command(
 @handles_user_errors
 def providers_command():
     """List the onnxruntime execution providers and whether each can run here (and why not)."""
-    from runtimes.providers import PROVIDERS
+    from sslc_export.runtimes.providers import PROVIDERS
 
     states = {name: provider.availability() for name, provider in PROVIDERS.items()}
     print_table("execution providers", ["provider", "available", "why"],
@@ -534,9 +534,9 @@ def run_command(
     """Generate text with onnxruntime, streaming tokens as they come."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from models.loading import fix_end_token
-    from runtimes.generate import generate
-    from runtimes.session import OnnxCausalLM
+    from sslc_export.models.loading import fix_end_token
+    from sslc_export.runtimes.generate import generate
+    from sslc_export.runtimes.session import OnnxCausalLM
 
     runtime = OnnxCausalLM(onnx_dir, provider, threads)
     tokenizer = AutoTokenizer.from_pretrained(onnx_dir)
@@ -568,7 +568,7 @@ def bench_command(
 
     A folder that fails (after the first, the baseline) does not stop the run: the others are measured and
     written to --out-dir, the --report is left unchanged, and the command exits with an error naming it."""
-    from runtimes.bench import BenchConfig, bench, columns, plot, table_rows
+    from sslc_export.runtimes.bench import BenchConfig, bench, columns, plot, table_rows
     from sslc_export.atomic import write_file_atomic
     from sslc_export.corpus import read_heldout
     from sslc_export.report import markdown_table, update_markdown_section, write_json
@@ -582,7 +582,7 @@ def bench_command(
     config = BenchConfig(prompt_lengths=lengths, decode_tokens=decode_tokens, repeats=repeats, threads=threads,
                          texts=read_heldout(heldout), measure_perplexity=not no_perplexity, genai=genai)
     providers = [p for p in provider.split(",") if p]
-    from runtimes.providers import get_provider
+    from sslc_export.runtimes.providers import get_provider
 
     for name in providers:
         state = get_provider(name).availability()
@@ -627,7 +627,7 @@ def profile_command(
     time outside every node (scheduling, allocations, copies)."""
     from transformers import AutoTokenizer
 
-    from runtimes.profile import profile_decode
+    from sslc_export.runtimes.profile import profile_decode
     from sslc_export.corpus import HELDOUT_TEXTS, read_text
     from sslc_export.report import markdown_table, update_markdown_section, write_json
 
@@ -665,8 +665,8 @@ def kernel_bench_command(
 ):
     """Micro-benchmark of the ai.sslc operators vs onnxruntime's MatMul and MatMulNBits on SmolLM2's layer
     shapes and a Qwen-sized one: time, bytes read and GB/s per call, against this machine's copy bandwidth."""
-    from runtimes import kernels
-    from runtimes.kernelbench import run_kernel_bench
+    from sslc_export.runtimes import kernels
+    from sslc_export.runtimes.kernelbench import run_kernel_bench
 
     if threads < 1 or seconds <= 0:
         raise UserError("--threads must be >= 1 and --seconds > 0")

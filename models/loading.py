@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from models.architectures import Llama, architecture_for
-from models.streaming import BlockStreamer
+from sslc_export.models.architectures import Llama, architecture_for
+from sslc_export.models.streaming import BlockStreamer
 from sslc_export.atomic import sha256_file
 from sslc_export.errors import UserError
 

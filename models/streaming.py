@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from models.architectures import Llama
+from sslc_export.models.architectures import Llama
 from sslc_export.errors import UserError
 
 INDEX_FILE = "model.safetensors.index.json"

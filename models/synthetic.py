@@ -2,8 +2,8 @@
 ones (several GB on disk) that show block streaming compresses a model bigger than the RAM
 a run is given.
 
-    python -m models.synthetic OUT_DIR --hidden 1536 --intermediate 6144 --layers 20
-    python -m models.synthetic OUT_DIR --model-type qwen2 --hidden 896 --intermediate 4864 --layers 24 \
+    python -m sslc_export.models.synthetic OUT_DIR --hidden 1536 --intermediate 6144 --layers 20
+    python -m sslc_export.models.synthetic OUT_DIR --model-type qwen2 --hidden 896 --intermediate 4864 --layers 24 \
         --heads 14 --kv-heads 2 --vocab 151936 --max-positions 32768       # Qwen2-0.5B's shape
 
 Biases and norm weights are random too (transformers starts them at 0 and 1), so a test sees whether a stage
@@ -18,7 +18,7 @@ import typer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-from models.architectures import ARCHITECTURES, architecture_for
+from sslc_export.models.architectures import ARCHITECTURES, architecture_for
 from sslc_export.corpus import CALIBRATION_TEXTS
 
 TINY_DIMS = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)

@@ -20,9 +20,9 @@ import onnx
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from models.loading import fix_end_token
-from runtimes.providers import get_provider
-from runtimes.session import EXPORT_MANIFEST, ONNX_FILE, OnnxCausalLM
+from sslc_export.models.loading import fix_end_token
+from sslc_export.runtimes.providers import get_provider
+from sslc_export.runtimes.session import EXPORT_MANIFEST, ONNX_FILE, OnnxCausalLM
 from sslc_export import defaults
 from sslc_export.errors import UserError
 from sslc_export.evaluate import perplexity_per_text
@@ -53,7 +53,7 @@ def cpu_flags() -> list[str]:
 
 
 def machine() -> dict:
-    from runtimes import kernels
+    from sslc_export.runtimes import kernels
 
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
             "onnxruntime": __import__("onnxruntime").__version__, "cpu_flags": cpu_flags(),
@@ -142,7 +142,7 @@ def bench_model(folder: Path, provider: str, config: BenchConfig) -> dict:
 
 def _genai_decode(folder: Path, prompt: list[int], ours: list[int], config: BenchConfig) -> dict:
     """The same decode through onnxruntime-genai: its step times and whether it picks our greedy tokens."""
-    from runtimes.genai import GenaiCausalLM
+    from sslc_export.runtimes.genai import GenaiCausalLM
 
     engine = GenaiCausalLM(folder, config.threads)
     for _ in range(config.warmup):

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from runtimes.session import custom_ops_domain
+from sslc_export.runtimes.session import custom_ops_domain
 from sslc_export.errors import UserError
 from sslc_export.onnx.genai import GENAI_CONFIG
 
@@ -25,7 +25,7 @@ class GenaiCausalLM:
         config.clear_providers()  # CPU; the folder's own provider list is for other machines
         session_options: dict = {"intra_op_num_threads": threads} if threads else {}
         if custom_ops_domain(folder):  # this machine's build, wherever the folder was exported
-            from runtimes import kernels
+            from sslc_export.runtimes import kernels
 
             session_options["custom_ops_library"] = str(kernels.require())
         if session_options:

@@ -7,7 +7,7 @@ from typing import Iterator
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from runtimes.session import OnnxCausalLM
+from sslc_export.runtimes.session import OnnxCausalLM
 from sslc_export.errors import UserError
 
 

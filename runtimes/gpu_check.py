@@ -5,7 +5,7 @@ the CPU, compare the two checkpoints' quality and times; compress it again on th
 compare that with the plain GPU run; and, when onnxruntime-gpu is importable, run the CUDA
 checkpoint's ONNX export on onnxruntime's CUDA provider beside its CPU provider.
 
-    python -m runtimes.gpu_check [--work-dir runs/gpu-check] [--tiny] [--device cuda]
+    python -m sslc_export.runtimes.gpu_check [--work-dir runs/gpu-check] [--tiny] [--device cuda]
 
 Exit 1 with one line when there is no CUDA device, or when the checkpoints disagree or the torchrun run fails.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import typer
 
-from models.synthetic import TINY_DIMS, build_random_model
+from sslc_export.models.synthetic import TINY_DIMS, build_random_model
 from sslc_export import defaults
 from sslc_export.corpus import HELDOUT_TEXTS, read_text
 from sslc_export.distributed import free_port
@@ -86,8 +86,8 @@ def relative_difference(a: float, b: float) -> float:
 
 def onnx_cuda_line(checkpoint: Path, work_dir: Path) -> str:
     """Perplexity and decode speed of the checkpoint's ONNX export on the CUDA and CPU providers, or why not."""
-    from runtimes.bench import BenchConfig, bench_model
-    from runtimes.providers import get_provider
+    from sslc_export.runtimes.bench import BenchConfig, bench_model
+    from sslc_export.runtimes.providers import get_provider
     from sslc_export.onnx.build import export_checkpoint_dir
 
     state = get_provider("cuda").availability()

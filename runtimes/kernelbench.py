@@ -21,7 +21,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from runtimes import kernels
+from sslc_export.runtimes import kernels
 from sslc_export import defaults
 from sslc_export.onnx.quantize import quantize_nodes
 from sslc_export.report import markdown_table, update_markdown_section, write_json

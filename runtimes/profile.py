@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes.session import OnnxCausalLM
+from sslc_export.runtimes.session import OnnxCausalLM
 
 
 def profile_decode(folder: Path, prompt_ids: np.ndarray, steps: int = 8, threads: int | None = None) -> dict:

@@ -14,7 +14,7 @@ from typing import Union
 import numpy as np
 import onnxruntime as ort
 
-from runtimes.providers import get_provider
+from sslc_export.runtimes.providers import get_provider
 from sslc_export.errors import UserError
 
 ONNX_FILE = "model.onnx"

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from models.architectures import BlockInputs, Llama, ResidualBranch
+from sslc_export.models.architectures import BlockInputs, Llama, ResidualBranch
 from sslc_export.calibration import InputStatistics
 
 CompressGroup = Callable[[tuple[str, ...], InputStatistics], None]  # replaces those Linears of the block

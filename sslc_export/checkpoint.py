@@ -27,8 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from models.architectures import architecture_for
-from models.loading import LoadedModel, fix_end_token, load_model
+from sslc_export.models.architectures import architecture_for
+from sslc_export.models.loading import LoadedModel, fix_end_token, load_model
 from sslc_export.atomic import file_inventory, partial_path, publish_directory, verify_inventory, write_file_atomic, write_json_atomic
 from sslc_export.errors import UserError
 from sslc_export.layers import SparseLowRankLinear, replace_linear

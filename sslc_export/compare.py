@@ -10,7 +10,7 @@ from typing import Callable
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from models.loading import load_model
+from sslc_export.models.loading import load_model
 from sslc_export.budget import check_ratio
 from sslc_export.calibration import CalibrationSet
 from sslc_export.checkpoint import MANIFEST, load_checkpoint

@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from models.architectures import BlockInputs, Llama
-from models.loading import LoadedModel, load_model, resolve_source
+from sslc_export.models.architectures import BlockInputs, Llama
+from sslc_export.models.loading import LoadedModel, load_model, resolve_source
 from sslc_export import __version__, defaults
 from sslc_export.allocation import Allocation, LossCurve, allocate, allocation_report, measure_curve
 from sslc_export.atomic import check_writable_target

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from models.loading import LoadedModel, load_model
+from sslc_export.models.loading import LoadedModel, load_model
 from sslc_export import __version__, defaults
 from sslc_export.atomic import check_writable_target, partial_path, sha256_file, write_file_atomic, write_json_atomic
 from sslc_export.calibration import CalibrationSet

@@ -20,7 +20,7 @@ from typing import Optional
 
 import typer
 
-from models.architectures import architecture_for
+from sslc_export.models.architectures import architecture_for
 from sslc_export.checkpoint import read_manifest
 from sslc_export.distributed import World
 from sslc_export.errors import UserError

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from models.synthetic import build_random_model
+from sslc_export.models.synthetic import build_random_model
 
 
 @pytest.fixture(scope="session", params=["llama", "qwen2"])

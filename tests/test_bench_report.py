@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from runtimes.bench import pareto_front, plot
+from sslc_export.runtimes.bench import pareto_front, plot
 
 
 @pytest.mark.parametrize("points,front", [
@@ -39,7 +39,7 @@ def test_lm_head_read_from_a_foreign_graph(tmp_path: Path, op, attributes, expec
     import onnx
     from onnx import TensorProto, helper
 
-    from runtimes.bench import lm_head_in_graph
+    from sslc_export.runtimes.bench import lm_head_in_graph
 
     node = helper.make_node(op, ["hidden", "w"][: 1 if op == "Relu" else 2], ["logits"], **attributes)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, 8])],

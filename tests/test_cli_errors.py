@@ -5,7 +5,7 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from sslc_export.cli import app
 
 runner = CliRunner()
 

@@ -5,7 +5,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from cli import app, handles_user_errors
+from sslc_export.cli import app, handles_user_errors
 from sslc_export import defaults
 
 COMMANDS = typer.main.get_command(app).commands

@@ -7,8 +7,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
-from models.loading import load_model
+from sslc_export.cli import app
+from sslc_export.models.loading import load_model
 from sslc_export.atomic import sha256_file
 from sslc_export.checkpoint import MANIFEST, checkpoint_grid, read_block, read_manifest
 from sslc_export.compare import Variant, parse_variants

@@ -7,8 +7,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
-from models.loading import load_model
+from sslc_export.cli import app
+from sslc_export.models.loading import load_model
 from sslc_export.calibration import CalibrationSet, token_batches
 from sslc_export.corpus import CALIBRATION_TEXTS, DATA_DIR, HELDOUT_TEXTS, calibration_texts, heldout_texts
 from sslc_export.evaluate import perplexity
@@ -107,7 +107,7 @@ def test_compare_reports_every_text_and_recalibrates_when_the_mix_changes(tiny_l
 def test_compare_never_reuses_another_models_checkpoint(tiny_llama, tmp_path):
     """Same method, ratio, settings and calibration, but a different model (other weights): recompressed.
     The same model again: reused (the checkpoint is left as it was)."""
-    from models.synthetic import build_random_model
+    from sslc_export.models.synthetic import build_random_model
 
     other = build_random_model(tmp_path / "other", "llama", seed=7)
     common = ["compare", "--methods", "magnitude", "--ratios", "0.5", "--extra-losses", "", "--heldout", "prose",

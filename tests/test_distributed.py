@@ -37,7 +37,7 @@ if os.environ["RANK"] == "1":
     else:  # between shared steps: rank 0 is already waiting for the first group's results
         sslc_export.compress.walk_block = fail
 sys.argv = ["sslc-export", *sys.argv[3:]]
-import cli
+import sslc_export.cli as cli
 cli.main()
 """
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
-from models.architectures import ARCHITECTURES, architecture_for
-from models.synthetic import build_random_model
+from sslc_export.cli import app
+from sslc_export.models.architectures import ARCHITECTURES, architecture_for
+from sslc_export.models.synthetic import build_random_model
 from sslc_export.checkpoint import load_checkpoint, read_manifest
 from sslc_export.compress import CompressJob, compress
 from sslc_export.errors import UserError
@@ -53,7 +53,7 @@ def family(request, tmp_path_factory) -> Family:
 
 def test_block_walk_reproduces_the_block_forward(family):
     """The calibration walk (the family's branches, block inputs and attention kwargs) equals the block's own forward."""
-    from models.loading import load_model
+    from sslc_export.models.loading import load_model
     from sslc_export.blockwalk import walk_block
 
     loaded = load_model(str(family.model))
@@ -107,8 +107,8 @@ def test_onnxruntime_genai_runs_the_family_folder(family, tmp_path):
     """genai_config.json's model type is one onnxruntime-genai knows, and genai decodes what our loop decodes."""
     import numpy as np
 
-    from runtimes.genai import GenaiCausalLM
-    from runtimes.session import OnnxCausalLM
+    from sslc_export.runtimes.genai import GenaiCausalLM
+    from sslc_export.runtimes.session import OnnxCausalLM
 
     export_checkpoint_dir(family.ckpt, tmp_path / "onnx", "dense")
     ids = [5, 17, 42, 99, 7, 250, 31, 64]

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from cli import app
-from models.synthetic import build_random_model
+from sslc_export.cli import app
+from sslc_export.models.synthetic import build_random_model
 from sslc_export.atomic import partial_path, sha256_file
 from sslc_export.checkpoint import block_file, load_checkpoint, read_manifest
 from sslc_export.compress import CompressJob, compress

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from runtimes.session import OnnxCausalLM
+from sslc_export.runtimes.session import OnnxCausalLM
 from sslc_export.onnx.build import export_checkpoint_dir, export_dense_model
 from sslc_export.onnx.fuse import fuse, fused_op_counts
 
@@ -71,7 +71,7 @@ def test_fused_graph_gives_the_same_logits(dense_export, tmp_path):
 def test_optimum_and_genai_load_the_fused_folder(dense_export, tmp_path):
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    from runtimes.genai import GenaiCausalLM
+    from sslc_export.runtimes.genai import GenaiCausalLM
 
     fused = fused_copy(dense_export, tmp_path / "fused")
     ids = torch.tensor(PROMPT)
@@ -114,7 +114,7 @@ def checkpoint(tiny_llama, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("fmt", ["joined-int4", "sparse"])
 def test_rewritten_formats_fuse_after_the_rewrite(checkpoint, tmp_path, fmt):
-    from runtimes import kernels
+    from sslc_export.runtimes import kernels
 
     if fmt == "sparse" and not kernels.availability()[0]:
         pytest.skip(kernels.availability()[1])

@@ -4,7 +4,7 @@ import pytest
 import torch
 import typer
 
-from runtimes.gpu_check import main
+from sslc_export.runtimes.gpu_check import main
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from models.loading import load_model
+from sslc_export.models.loading import load_model
 from sslc_export.checkpoint import load_checkpoint
 from sslc_export.compress import CompressJob, compress
 from sslc_export.errors import UserError
@@ -56,7 +56,7 @@ def test_mutated_model_safetensors_is_refused(tiny_llama, tmp_path, seed):
 
 @pytest.mark.parametrize("cut", [0, 4, 24, 1000])
 def test_truncated_gguf_is_refused(tmp_path, cut):
-    from models.loading import default_model_path
+    from sslc_export.models.loading import default_model_path
 
     with default_model_path().open("rb") as source:
         head = source.read(cut)
@@ -68,14 +68,14 @@ def test_truncated_gguf_is_refused(tmp_path, cut):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_mutated_onnx_export_is_refused(checkpoint_dir, tmp_path, seed):
-    from cli import app
+    from sslc_export.cli import app
     from typer.testing import CliRunner
 
     export_checkpoint_dir(checkpoint_dir, tmp_path / "onnx", "dense")
     mutate(tmp_path / "onnx" / "model.onnx", random.Random(seed))
     result = CliRunner().invoke(app, ["validate", str(tmp_path / "onnx"), str(checkpoint_dir)])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    from runtimes.session import OnnxCausalLM
+    from sslc_export.runtimes.session import OnnxCausalLM
 
     if (tmp_path / "onnx" / "model.onnx").stat().st_size < 100:
         with pytest.raises(UserError):

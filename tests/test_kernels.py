@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from runtimes import kernels
+from sslc_export.runtimes import kernels
 from sslc_export.errors import UserError
 from sslc_export.sparse_rows import (DOMAIN, SparseRows, activation_quantize, dequantize, merge, pack, quantized_product,
                                      reference)
@@ -311,7 +311,7 @@ def test_under_address_sanitizer(tmp_path: Path) -> None:
 
 
 def test_kernel_bench_reports_every_op(tmp_path: Path, monkeypatch) -> None:
-    from runtimes import kernelbench
+    from sslc_export.runtimes import kernelbench
 
     monkeypatch.setattr(kernelbench, "MAX_COPIES", 2)
     report = tmp_path / "results.md"

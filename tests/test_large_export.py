@@ -73,7 +73,7 @@ def test_small_export_past_a_lowered_limit_takes_both_external_data_paths(tiny_l
     """The two saves that crashed past 2 GB (issue 14), on a tiny model with the limit lowered: optimum's
     tied-embedding post-processing and our own final save both go through save_onnx, the folder ends with
     one model.onnx.data (no optimum model.onnx_data left), and it validates."""
-    from models.loading import load_model
+    from sslc_export.models.loading import load_model
     from sslc_export.onnx.build import export_dense_model
     from sslc_export.onnx.validate import validate
 
@@ -94,7 +94,7 @@ BIG_DIMS = dict(hidden_size=2560, intermediate_size=11264, num_hidden_layers=5, 
 
 @pytest.fixture(scope="module")
 def big_checkpoint(tmp_path_factory):
-    from models.synthetic import build_random_model
+    from sslc_export.models.synthetic import build_random_model
     from sslc_export.compress import CompressJob, compress
     from sslc_export.methods import Settings
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
+from sslc_export.cli import app
 from sslc_export.budget import plan_budget
 from sslc_export.calibration import InputStatistics
 from sslc_export.checkpoint import load_checkpoint, read_block

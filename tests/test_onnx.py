@@ -10,9 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
-from models.architectures import architecture_for
-from models.loading import load_model
+from sslc_export.cli import app
+from sslc_export.models.architectures import architecture_for
+from sslc_export.models.loading import load_model
 from sslc_export.checkpoint import load_checkpoint, read_block
 from sslc_export.compress import CompressJob, compress
 from sslc_export.errors import UserError
@@ -105,8 +105,8 @@ def test_optimum_loads_and_generates_like_pytorch(tiny_model, tmp_path):
 
 
 def test_onnxruntime_genai_runs_the_folder_unmodified(tiny_model, tmp_path):
-    from runtimes.genai import GenaiCausalLM
-    from runtimes.session import OnnxCausalLM
+    from sslc_export.runtimes.genai import GenaiCausalLM
+    from sslc_export.runtimes.session import OnnxCausalLM
 
     ckpt = checkpoint(tiny_model, tmp_path / "ckpt", Pattern())
     export_checkpoint_dir(ckpt, tmp_path / "onnx", "dense")
@@ -207,8 +207,8 @@ def test_dense_int4_baseline(tiny_llama, tmp_path):
 
 
 def test_run_generation_matches_pytorch_greedy(tiny_llama, tmp_path):
-    from runtimes.generate import generate
-    from runtimes.session import OnnxCausalLM
+    from sslc_export.runtimes.generate import generate
+    from sslc_export.runtimes.session import OnnxCausalLM
 
     ckpt = checkpoint(tiny_llama, tmp_path / "ckpt", Pattern())
     export_checkpoint_dir(ckpt, tmp_path / "onnx", "dense")
@@ -281,7 +281,7 @@ def test_bench_refuses_an_unavailable_provider(tiny_llama, tmp_path):
 def test_io_binding_path_matches_plain_run(tiny_llama, tmp_path):
     """The GPU providers keep the KV cache on the device through IO binding; the same code path,
     bound to host memory, must reproduce the plain run's logits step for step."""
-    from runtimes.session import OnnxCausalLM
+    from sslc_export.runtimes.session import OnnxCausalLM
 
     ckpt = checkpoint(tiny_llama, tmp_path / "ckpt", Pattern())
     export_checkpoint_dir(ckpt, tmp_path / "onnx", "dense")
@@ -299,7 +299,7 @@ def test_io_binding_path_matches_plain_run(tiny_llama, tmp_path):
 def test_quantization_touches_exactly_the_intended_nodes(tmp_path):
     """Untied lm_head: onnxruntime's quantizer would take every constant MatMul; ours quantizes only the
     format's own MatMuls, and the lm_head and embedding only when --lm-head asks."""
-    from models.synthetic import build_random_model
+    from sslc_export.models.synthetic import build_random_model
 
     untied = build_random_model(tmp_path / "untied", "llama", tie_word_embeddings=False)
     ckpt = checkpoint(untied, tmp_path / "ckpt", Pattern())
@@ -318,7 +318,7 @@ def test_quantization_touches_exactly_the_intended_nodes(tmp_path):
 def test_tied_lm_head_is_quantized_once_and_stays_tied(tiny_llama, tmp_path, lm_head):
     """A tied lm_head reads Transpose(embedding): --lm-head int4/int8 quantizes it once, and the embedding
     reads the head's own bytes (GatherBlockQuantized over a Reshape of MatMulNBits' weight and scales)."""
-    from runtimes.genai import GenaiCausalLM
+    from sslc_export.runtimes.genai import GenaiCausalLM
 
     folder = tmp_path / lm_head
     record = build.export_dense_model(str(tiny_llama), folder, "int4", lm_head=lm_head)
@@ -341,8 +341,8 @@ def test_sparse_folder_runs_in_optimum_and_genai(tiny_llama, tmp_path):
     """ORTModelForCausalLM with the one-line session options, and onnxruntime-genai through genai_config.json."""
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    from runtimes import kernels
-    from runtimes.genai import GenaiCausalLM
+    from sslc_export.runtimes import kernels
+    from sslc_export.runtimes.genai import GenaiCausalLM
 
     ckpt = checkpoint(tiny_llama, tmp_path / "ckpt", Pattern())
     export_checkpoint_dir(ckpt, tmp_path / "onnx", "sparse")

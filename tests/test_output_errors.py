@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from sslc_export.cli import app
 
 runner = CliRunner()
 

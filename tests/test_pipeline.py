@@ -62,7 +62,7 @@ def test_params_kept_recomputed_from_the_stored_tensors(tiny_llama, tmp_path, me
 def test_biases_and_norm_weights_are_the_source_models(tmp_path, tiny_model):
     """The synthetic models' biases and norm weights are random (not 0 and 1), so one dropped, zeroed or taken
     from the wrong layer shows here."""
-    from models.loading import load_model
+    from sslc_export.models.loading import load_model
 
     dense = load_model(str(tiny_model)).model
     source = dense.state_dict()
@@ -130,7 +130,7 @@ def test_exact_loss_and_structured_runs(tiny_llama, tmp_path):
 
 
 def test_perplexity_windows_score_every_token_once(tiny_llama):
-    from models.loading import load_model
+    from sslc_export.models.loading import load_model
 
     loaded = load_model(str(tiny_llama))
     text = "It is a truth universally acknowledged. " * 40
@@ -152,7 +152,7 @@ def test_streaming_gives_the_same_checkpoint(tiny_llama, tmp_path):
 
 
 def test_streaming_refuses_gguf(tmp_path):
-    from models.loading import default_model_path
+    from sslc_export.models.loading import default_model_path
 
     with pytest.raises(UserError, match="GGUF file"):
         compress(CompressJob(out=tmp_path / "out", model=str(default_model_path()), streaming=True))
@@ -164,7 +164,7 @@ def test_streaming_peak_memory_is_one_block_not_the_model(tmp_path):
     import subprocess
     import sys
 
-    from models.synthetic import build_random_model
+    from sslc_export.models.synthetic import build_random_model
 
     model = build_random_model(tmp_path / "model", hidden_size=768, intermediate_size=3072, num_hidden_layers=8,
                                num_attention_heads=12, num_key_value_heads=12)
@@ -172,8 +172,9 @@ def test_streaming_peak_memory_is_one_block_not_the_model(tmp_path):
     peaks = {}
     for streaming in (False, True):
         out = tmp_path / f"ckpt-{streaming}"
-        command = [sys.executable, "-m", "cli", "compress", "--model", str(model), "--method", "wanda", "--out", str(out),
-                   "--nsamples", "4", "--seqlen", "32", "--json", str(tmp_path / "m.json")] + ["--streaming"] * streaming
+        command = [sys.executable, "-m", "sslc_export.cli", "compress", "--model", str(model), "--method", "wanda",
+                   "--out", str(out), "--nsamples", "4", "--seqlen", "32",
+                   "--json", str(tmp_path / "m.json")] + ["--streaming"] * streaming
         subprocess.run(command, check=True, capture_output=True, cwd=Path(__file__).parents[1])
         peaks[streaming] = json.loads((out / "manifest.json").read_text())["peak_rss_bytes"]
     assert model_bytes > 250e6
@@ -206,7 +207,7 @@ def test_compress_on_cuda_matches_cpu_quality(tiny_llama, tmp_path):
 def test_block_walk_reproduces_the_block_forward(tiny_model, attention):
     """The walk computes each branch as h + output(captured input): it must equal the block's own forward,
     including a last calibration batch smaller than the others (the mask broadcasts)."""
-    from models.loading import load_model
+    from sslc_export.models.loading import load_model
     from sslc_export.blockwalk import walk_block
     from sslc_export.compress import _block_inputs
 

@@ -3,8 +3,8 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
-from runtimes.providers import PROVIDERS, get_provider
+from sslc_export.cli import app
+from sslc_export.runtimes.providers import PROVIDERS, get_provider
 from sslc_export.errors import UserError
 
 

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from cli import app
+from sslc_export.cli import app
 from sslc_export.budget import plan_budget
 from sslc_export.calibration import InputStatistics
 from sslc_export.checkpoint import checkpoint_grid, encode_layer, load_checkpoint, read_block, read_manifest

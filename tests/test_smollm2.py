@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models.loading import default_model_path, load_model
+from sslc_export.models.loading import default_model_path, load_model
 from sslc_export.corpus import HELDOUT_TEXTS
 from sslc_export.checkpoint import load_checkpoint
 from sslc_export.compress import CompressJob, compress

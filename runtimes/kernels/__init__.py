@@ -14,8 +14,13 @@ import onnxruntime as ort
 
 from sslc_export.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2]  # the repository, in a checkout (also an editable install)
+# A wheel carries neither the C++ sources nor the Makefile: there the library is built in a checkout and named by
+# SSLC_KERNELS_LIBRARY.
+IN_CHECKOUT = (ROOT / "runtimes" / "kernels" / "build.sh").is_file()
 BUILD_FIX = "run `make kernels` (needs g++ and cmake; see runtimes/kernels/build.sh) or set SSLC_KERNELS_LIBRARY"
+WHEEL_FIX = ("build it in a checkout of the sslc-export repository (`make kernels`, needs g++ and cmake) and set "
+             "SSLC_KERNELS_LIBRARY to its build/kernels/libsslc_kernels.so")
 
 
 def library_path() -> Path:
@@ -28,7 +33,11 @@ def availability() -> tuple[bool, str]:
     path = library_path()
     if path.is_file():
         return True, str(path)
-    return False, f"the ai.sslc kernel library {path} is missing: {BUILD_FIX}"
+    if IN_CHECKOUT:
+        return False, f"the ai.sslc kernel library {path} is missing: {BUILD_FIX}"
+    if "SSLC_KERNELS_LIBRARY" in os.environ:
+        return False, f"the ai.sslc kernel library {path} (SSLC_KERNELS_LIBRARY) is missing: {WHEEL_FIX}"
+    return False, f"the ai.sslc kernel library does not come with the installed package: {WHEEL_FIX}"
 
 
 def require() -> Path:

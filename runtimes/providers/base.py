@@ -63,7 +63,7 @@ class Provider(ABC):
             options.enable_profiling = True
             options.profile_file_prefix = str(profile_prefix)
         if custom_ops:
-            from runtimes import kernels
+            from sslc_export.runtimes import kernels
 
             if self.device_type != "cpu":
                 raise UserError(f"this export uses our {custom_ops} operators, which run on the cpu provider only")

@@ -6,7 +6,7 @@ import importlib.util
 
 import onnxruntime as ort
 
-from runtimes.providers.base import Availability, Provider
+from sslc_export.runtimes.providers.base import Availability, Provider
 
 PLUGIN_PACKAGE = "onnxruntime_ep_openvino"
 

@@ -1,4 +1,4 @@
-from runtimes.providers.base import Provider
+from sslc_export.runtimes.providers.base import Provider
 
 
 class TensorRt(Provider):

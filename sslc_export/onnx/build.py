@@ -12,9 +12,9 @@ from typing import Callable
 
 import onnx
 
-from models.loading import LoadedModel, load_model
-from runtimes import kernels
-from runtimes.session import EXPORT_MANIFEST
+from sslc_export.models.loading import LoadedModel, load_model
+from sslc_export.runtimes import kernels
+from sslc_export.runtimes.session import EXPORT_MANIFEST
 from sslc_export import __version__
 from sslc_export.atomic import check_writable_target, file_inventory, partial_path, publish_directory, write_json_atomic
 from sslc_export.checkpoint import CompressedTensors, checkpoint_grid, load_checkpoint, read_block, read_manifest

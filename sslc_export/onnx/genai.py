@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from models.architectures import Llama
+from sslc_export.models.architectures import Llama
 
 GENAI_CONFIG = "genai_config.json"
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from models.architectures import Llama
+from sslc_export.models.architectures import Llama
 from sslc_export.checkpoint import CompressedTensors
 from sslc_export.errors import UserError
 from sslc_export.onnx.formats import Format

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from models.loading import LoadedModel
-from runtimes.session import OnnxCausalLM
+from sslc_export.models.loading import LoadedModel
+from sslc_export.runtimes.session import OnnxCausalLM
 from sslc_export.checkpoint import checkpoint_grid, read_block, read_manifest
 from sslc_export.layers import SparseLowRankLinear, replace_linear
 from sslc_export.onnx.formats import get_format
