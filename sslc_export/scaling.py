@@ -130,7 +130,7 @@ def main(
         raise UserError("pass checkpoints of one compression (same model, method, settings and calibration), the first "
                         "made by 1 process")
     body = (
-        f"{first['method']} at ratio {first['ratio']} on {first['num_blocks']} blocks of {first['source_model']['source']}, "
+        f"{first['method']} at ratio {first['ratio']} on {first['num_blocks']} blocks of {Path(first['source_model']['source']).name}, "
         f"calibration {first['calibration']['nsamples']}x{first['calibration']['seqlen']}, the same compression in every "
         "row (`make results-distributed`). Peak RSS is each rank's process, in rank order.\n\n"
         + markdown_table(["processes", "devices", "threads each", "compression s (manifest)", "command wall s",
