@@ -163,32 +163,32 @@ __attribute__((always_inline)) inline void WalkRow(const RowsView& w, size_t n, 
 template <class Isa, ValueType T, size_t kRows>
 void GemvBlock(const RowsView& w, const float* in, size_t ld_in, float* out, size_t ld_out, size_t n0, size_t n1) {
   constexpr size_t kSlots = kRows == 1 ? 4 : kRows <= 4 ? 2 : 1;
-  size_t n = n0;
-  if constexpr (kRows == 1) {  // decode: 8 rows' sums reduced together (a horizontal sum per row cost ~10 %)
-    for (; n + 8 <= n1; n += 8) {
-      typename Isa::Vec sums[8];
-      for (size_t j = 0; j < 8; ++j) {
-        typename Isa::Vec acc[kSlots];
-        for (size_t s = 0; s < kSlots; ++s) acc[s] = Isa::Zero();
-        WalkRow<Isa, T, false, kSlots>(w, n + j, [&](size_t c, typename Isa::Vec v, auto slot) {
-          acc[slot] = Isa::Fma(v, Isa::Load(in + c), acc[slot]);
-        });
-        sums[j] = Isa::Add(Isa::Add(acc[0], acc[1]), Isa::Add(acc[2], acc[3]));
-      }
-      Isa::Hsum8(sums, out + n);
-    }
-  }
-  for (; n < n1; ++n) {
-    typename Isa::Vec acc[kSlots][kRows];
+  using Vec = typename Isa::Vec;
+  // Row n of W against every input row: sums[m], still a vector (its horizontal sum is the output).
+  auto row_sums = [&](size_t n, Vec (&sums)[kRows]) __attribute__((always_inline)) {
+    Vec acc[kSlots][kRows];
     for (size_t s = 0; s < kSlots; ++s)
       for (size_t m = 0; m < kRows; ++m) acc[s][m] = Isa::Zero();
-    WalkRow<Isa, T, false, kSlots>(w, n, [&](size_t c, typename Isa::Vec v, auto slot) {
+    WalkRow<Isa, T, false, kSlots>(w, n, [&](size_t c, Vec v, auto slot) {
       for (size_t m = 0; m < kRows; ++m) acc[slot][m] = Isa::Fma(v, Isa::Load(in + m * ld_in + c), acc[slot][m]);
     });
     for (size_t m = 0; m < kRows; ++m) {
-      for (size_t s = 1; s < kSlots; ++s) acc[0][m] = Isa::Add(acc[0][m], acc[s][m]);
-      out[m * ld_out + n] = Isa::Hsum(acc[0][m]);
+      sums[m] = acc[0][m];
+      for (size_t s = 1; s < kSlots; ++s) sums[m] = Isa::Add(sums[m], acc[s][m]);
     }
+  };
+  size_t n = n0;
+  if constexpr (kRows == 1) {  // decode: 8 rows' sums reduced together (a horizontal sum per row cost ~10 %)
+    for (; n + 8 <= n1; n += 8) {
+      Vec sums[8][1];
+      for (size_t j = 0; j < 8; ++j) row_sums(n + j, sums[j]);
+      Isa::Hsum8(&sums[0][0], out + n);  // [8][1]: 8 consecutive vectors
+    }
+  }
+  for (; n < n1; ++n) {
+    Vec sums[kRows];
+    row_sums(n, sums);
+    for (size_t m = 0; m < kRows; ++m) out[m * ld_out + n] = Isa::Hsum(sums[m]);
   }
 }
 
