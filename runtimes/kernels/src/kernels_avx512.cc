@@ -1,8 +1,7 @@
 // AVX-512 (F, BW, VL). The GEMM uses 512-bit registers (an 8 x 32 tile); the GEMV walks 8 lanes
-// per mask byte like AVX2 but places them with one two-source permute (vpermi2ps). Measured on
-// Zen 4 (576x576 fp32, one thread, cache-warm): 8-lane GEMV 37 us, 16-lane 45 us with a permute
-// index, 50 us with vexpandps (zmm operations are double-pumped there), and vexpandps on 8 lanes
-// 66 us.
+// per mask byte like AVX2 but places them with one two-source permute (vpermi2ps). On Zen 4, 16
+// lanes per step (with a permute index or with vexpandps) and vexpandps on 8 lanes were slower:
+// zmm operations are double-pumped there (runtimes/kernels/README.md).
 #include "kernels_impl.h"
 #include "simd256.h"
 

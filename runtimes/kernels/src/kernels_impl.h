@@ -178,7 +178,7 @@ void GemvBlock(const RowsView& w, const float* in, size_t ld_in, float* out, siz
     }
   };
   size_t n = n0;
-  if constexpr (kRows == 1) {  // decode: 8 rows' sums reduced together (a horizontal sum per row cost ~10 %)
+  if constexpr (kRows == 1) {  // decode: 8 rows' sums reduced together, not one horizontal sum per row
     for (; n + 8 <= n1; n += 8) {
       Vec sums[8][1];
       for (size_t j = 0; j < 8; ++j) row_sums(n + j, sums[j]);
