@@ -23,7 +23,8 @@ bool HasAvx512() {
 }
 
 bool HasAvx512Vnni() {
-  return __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512vnni");
+  return __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2") &&
+         __builtin_cpu_supports("avx512vnni");
 }
 
 const KernelTable& Avx512Table() { return HasAvx512Vnni() ? kAvx512Kernels : kAvx512NoVnniKernels; }
@@ -94,7 +95,7 @@ void QuantizeRows(const float* in, size_t ld_in, size_t count, size_t cols, size
 }
 
 float* ThreadScratch(Scratch slot, size_t floats) {
-  thread_local std::vector<float> buffers[4];
+  thread_local std::vector<float> buffers[5];
   std::vector<float>& buffer = buffers[static_cast<int>(slot)];
   if (buffer.size() < floats) buffer.resize(floats);
   return buffer.data();

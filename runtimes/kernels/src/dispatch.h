@@ -35,7 +35,7 @@ struct QuantGemv {
 };
 extern const QuantGemv kScalarQuantGemv;
 extern const QuantGemv kAvx2QuantGemv;
-extern const QuantGemv kAvx512VnniQuantGemv;  // needs AVX-512 VBMI2 + VNNI besides F/BW/VL
+extern const QuantGemv kAvx512VnniQuantGemv;  // needs AVX-512 VBMI, VBMI2 and VNNI besides F/BW/VL
 
 // out[j] = silu(pairs[2j]) * pairs[2j + 1] for j < count: the SwiGLU of interleaved (gate, up) rows.
 using SwiGluFn = void (*)(const float* pairs, size_t count, float* out);
@@ -76,8 +76,8 @@ void QuantizeRows(const float* in, size_t ld_in, size_t count, size_t cols, size
 // call). kCall: the calling thread's inputs for one node; kPanel: a GEMM task's dense weights.
 // Defined outside the ISA files so no std container code is compiled with AVX-512 flags and
 // then shared with the other paths by the linker.
-// kOutput: a node's products before its activation.
-enum class Scratch { kCall = 0, kPanel = 1, kQuant = 2, kOutput = 3 };
+// kOutput: a node's products before its activation. kSteps: a quantized GEMV task's per-step input terms.
+enum class Scratch { kCall = 0, kPanel = 1, kQuant = 2, kOutput = 3, kSteps = 4 };
 float* ThreadScratch(Scratch slot, size_t floats);
 
 }  // namespace sslc

@@ -1,8 +1,14 @@
-// activation_bits = 8 on AVX-512 with VBMI2 and VNNI: a step is 64 columns (one 64-bit mask
-// word), placed with one vpexpandb and multiplied with one vpdpbusd per input row. vpdpbusd
-// takes u8 x s8, so it gets |w| and q with w's sign (|w| <= 127, |q| <= 127: exact, and no
-// per-row correction sums to keep). Its own file: these flags must not leak into the kernels
-// that run on AVX-512 F/BW/VL alone.
+// activation_bits = 8 on AVX-512 with VBMI, VBMI2 and VNNI: a step is 64 columns (one 64-bit
+// mask word), placed with vpexpandb and multiplied with one vpdpbusd per input row. Its own file:
+// these flags must not leak into the kernels that run on AVX-512 F/BW/VL alone.
+//
+// Groups of 16, 32 or 64 columns (OffsetGemv): vpdpbusd takes u8 x s8, so the weights are placed
+// as w + offset (int4: the stored nibble, w + 8; int8: w + 128), lanes whose bit is 0 as the
+// offset itself (w = 0), and every dot starts from -offset * sum(q) of its lanes, computed once
+// per call for each input row: exact, and per step only the placement and one vpdpbusd per input
+// row. A step holds 64 / group_size groups; their int32 lanes are disjoint (4 columns per lane),
+// so one vpdpbusd, one conversion and one FMA with a per-lane scale serve all of them. Other
+// group sizes take the generic walk (kernels_impl.h) with |w| and q carrying w's sign.
 #include "kernels_impl.h"
 
 #include <immintrin.h>
@@ -49,8 +55,154 @@ struct Avx512VnniQuant {
   static float Sum(FAcc acc) { return _mm512_reduce_add_ps(acc); }
 };
 
+constexpr size_t kStepFloats = 32;  // per (input row, step): 16 int32 dot starts, 16 x_scales
+
+// Index for vpermps: int32 lane j belongs to group j / (16 / kGroups) of its step.
+template <size_t kGroups>
+__m512i GroupOfLane() {
+  alignas(64) int32_t index[16];
+  for (int j = 0; j < 16; ++j) index[j] = j / (16 / static_cast<int>(kGroups));
+  return _mm512_load_si512(index);
+}
+
+// The packed int4 bytes of a group of kColumns columns at p -> one value (the nibble, w + 8) per
+// byte, in order: each dword of bytes widened to a qword, vpmultishiftqb picks the nibbles.
+template <size_t kColumns>
+__m512i Nibbles(const uint8_t* p) {
+  if constexpr (kColumns == 64) {
+    const __m512i dwords = _mm512_cvtepu32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_and_si512(_mm512_multishift_epi64_epi8(_mm512_set1_epi64(0x1C1814100C080400), dwords),
+                            _mm512_set1_epi8(0x0F));
+  } else if constexpr (kColumns == 32) {
+    const __m256i dwords = _mm256_cvtepu32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm512_castsi256_si512(_mm256_and_si256(
+        _mm256_multishift_epi64_epi8(_mm256_set1_epi64x(0x1C1814100C080400), dwords), _mm256_set1_epi8(0x0F)));
+  } else {
+    const __m128i dwords = _mm_cvtepu32_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    return _mm512_castsi128_si512(
+        _mm_and_si128(_mm_multishift_epi64_epi8(_mm_set1_epi64x(0x1C1814100C080400), dwords), _mm_set1_epi8(0x0F)));
+  }
+}
+
+template <ValueType T>
+constexpr int kOffset = T == ValueType::kI4 ? 8 : 128;
+
+// The step's weights as u8 (w + offset; the offset where a bit is 0); advances p. Expanded
+// lanes beyond the source's live bytes are never read: a group has at most kColumns values.
+template <ValueType T, size_t kGroups>
+inline __m512i Place(const uint8_t*& p, uint64_t bits) {
+  if constexpr (T == ValueType::kI8) {
+    const __m512i w = _mm512_maskz_expand_epi8(bits, _mm512_loadu_si512(p));
+    p += _mm_popcnt_u64(bits);
+    return _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));
+  } else {
+    constexpr size_t kColumns = 64 / kGroups;
+    __m512i u = _mm512_set1_epi8(kOffset<T>);
+    for (size_t i = 0; i < kGroups; ++i) {  // each group's bytes start on a byte boundary
+      const uint64_t group_bits = kGroups == 1 ? bits : bits & (((uint64_t{1} << kColumns) - 1) << (i * kColumns));
+      u = _mm512_mask_expand_epi8(u, group_bits, Nibbles<kColumns>(p));
+      p += (_mm_popcnt_u64(group_bits) + 1) / 2;
+    }
+    return u;
+  }
+}
+
+// Per input row and step: the dots' starting values (-offset * sum of q over each lane's 4
+// columns) and x_scale per lane. q is zero past the matrix width and readable 64 columns on.
+template <ValueType T, size_t kGroups>
+void PrepareSteps(const QuantInput& in, size_t count, size_t steps, size_t groups, float* out) {
+  const __m512i lanes = GroupOfLane<kGroups>(), offset = _mm512_set1_epi8(static_cast<char>(kOffset<T>));
+  for (size_t m = 0; m < count; ++m)
+    for (size_t s = 0; s < steps; ++s, out += kStepFloats) {
+      const __m512i q = _mm512_loadu_si512(in.q + m * in.ld_q + s * 64);
+      const __m512i scaled = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, q);  // offset as u8: 8 or 128
+      _mm512_storeu_si512(out, _mm512_sub_epi32(_mm512_setzero_si512(), scaled));
+      const size_t g = s * kGroups, live = groups - g < kGroups ? groups - g : kGroups;
+      const __m128 x_scales = _mm_maskz_loadu_ps(static_cast<__mmask8>((1u << live) - 1), in.scales + m * in.ld_scales + g);
+      _mm512_storeu_ps(out + 16, _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(x_scales)));
+    }
+}
+
+template <ValueType T, size_t kGroups, size_t kRows>
+__attribute__((noinline)) void OffsetGemvBlock(const RowsView& w, const QuantInput& in, const float* prepared,
+                                               size_t steps, float* out, size_t ld_out, size_t n0, size_t n1) {
+  const __m512i lanes = GroupOfLane<kGroups>();
+  const size_t row_bytes = w.row_bytes, groups = w.groups;
+  // Steps with 8 mask bytes and kGroups scales inside the row: plain loads.
+  const size_t full = row_bytes / 8 < groups / kGroups ? row_bytes / 8 : groups / kGroups;
+  const int8_t* const q = in.q;
+  const size_t ld_q = in.ld_q;
+  for (size_t n = n0; n < n1; ++n) {
+    const uint8_t* mask = w.mask + n * row_bytes;
+    const uint8_t* p = w.row_values[n];
+    const float* w_scales = w.scales + n * groups;
+    __m512 acc[kRows];
+    for (size_t m = 0; m < kRows; ++m) acc[m] = _mm512_setzero_ps();
+    auto step = [&](size_t s, uint64_t bits, __m512 lane_scales) __attribute__((always_inline)) {
+      const __m512i u = Place<T, kGroups>(p, bits);
+      for (size_t m = 0; m < kRows; ++m) {
+        const float* prep = prepared + (m * steps + s) * kStepFloats;
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(prep), u, _mm512_loadu_si512(q + m * ld_q + s * 64));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(lane_scales, _mm512_loadu_ps(prep + 16)), acc[m]);
+      }
+    };
+    size_t s = 0;
+    for (; s < full; ++s) {
+      uint64_t bits;
+      memcpy(&bits, mask + s * 8, sizeof(bits));
+      if (bits == 0) continue;  // every group of the step empty: no term
+      const float* ws = w_scales + s * kGroups;
+      if constexpr (kGroups == 1) {
+        step(s, bits, _mm512_set1_ps(*ws));
+      } else {
+        const __m128 scales = kGroups == 2 ? _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(ws))) : _mm_loadu_ps(ws);
+        step(s, bits, _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(scales)));
+      }
+    }
+    const bool wide = WideMaskLoads<Avx512VnniQuant>(w, n);
+    for (; s < steps; ++s) {
+      const uint64_t bits = MaskBits<Avx512VnniQuant, 8>(mask + s * 8, row_bytes - s * 8, wide);
+      if (bits == 0) continue;
+      const size_t g = s * kGroups, live = groups - g < kGroups ? groups - g : kGroups;
+      const __m128 scales = _mm_maskz_loadu_ps(static_cast<__mmask8>((1u << live) - 1), w_scales + g);
+      step(s, bits, _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(scales)));
+    }
+    for (size_t m = 0; m < kRows; ++m) out[m * ld_out + n] = _mm512_reduce_add_ps(acc[m]);
+  }
+}
+
+template <ValueType T, size_t kGroups, size_t... kRows>
+void OffsetGemvRows(std::index_sequence<kRows...>, size_t rows, const RowsView& w, const QuantInput& in,
+                    const float* prepared, size_t steps, float* out, size_t ld_out, size_t n0, size_t n1) {
+  ((rows == kRows + 1 ? OffsetGemvBlock<T, kGroups, kRows + 1>(w, in, prepared, steps, out, ld_out, n0, n1) : void()), ...);
+}
+
+template <ValueType T, size_t kGroups>
+void OffsetGemv(const RowsView& w, const QuantInput& in, size_t count, float* out, size_t ld_out, size_t n0, size_t n1) {
+  constexpr size_t kRows = Avx512VnniQuant::kRows;
+  const size_t steps = (w.row_bytes + 7) / 8;
+  float* prepared = ThreadScratch(Scratch::kSteps, count * steps * kStepFloats);
+  PrepareSteps<T, kGroups>(in, count, steps, w.groups, prepared);
+  for (size_t m = 0; m < count; m += kRows) {
+    const size_t rows = count - m < kRows ? count - m : kRows;
+    const QuantInput block{in.q + m * in.ld_q, in.ld_q, in.scales + m * in.ld_scales, in.ld_scales};
+    OffsetGemvRows<T, kGroups>(std::make_index_sequence<kRows>{}, rows, w, block, prepared + m * steps * kStepFloats,
+                               steps, out + m * ld_out, ld_out, n0, n1);
+  }
+}
+
+template <ValueType T>
+void VnniGemv(const RowsView& w, const QuantInput& in, size_t count, float* out, size_t ld_out, size_t n0, size_t n1) {
+  switch (w.group_size) {
+    case 64: return OffsetGemv<T, 1>(w, in, count, out, ld_out, n0, n1);
+    case 32: return OffsetGemv<T, 2>(w, in, count, out, ld_out, n0, n1);
+    case 16: return OffsetGemv<T, 4>(w, in, count, out, ld_out, n0, n1);
+    default: return QuantGemvAll<Avx512VnniQuant, T>(w, in, count, out, ld_out, n0, n1);
+  }
+}
+
 }  // namespace
 
-constexpr QuantGemv kAvx512VnniQuantGemv = MakeQuantGemv<Avx512VnniQuant>();
+constexpr QuantGemv kAvx512VnniQuantGemv{{VnniGemv<ValueType::kI8>, VnniGemv<ValueType::kI4>}};
 
 }  // namespace sslc

@@ -300,8 +300,8 @@ void Gemm(const RowsView& w, const float* packed, size_t packed_cols, size_t cou
 
 // The mask bits of a step, bit i = column b*8 + i, `valid` (> 0) bytes of them. `wide`: an
 // 8-byte load from any byte of this row stays inside the mask tensor (all rows but the last
-// few); otherwise only the valid bytes are read.
-template <size_t kBytes>
+// few); otherwise only the valid bytes are read. (Isa: a template only for linkage, see above.)
+template <class Isa, size_t kBytes>
 inline uint64_t MaskBits(const uint8_t* mask, size_t valid, bool wide) {
   uint64_t bits = 0;
   if (wide) {
@@ -310,6 +310,12 @@ inline uint64_t MaskBits(const uint8_t* mask, size_t valid, bool wide) {
   }
   for (size_t i = 0; i < valid && i < kBytes; ++i) bits |= static_cast<uint64_t>(mask[i]) << (8 * i);
   return bits;
+}
+
+// Whether an 8-byte mask load from any byte of row n stays inside the mask tensor (see MaskBits).
+template <class Isa>
+inline bool WideMaskLoads(const RowsView& w, size_t n) {
+  return (w.rows - n) * w.row_bytes >= w.row_bytes + sizeof(uint64_t);
 }
 
 // Kept integers of one row, step by step: int8 values in place, int4 groups unpacked one ahead.
@@ -348,7 +354,7 @@ __attribute__((noinline)) void QuantGemvBlock(const RowsView& w, const QuantInpu
   const uint64_t group_keep = keep(group_bytes), last_keep = keep(row_bytes - (w.groups - 1) * group_bytes);
   for (size_t n = n0; n < n1; ++n) {
     const uint8_t* mask = w.mask + n * row_bytes;
-    const bool wide = (w.rows - n) * row_bytes >= row_bytes + sizeof(uint64_t);  // see MaskBits
+    const bool wide = WideMaskLoads<Isa>(w, n);
     const float* w_scales = w.scales + n * w.groups;
     Source source(w, n);
     typename Isa::FAcc acc[kRows];
@@ -385,7 +391,7 @@ __attribute__((noinline)) void QuantGemvBlock(const RowsView& w, const QuantInpu
       for (size_t m = 0; m < kRows; ++m) dot[m] = Isa::IZero();
       bool kept = false;
       for (size_t b = b0; b < b1; b += kStep) {
-        const uint64_t bits = MaskBits<kStep>(mask + b, b1 - b, wide);
+        const uint64_t bits = MaskBits<Isa, kStep>(mask + b, b1 - b, wide);
         if (bits == 0) continue;
         kept = true;
         step(dot, b, bits);
