@@ -8,8 +8,10 @@ One Linear ``y = x·Sᵀ + (x·Vᵀ)·Uᵀ`` becomes one node: ``t = x·Vᵀ`` t
 - ``values``: the kept values, row-major in kept-column order.
   bits=32: float32 ``[nnz]``. bits=8: int8 ``[nnz]``, value = q·scale, q in [-127, 127].
   bits=4: uint8 bytes, two nibbles per byte, low nibble first, nibble = q+8 with q in [-8, 7];
-  every group of ``group_size`` columns starts on a byte boundary (a group with an odd count of
-  kept values ends with a padding nibble 0), so row and group offsets follow from popcounts.
+  the values run on across groups but every *run* of ``nibble_run(group_size)`` groups (as many as
+  fill 64 columns: 4 of 16, 2 of 32; one group when groups are wider) starts on a byte boundary (a
+  run with an odd count of kept values ends with a padding nibble 0), so row and run offsets follow
+  from popcounts and a 64-column step of the kernels places its values from one run.
 - ``scales`` (bits 8 and 4): float32 ``[rows, ceil(cols/group_size)]``, symmetric, from the kept
   values of each group only (max|kept| / 127 or / 7; round to nearest).
 
@@ -241,12 +243,26 @@ def _grouped(a: np.ndarray, group_size: int) -> np.ndarray:
     return out.reshape(rows, groups, group_size)
 
 
+def nibble_run(group_size: int) -> int:
+    """Groups per byte-aligned run of int4 values: as many as fill 64 columns, at least one."""
+    return -(-64 // group_size)
+
+
 def _group_nibble_starts(grouped_keep: np.ndarray) -> tuple[np.ndarray, int]:
-    """Nibble offset of every (row, group) and the total, each group padded to an even count."""
+    """Nibble offset of every (row, group) and the total: groups follow each other within a run of
+    nibble_run groups, each run padded to an even count."""
     counts = grouped_keep.sum(axis=2)
-    padded = (counts + (counts & 1)).ravel()
-    starts = (np.cumsum(padded) - padded).reshape(counts.shape)
-    return starts, int(padded.sum())
+    rows, groups = counts.shape
+    per_run = nibble_run(grouped_keep.shape[2])
+    runs = -(-groups // per_run)
+    by_run = np.zeros((rows, runs * per_run), counts.dtype)
+    by_run[:, :groups] = counts
+    by_run = by_run.reshape(rows, runs, per_run)
+    run_counts = by_run.sum(axis=2)
+    padded = (run_counts + (run_counts & 1)).ravel()
+    run_starts = (np.cumsum(padded) - padded).reshape(rows, runs)
+    within = np.cumsum(by_run, axis=2) - by_run
+    return (run_starts[:, :, None] + within).reshape(rows, runs * per_run)[:, :groups], int(padded.sum())
 
 
 def _pack_nibbles(q: np.ndarray, grouped_keep: np.ndarray) -> np.ndarray:

@@ -34,7 +34,6 @@ constexpr ShuffleTable kShuffle{};
 struct Avx2Quant {
   static constexpr size_t kLanes = 32;
   static constexpr size_t kRows = 4;
-  static constexpr bool kPlacesNibbles = false;  // int4 groups go through the unpacking cursor
   struct Weights {
     __m256i magnitude, sign;
   };

@@ -5,10 +5,11 @@
 // Groups of 16, 32 or 64 columns (OffsetGemv): vpdpbusd takes u8 x s8, so the weights are placed
 // as w + offset (int4: the stored nibble, w + 8; int8: w + 128), lanes whose bit is 0 as the
 // offset itself (w = 0), and every dot starts from -offset * sum(q) of its lanes, computed once
-// per call for each input row: exact, and per step only the placement and one vpdpbusd per input
-// row. A step holds 64 / group_size groups; their int32 lanes are disjoint (4 columns per lane),
-// so one vpdpbusd, one conversion and one FMA with a per-lane scale serve all of them. Other
-// group sizes take the generic walk (kernels_impl.h) with |w| and q carrying w's sign.
+// per call for each input row: exact, and per step only the placement (one vpexpandb: a step is
+// one int4 run) and one vpdpbusd per input row. A step holds 64 / group_size groups; their int32
+// lanes are disjoint (4 columns per lane), so one conversion and one FMA with a per-lane scale
+// serve all of them. Other group sizes take the generic walk (kernels_impl.h) with |w| and q
+// carrying w's sign.
 #include "kernels_impl.h"
 
 #include <immintrin.h>
@@ -19,7 +20,6 @@ namespace {
 struct Avx512VnniQuant {
   static constexpr size_t kLanes = 64;
   static constexpr size_t kRows = 8;
-  static constexpr bool kPlacesNibbles = true;
   struct Weights {
     __m512i magnitude;
     __mmask64 negative;
@@ -32,15 +32,6 @@ struct Avx512VnniQuant {
     // 1.6x longer with a separate load forced.
     const __m512i w = _mm512_maskz_expand_epi8(bits, _mm512_loadu_si512(p));
     p += _mm_popcnt_u64(bits);
-    return {_mm512_abs_epi8(w), _mm512_movepi8_mask(w)};
-  }
-  // A group's (up to 32) packed bytes -> 64 values in order: each byte widened to 16 bits, its
-  // high nibble moved to the upper byte.
-  static Weights ExpandNibbles(const uint8_t*& p, uint64_t bits) {
-    const __m512i wide = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    const __m512i nibbles = _mm512_and_si512(_mm512_or_si512(wide, _mm512_slli_epi16(wide, 4)), _mm512_set1_epi8(0x0F));
-    const __m512i w = _mm512_maskz_expand_epi8(bits, _mm512_sub_epi8(nibbles, _mm512_set1_epi8(8)));
-    p += (_mm_popcnt_u64(bits) + 1) / 2;
     return {_mm512_abs_epi8(w), _mm512_movepi8_mask(w)};
   }
   static IAcc IZero() { return _mm512_setzero_si512(); }
@@ -65,44 +56,29 @@ __m512i GroupOfLane() {
   return _mm512_load_si512(index);
 }
 
-// The packed int4 bytes of a group of kColumns columns at p -> one value (the nibble, w + 8) per
-// byte, in order: each dword of bytes widened to a qword, vpmultishiftqb picks the nibbles.
-template <size_t kColumns>
-__m512i Nibbles(const uint8_t* p) {
-  if constexpr (kColumns == 64) {
-    const __m512i dwords = _mm512_cvtepu32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_and_si512(_mm512_multishift_epi64_epi8(_mm512_set1_epi64(0x1C1814100C080400), dwords),
-                            _mm512_set1_epi8(0x0F));
-  } else if constexpr (kColumns == 32) {
-    const __m256i dwords = _mm256_cvtepu32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm512_castsi256_si512(_mm256_and_si256(
-        _mm256_multishift_epi64_epi8(_mm256_set1_epi64x(0x1C1814100C080400), dwords), _mm256_set1_epi8(0x0F)));
-  } else {
-    const __m128i dwords = _mm_cvtepu32_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-    return _mm512_castsi128_si512(
-        _mm_and_si128(_mm_multishift_epi64_epi8(_mm_set1_epi64x(0x1C1814100C080400), dwords), _mm_set1_epi8(0x0F)));
-  }
+// A run's packed int4 bytes at p -> one value (the nibble, w + 8) per byte, in order: each dword of
+// bytes widened to a qword, vpmultishiftqb picks the nibbles.
+inline __m512i Nibbles(const uint8_t* p) {
+  const __m512i dwords = _mm512_cvtepu32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_and_si512(_mm512_multishift_epi64_epi8(_mm512_set1_epi64(0x1C1814100C080400), dwords),
+                          _mm512_set1_epi8(0x0F));
 }
 
 template <ValueType T>
 constexpr int kOffset = T == ValueType::kI4 ? 8 : 128;
 
-// The step's weights as u8 (w + offset; the offset where a bit is 0); advances p. Expanded
-// lanes beyond the source's live bytes are never read: a group has at most kColumns values.
-template <ValueType T, size_t kGroups>
+// The step's weights as u8 (w + offset; the offset where a bit is 0); advances p. A step is one
+// int4 run (64 columns), so its values start on a byte.
+template <ValueType T>
 inline __m512i Place(const uint8_t*& p, uint64_t bits) {
+  const size_t kept = _mm_popcnt_u64(bits);
   if constexpr (T == ValueType::kI8) {
     const __m512i w = _mm512_maskz_expand_epi8(bits, _mm512_loadu_si512(p));
-    p += _mm_popcnt_u64(bits);
+    p += kept;
     return _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));
   } else {
-    constexpr size_t kColumns = 64 / kGroups;
-    __m512i u = _mm512_set1_epi8(kOffset<T>);
-    for (size_t i = 0; i < kGroups; ++i) {  // each group's bytes start on a byte boundary
-      const uint64_t group_bits = kGroups == 1 ? bits : bits & (((uint64_t{1} << kColumns) - 1) << (i * kColumns));
-      u = _mm512_mask_expand_epi8(u, group_bits, Nibbles<kColumns>(p));
-      p += (_mm_popcnt_u64(group_bits) + 1) / 2;
-    }
+    const __m512i u = _mm512_mask_expand_epi8(_mm512_set1_epi8(kOffset<T>), bits, Nibbles(p));
+    p += (kept + 1) / 2;
     return u;
   }
 }
@@ -139,7 +115,7 @@ __attribute__((noinline)) void OffsetGemvBlock(const RowsView& w, const QuantInp
     __m512 acc[kRows];
     for (size_t m = 0; m < kRows; ++m) acc[m] = _mm512_setzero_ps();
     auto step = [&](size_t s, uint64_t bits, __m512 lane_scales) __attribute__((always_inline)) {
-      const __m512i u = Place<T, kGroups>(p, bits);
+      const __m512i u = Place<T>(p, bits);
       for (size_t m = 0; m < kRows; ++m) {
         const float* prep = prepared + (m * steps + s) * kStepFloats;
         const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(prep), u, _mm512_loadu_si512(q + m * ld_q + s * 64));
@@ -148,6 +124,10 @@ __attribute__((noinline)) void OffsetGemvBlock(const RowsView& w, const QuantInp
     };
     size_t s = 0;
     for (; s < full; ++s) {
+      // Both streams ahead of the walk (the next rows' follow this row's): faster with the weights
+      // out of cache (A/B of two builds; distances of 512 to 2048 bytes did alike).
+      _mm_prefetch(reinterpret_cast<const char*>(p) + 1024, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(mask) + s * 8 + 512, _MM_HINT_T0);
       uint64_t bits;
       memcpy(&bits, mask + s * 8, sizeof(bits));
       if (bits == 0) continue;  // every group of the step empty: no term

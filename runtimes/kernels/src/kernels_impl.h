@@ -73,29 +73,29 @@ struct Cursor<Isa, ValueType::kI8> {
   auto Next(unsigned bits) { return Isa::ExpandI8(p, bits); }
 };
 
-// int4: groups (byte-aligned) are unpacked to int8 one group ahead, into the spare of two
-// buffers, then expanded like int8 values. Unpacking just before use would make every load of
-// the group wait on the stores that wrote it (a failed store-to-load forward).
+// int4: each run of groups (byte-aligned, NibbleRunColumns) is unpacked to int8 one run ahead,
+// into the spare of two buffers, then expanded like int8 values. Unpacking just before use would
+// make every load of the run wait on the stores that wrote it (a failed store-to-load forward).
 template <class Isa>
 struct Cursor<Isa, ValueType::kI4> {
   const uint8_t* mask;
-  size_t mask_bytes, group_mask_bytes, group_bytes;
-  size_t ahead_mask = 0;    // first mask byte of the group unpacked ahead
+  size_t mask_bytes, run_mask_bytes, groups_per_run, group_in_run;
+  size_t ahead_mask = 0;    // first mask byte of the run unpacked ahead
   const uint8_t* ahead;     // its packed values
   const int8_t* p = nullptr;
   unsigned current = 0;
   int8_t unpacked[2][kMaxGroupSize + 64];  // the integer GEMV reads 64 lanes from any kept value
 
   Cursor(const uint8_t* row, const RowsView& w, size_t n)
-      : mask(w.mask + n * w.row_bytes), mask_bytes(w.row_bytes), group_mask_bytes(w.group_size / 8),
-        group_bytes(w.group_size / 2), ahead(row) {
+      : mask(w.mask + n * w.row_bytes), mask_bytes(w.row_bytes), run_mask_bytes(NibbleRunColumns(w.group_size) / 8),
+        groups_per_run(NibbleRunColumns(w.group_size) / w.group_size), group_in_run(groups_per_run - 1), ahead(row) {
     UnpackAhead();
   }
   // Out of line: its byte stores, inlined into the walk, made GCC keep the accumulators in memory.
-  // Past the row's end this reads padding only (ReadPad covers a group).
+  // Past the row's end this reads padding only (ReadPad covers a run).
   __attribute__((noinline)) void UnpackAhead() {
-    UnpackGroup<Isa>(ahead, group_bytes, unpacked[current ^ 1]);
-    const size_t end = ahead_mask + group_mask_bytes < mask_bytes ? ahead_mask + group_mask_bytes : mask_bytes;
+    UnpackGroup<Isa>(ahead, run_mask_bytes * 4, unpacked[current ^ 1]);
+    const size_t end = ahead_mask + run_mask_bytes < mask_bytes ? ahead_mask + run_mask_bytes : mask_bytes;
     size_t kept = 0, b = ahead_mask;
     for (uint64_t word; b + 8 <= end; b += 8) {
       memcpy(&word, mask + b, sizeof(word));
@@ -103,9 +103,12 @@ struct Cursor<Isa, ValueType::kI4> {
     }
     for (; b < end; ++b) kept += __builtin_popcount(mask[b]);
     ahead += (kept + 1) / 2;
-    ahead_mask += group_mask_bytes;
+    ahead_mask += run_mask_bytes;
   }
+  // Called at the start of every group: a group that starts a run switches to its unpacked copy.
   void AlignGroup() {
+    if (++group_in_run < groups_per_run) return;
+    group_in_run = 0;
     current ^= 1;
     p = unpacked[current];
     UnpackAhead();
@@ -294,9 +297,7 @@ void Gemm(const RowsView& w, const float* packed, size_t packed_cols, size_t cou
 // 8 up to 64), kRows (input rows per pass), Weights / Expand(p, bits) (the kept int8 values at
 // the cursor placed into the lanes whose bit is set, zeros elsewhere; advances p), IAcc / IZero
 // / Dot(acc, weights, q) (exact int32 dot product with kLanes activations at q), FAcc / FZero /
-// ScaleAdd(acc, dot, scale) (acc += float(dot) * scale) and Sum(acc). kPlacesNibbles: it also
-// has ExpandNibbles(p, bits), the same from a whole int4 group's packed bytes (advances p past
-// the group).
+// ScaleAdd(acc, dot, scale) (acc += float(dot) * scale) and Sum(acc).
 
 // The mask bits of a step, bit i = column b*8 + i, `valid` (> 0) bytes of them. `wide`: an
 // 8-byte load from any byte of this row stays inside the mask tensor (all rows but the last
@@ -318,23 +319,13 @@ inline bool WideMaskLoads(const RowsView& w, size_t n) {
   return (w.rows - n) * w.row_bytes >= w.row_bytes + sizeof(uint64_t);
 }
 
-// Kept integers of one row, step by step: int8 values in place, int4 groups unpacked one ahead.
+// Kept integers of one row, step by step: int8 values in place, int4 runs unpacked one ahead.
 template <class Isa, ValueType T>
 struct QuantSource {
   Cursor<Isa, T> cursor;
   QuantSource(const RowsView& w, size_t n) : cursor(w.row_values[n], w, n) {}
   void AlignGroup() { cursor.AlignGroup(); }
   typename Isa::Weights Expand(uint64_t bits) { return Isa::Expand(cursor.p, bits); }
-};
-
-// int4 groups of at most kLanes columns (one step, starting on a byte): placed straight from
-// the packed nibbles, without the unpacking round trip through memory.
-template <class Isa>
-struct NibbleSource {
-  const uint8_t* p;
-  NibbleSource(const RowsView& w, size_t n) : p(w.row_values[n]) {}
-  void AlignGroup() {}
-  typename Isa::Weights Expand(uint64_t bits) { return Isa::ExpandNibbles(p, bits); }
 };
 
 // Per output row: per group, exact integer dot products with every input row, then one scaled
@@ -418,12 +409,6 @@ void QuantGemvAll(const RowsView& w, const QuantInput& in, size_t count, float* 
     const size_t rows = count - m < Isa::kRows ? count - m : Isa::kRows;
     const QuantInput block{in.q + m * in.ld_q, in.ld_q, in.scales + m * in.ld_scales, in.ld_scales};
     float* block_out = out + m * ld_out;
-    if constexpr (T == ValueType::kI4 && Isa::kPlacesNibbles) {
-      if (one_step) {
-        QuantGemvRows<Isa, NibbleSource<Isa>, true>(all_rows, rows, w, block, block_out, ld_out, n0, n1);
-        continue;
-      }
-    }
     if (one_step)
       QuantGemvRows<Isa, QuantSource<Isa, T>, true>(all_rows, rows, w, block, block_out, ld_out, n0, n1);
     else

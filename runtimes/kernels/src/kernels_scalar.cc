@@ -64,7 +64,6 @@ struct Scalar {
 struct ScalarQuant {
   static constexpr size_t kLanes = 64;
   static constexpr size_t kRows = 4;
-  static constexpr bool kPlacesNibbles = true;
   struct Weights {
     int8_t v[kLanes];
   };
@@ -74,18 +73,6 @@ struct ScalarQuant {
   static Weights Expand(const int8_t*& p, uint64_t bits) {
     Weights r;
     for (size_t i = 0; i < kLanes; ++i) r.v[i] = (bits >> i) & 1 ? *p++ : 0;
-    return r;
-  }
-  static Weights ExpandNibbles(const uint8_t*& p, uint64_t bits) {
-    Weights r;
-    size_t kept = 0;
-    for (size_t i = 0; i < kLanes; ++i) {
-      r.v[i] = 0;
-      if (!((bits >> i) & 1)) continue;
-      r.v[i] = static_cast<int8_t>(((p[kept / 2] >> (kept % 2 * 4)) & 15) - 8);
-      ++kept;
-    }
-    p += (kept + 1) / 2;
     return r;
   }
   static IAcc IZero() { return 0; }

@@ -55,7 +55,6 @@ SparseRows::SparseRows(const char* what, ValueType type, size_t cols, size_t gro
   // Row start offsets in bytes from popcounts; stray bits past `cols` are refused.
   const auto* m = static_cast<const uint8_t*>(mask.data);
   const uint8_t stray = cols % 8 ? static_cast<uint8_t>(0xFF << (cols % 8)) : 0;
-  const size_t bytes_per_group = group_size / 8;
   std::vector<size_t> starts(rows + 1, 0);
   for (size_t n = 0; n < rows; ++n) {
     const uint8_t* row = m + n * row_bytes;
@@ -63,10 +62,10 @@ SparseRows::SparseRows(const char* what, ValueType type, size_t cols, size_t gro
       Fail(what, "mask row " + std::to_string(n) + " keeps columns past its width " + std::to_string(cols));
     size_t bytes = 0;
     if (type == ValueType::kI4) {
-      for (size_t g = 0; g < groups; ++g) {
+      const size_t run_bytes = NibbleRunColumns(group_size) / 8;  // mask bytes per run
+      for (size_t b0 = 0; b0 < row_bytes; b0 += run_bytes) {
         size_t kept = 0;
-        for (size_t b = g * bytes_per_group; b < row_bytes && b < (g + 1) * bytes_per_group; ++b)
-          kept += __builtin_popcount(row[b]);
+        for (size_t b = b0; b < row_bytes && b < b0 + run_bytes; ++b) kept += __builtin_popcount(row[b]);
         bytes += (kept + 1) / 2;
       }
     } else {
@@ -83,7 +82,7 @@ SparseRows::SparseRows(const char* what, ValueType type, size_t cols, size_t gro
   const size_t elements = type == ValueType::kF32 ? value_bytes_ / sizeof(float) : value_bytes_;
   if (values.shape.size() != 1 || values.elem_type != value_type || values.shape[0] != static_cast<int64_t>(elements))
     Fail(what, std::string("values must be 1-D ") + TypeName(value_type) + " with " + std::to_string(elements) +
-                   (type == ValueType::kI4 ? " bytes (the kept nibbles of each group, byte-aligned)"
+                   (type == ValueType::kI4 ? " bytes (the kept nibbles, each run of groups byte-aligned)"
                                            : " elements (the mask's popcount)") +
                    ", got " + TypeName(values.elem_type) + " " + ShapeString(values.shape));
 

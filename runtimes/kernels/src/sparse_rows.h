@@ -1,7 +1,7 @@
 // The "sparse rows" layout (see sslc_export/sparse_rows.py for the normative description):
-// a bit mask per row plus the kept values packed row-major, fp32, int8 or int4 (groups of
-// group_size columns start on a byte boundary), with one float scale per (row, group) when
-// quantized. This header validates untrusted tensors and builds the views the kernels walk.
+// a bit mask per row plus the kept values packed row-major, fp32, int8 or int4 (each run of
+// NibbleRunColumns(group_size) columns starts on a byte boundary), with one float scale per
+// (row, group) when quantized. This header validates untrusted tensors and builds the views the kernels walk.
 #pragma once
 
 #include <cstddef>
@@ -16,11 +16,15 @@ enum class ValueType { kF32 = 0, kI8 = 1, kI4 = 2 };
 // Largest group_size accepted: an int4 group is unpacked into a stack buffer of this size.
 constexpr size_t kMaxGroupSize = 1024;
 
+// int4 values are byte-aligned per run of whole groups: as many as fill 64 columns (one kernel
+// step), one group when groups are wider.
+inline size_t NibbleRunColumns(size_t group_size) { return (64 + group_size - 1) / group_size * group_size; }
+
 // Bytes a kernel may read past its cursor: every read of packed values stays inside
 // [row start, row end + ReadPad()), so rows close to the end of the buffer get a padded copy.
-// int4 kernels unpack a whole group (group_size / 2 bytes, in 16-byte loads) one group ahead.
+// int4 kernels unpack a whole run (its columns / 2 bytes, in 16-byte loads) one run ahead.
 inline size_t ReadPad(ValueType type, size_t group_size) {
-  return type == ValueType::kI4 ? 64 + group_size / 2 : 64;
+  return type == ValueType::kI4 ? 64 + NibbleRunColumns(group_size) / 2 : 64;
 }
 
 // What the kernels see of one matrix: plain pointers only (no std containers cross into the
