@@ -155,6 +155,19 @@ def test_matches_reference(isa: str, bits: int, case) -> None:
     assert_matches_reference(y, x, packed)
 
 
+@pytest.mark.parametrize("wide", ["0", "1"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{c[0]}k{c[1]}r{c[2]}d{c[3]}m{'x'.join(map(str, c[4]))}")
+def test_both_avx512_fp32_gemvs_match_reference(wide: str, case, monkeypatch) -> None:
+    """AVX-512 has two fp32 decode walks (8 lanes, picked on AMD; 16 lanes, picked on Intel): both are tested here."""
+    require_isa("avx512")
+    monkeypatch.setenv("SSLC_WIDE_GEMV", wide)
+    n, k, r, density, lead, group_size, empty_rows = case
+    packed = random_layer(n, k, r, density, 32, group_size, empty_rows)
+    x = np.random.default_rng(1).standard_normal((*lead, k)).astype(np.float32)
+    y = session(model_bytes(packed, x_shape=(*[None] * len(lead), k)), "avx512").run(None, {"x": x})[0]
+    assert_matches_reference(y, x, packed)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{c[0]}k{c[1]}r{c[2]}d{c[3]}m{'x'.join(map(str, c[4]))}")

@@ -54,6 +54,8 @@ extern const KernelTable kScalarKernels;
 extern const KernelTable kAvx2Kernels;
 extern const KernelTable kAvx512Kernels;
 extern const KernelTable kAvx512NoVnniKernels;
+extern const KernelTable kAvx512WideKernels;  // the same with the fp32 GEMV on 16 lanes
+extern const KernelTable kAvx512NoVnniWideKernels;
 
 // The table for this CPU, or the one $SSLC_KERNEL_ISA names (throws if unknown or unsupported).
 const KernelTable& Select();

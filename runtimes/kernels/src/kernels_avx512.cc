@@ -29,10 +29,72 @@ struct Avx512 {
   static Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 };
 
+// fp32 decode with 16 lanes per step: two mask bytes, placed with one vexpandps from the values.
+// Chosen where zmm operations run at full width (Intel, see dispatch.cc); Zen 4 splits them in two
+// and there this was slower than the 8-lane walk above (runtimes/kernels/README.md).
+template <size_t kRows>
+__attribute__((noinline)) void WideGemvBlock(const RowsView& w, const float* in, size_t ld_in, float* out,
+                                             size_t ld_out, size_t n0, size_t n1) {
+  constexpr size_t kSlots = kRows == 1 ? 4 : kRows <= 4 ? 2 : 1;  // accumulators per input row, against FMA latency
+  const size_t row_bytes = w.row_bytes;
+  for (size_t n = n0; n < n1; ++n) {
+    const uint8_t* mask = w.mask + n * row_bytes;
+    const float* p = reinterpret_cast<const float*>(w.row_values[n]);
+    __m512 acc[kSlots][kRows];
+    for (size_t s = 0; s < kSlots; ++s)
+      for (size_t m = 0; m < kRows; ++m) acc[s][m] = _mm512_setzero_ps();
+    auto step = [&](size_t slot, size_t b, unsigned bits) __attribute__((always_inline)) {
+      const __m512 v = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(bits), p);
+      p += _mm_popcnt_u32(bits);
+      for (size_t m = 0; m < kRows; ++m) acc[slot][m] = _mm512_fmadd_ps(v, _mm512_loadu_ps(in + m * ld_in + b * 8), acc[slot][m]);
+    };
+    size_t b = 0;
+    for (; b + 2 * kSlots <= row_bytes; b += 2 * kSlots) {
+      _mm_prefetch(reinterpret_cast<const char*>(p) + 4096, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(mask) + b + 1024, _MM_HINT_T0);
+      for (size_t s = 0; s < kSlots; ++s) {
+        uint16_t bits;
+        memcpy(&bits, mask + b + 2 * s, sizeof(bits));
+        if (bits) step(s, b + 2 * s, bits);
+      }
+    }
+    for (; b < row_bytes; b += 2) {
+      const unsigned bits = mask[b] | (b + 1 < row_bytes ? mask[b + 1] << 8 : 0u);
+      if (bits) step(0, b, bits);
+    }
+    for (size_t m = 0; m < kRows; ++m) {
+      __m512 sum = acc[0][m];
+      for (size_t s = 1; s < kSlots; ++s) sum = _mm512_add_ps(sum, acc[s][m]);
+      out[m * ld_out + n] = _mm512_reduce_add_ps(sum);
+    }
+  }
+}
+
+template <size_t... kRows>
+void WideGemvRows(std::index_sequence<kRows...>, size_t rows, const RowsView& w, const float* in, size_t ld_in,
+                  float* out, size_t ld_out, size_t n0, size_t n1) {
+  ((rows == kRows + 1 ? WideGemvBlock<kRows + 1>(w, in, ld_in, out, ld_out, n0, n1) : void()), ...);
+}
+
+void WideGemv(const RowsView& w, const float* in, size_t ld_in, size_t count, float* out, size_t ld_out, size_t n0,
+              size_t n1) {
+  constexpr size_t kMaxRows = Avx512Vl::kGemvRows;
+  for (size_t m = 0; m < count; m += kMaxRows)
+    WideGemvRows(std::make_index_sequence<kMaxRows>{}, count - m < kMaxRows ? count - m : kMaxRows, w,
+                 in + m * ld_in, ld_in, out + m * ld_out, ld_out, n0, n1);
+}
+
+constexpr KernelTable WithWideGemv(KernelTable table) {
+  table.gemv[static_cast<int>(ValueType::kF32)] = WideGemv;
+  return table;
+}
+
 }  // namespace
 
 constexpr KernelTable kAvx512Kernels = MakeTable<Avx512Vl, Avx512>("avx512", &kAvx512VnniQuantGemv);
 // AVX-512 F/BW/VL without VBMI2 or VNNI: the integer-activation GEMV runs on AVX2.
 constexpr KernelTable kAvx512NoVnniKernels = MakeTable<Avx512Vl, Avx512>("avx512", &kAvx2QuantGemv);
+constexpr KernelTable kAvx512WideKernels = WithWideGemv(kAvx512Kernels);
+constexpr KernelTable kAvx512NoVnniWideKernels = WithWideGemv(kAvx512NoVnniKernels);
 
 }  // namespace sslc
