@@ -29,15 +29,15 @@ bool HasAvx512Vnni() {
 
 // 16-lane fp32 GEMV on Intel cores (zmm at full width); AMD's Zen 4 runs zmm as two halves, where
 // the 8-lane walk was faster. $SSLC_WIDE_GEMV=0|1 overrides the choice.
-bool WideGemv() {
+bool PrefersWideGemv() {
   const char* forced = std::getenv("SSLC_WIDE_GEMV");
   if (forced != nullptr && *forced != '\0') return std::string(forced) != "0";
   return __builtin_cpu_is("intel");
 }
 
 const KernelTable& Avx512Table() {
-  if (HasAvx512Vnni()) return WideGemv() ? kAvx512WideKernels : kAvx512Kernels;
-  return WideGemv() ? kAvx512NoVnniWideKernels : kAvx512NoVnniKernels;
+  if (HasAvx512Vnni()) return PrefersWideGemv() ? kAvx512WideKernels : kAvx512Kernels;
+  return PrefersWideGemv() ? kAvx512NoVnniWideKernels : kAvx512NoVnniKernels;
 }
 
 }  // namespace
