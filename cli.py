@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -109,6 +110,11 @@ HELDOUT_HELP = "Held-out texts: comma-separated bundled names (prose = Alice, te
 HeldoutOption = typer.Option(None, "--heldout", "--text", help=HELDOUT_HELP)
 CalibOption = typer.Option(None, "--calib", help="Calibration: 'mix' (default: equal shares of the bundled prose, technical and code texts), "
                            "comma-separated bundled names (e.g. 'prose': Pride and Prejudice alone) or a text file/folder.")
+
+
+def _invocation(subcommand: str) -> str:
+    """The command as typed, shell-quoted (an empty option value stays visible), for a report's "Measured by"."""
+    return shlex.join(["sslc-export", subcommand, *sys.argv[2:]])
 
 
 def print_table(title: str, headers: list[str], rows: list[list]) -> None:
@@ -594,7 +600,7 @@ def bench_command(
     print_table(f"{result['machine']['cpu']}, {result['machine']['cores']} cores, {result['threads']} threads", columns(result), rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "bench.json", result)
-    command = "sslc-export bench " + " ".join(sys.argv[2:])
+    command = _invocation("bench")
     body = (f"Measured by `{command}` on {result['machine']['cpu']} ({result['machine']['cores']} cores, "
             f"{result['threads']} onnxruntime threads, onnxruntime {result['machine']['onnxruntime']}, "
             f"CPU flags {' '.join(result['machine']['cpu_flags']) or 'unknown'}, kernel path {result['machine']['kernel_isa'] or 'not built'}); "
@@ -651,7 +657,7 @@ def profile_command(
         bodies.append(f"**{title}**\n\n" + markdown_table(["operator", "nodes", "ms/step", "share"], rows))
     write_json(json_path, {"threads": threads, "rows": results})
     if report is not None:
-        command = "sslc-export profile " + " ".join(sys.argv[2:])
+        command = _invocation("profile")
         update_markdown_section(report, section, f"Measured by `{command}` (onnxruntime's profiler adds some time to every node).\n\n" + "\n".join(bodies))
 
 
@@ -758,7 +764,7 @@ def compare_command(
     print_table(f"held-out perplexity ({', '.join(texts)}; window {window})", headers, table_rows)
     import torch
 
-    command = "sslc-export compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "sslc-export compare"
+    command = _invocation("compare")
     body = (
         f"Measured by `{command}` on this machine ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads); "
         f"held-out texts {', '.join(f'`{name}`' for name in texts)}, window {window}, stride {window}; calibration {nsamples} x {seqlen} tokens "

@@ -46,3 +46,13 @@ def test_lm_head_read_from_a_foreign_graph(tmp_path: Path, op, attributes, expec
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)])
     onnx.save(helper.make_model(graph), tmp_path / "model.onnx")
     assert lm_head_in_graph(tmp_path / "model.onnx") == expected
+
+
+def test_measured_by_line_keeps_empty_option_values(monkeypatch) -> None:
+    """The reports quote the command as typed: an empty value (`--extra-losses ""`) must stay visible."""
+    import sys
+
+    from sslc_export import cli
+
+    monkeypatch.setattr(sys, "argv", ["sslc-export", "compare", "--extra-losses", "", "--ratios", "0.5"])
+    assert cli._invocation("compare") == "sslc-export compare --extra-losses '' --ratios 0.5"
