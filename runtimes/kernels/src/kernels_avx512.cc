@@ -70,18 +70,11 @@ __attribute__((noinline)) void WideGemvBlock(const RowsView& w, const float* in,
   }
 }
 
-template <size_t... kRows>
-void WideGemvRows(std::index_sequence<kRows...>, size_t rows, const RowsView& w, const float* in, size_t ld_in,
-                  float* out, size_t ld_out, size_t n0, size_t n1) {
-  ((rows == kRows + 1 ? WideGemvBlock<kRows + 1>(w, in, ld_in, out, ld_out, n0, n1) : void()), ...);
-}
-
 void WideGemv(const RowsView& w, const float* in, size_t ld_in, size_t count, float* out, size_t ld_out, size_t n0,
               size_t n1) {
-  constexpr size_t kMaxRows = Avx512Vl::kGemvRows;
-  for (size_t m = 0; m < count; m += kMaxRows)
-    WideGemvRows(std::make_index_sequence<kMaxRows>{}, count - m < kMaxRows ? count - m : kMaxRows, w,
-                 in + m * ld_in, ld_in, out + m * ld_out, ld_out, n0, n1);
+  ForRowBlocks<Avx512Vl::kGemvRows>(count, [&](auto rows, size_t m) {
+    WideGemvBlock<rows>(w, in + m * ld_in, ld_in, out + m * ld_out, ld_out, n0, n1);
+  });
 }
 
 constexpr KernelTable WithWideGemv(KernelTable table) {

@@ -151,24 +151,16 @@ __attribute__((noinline)) void OffsetGemvBlock(const RowsView& w, const QuantInp
   }
 }
 
-template <ValueType T, size_t kGroups, size_t... kRows>
-void OffsetGemvRows(std::index_sequence<kRows...>, size_t rows, const RowsView& w, const QuantInput& in,
-                    const float* prepared, size_t steps, float* out, size_t ld_out, size_t n0, size_t n1) {
-  ((rows == kRows + 1 ? OffsetGemvBlock<T, kGroups, kRows + 1>(w, in, prepared, steps, out, ld_out, n0, n1) : void()), ...);
-}
-
 template <ValueType T, size_t kGroups>
 void OffsetGemv(const RowsView& w, const QuantInput& in, size_t count, float* out, size_t ld_out, size_t n0, size_t n1) {
   constexpr size_t kRows = Avx512VnniQuant::kRows;
   const size_t steps = (w.row_bytes + 7) / 8;
   float* prepared = ThreadScratch(Scratch::kSteps, count * steps * kStepFloats);
   PrepareSteps<T, kGroups>(in, count, steps, w.groups, prepared);
-  for (size_t m = 0; m < count; m += kRows) {
-    const size_t rows = count - m < kRows ? count - m : kRows;
+  ForRowBlocks<kRows>(count, [&](auto rows, size_t m) {
     const QuantInput block{in.q + m * in.ld_q, in.ld_q, in.scales + m * in.ld_scales, in.ld_scales};
-    OffsetGemvRows<T, kGroups>(std::make_index_sequence<kRows>{}, rows, w, block, prepared + m * steps * kStepFloats,
-                               steps, out + m * ld_out, ld_out, n0, n1);
-  }
+    OffsetGemvBlock<T, kGroups, rows>(w, block, prepared + m * steps * kStepFloats, steps, out + m * ld_out, ld_out, n0, n1);
+  });
 }
 
 template <ValueType T>

@@ -195,22 +195,25 @@ void GemvBlock(const RowsView& w, const float* in, size_t ld_in, float* out, siz
   }
 }
 
-// GemvBlock for a run-time row count in [1, kGemvRows) (the 0 of the sequence never matches).
-template <class Isa, ValueType T, size_t... kRows>
-void GemvTail(std::index_sequence<kRows...>, size_t rows, const RowsView& w, const float* in, size_t ld_in, float* out,
-              size_t ld_out, size_t n0, size_t n1) {
-  ((rows == kRows ? GemvBlock<Isa, T, kRows == 0 ? 1 : kRows>(w, in, ld_in, out, ld_out, n0, n1) : void()), ...);
+// Calls block(std::integral_constant<size_t, rows>{}, m) for each block of up to kMaxRows input rows
+// starting at row m: the kernels get the row count as a constant for their register arrays.
+template <size_t... kRows, class F>
+inline void WithRowCount(std::index_sequence<kRows...>, size_t rows, size_t m, F& block) {
+  ((rows == kRows + 1 ? block(std::integral_constant<size_t, kRows + 1>{}, m) : void()), ...);
+}
+
+template <size_t kMaxRows, class F>
+inline void ForRowBlocks(size_t count, F&& block) {
+  for (size_t m = 0; m < count; m += kMaxRows)
+    WithRowCount(std::make_index_sequence<kMaxRows>{}, count - m < kMaxRows ? count - m : kMaxRows, m, block);
 }
 
 template <class Isa, ValueType T>
 void Gemv(const RowsView& w, const float* in, size_t ld_in, size_t count, float* out, size_t ld_out, size_t n0,
           size_t n1) {
-  constexpr size_t kMaxRows = Isa::kGemvRows;
-  size_t m = 0;
-  for (; m + kMaxRows <= count; m += kMaxRows)
-    GemvBlock<Isa, T, kMaxRows>(w, in + m * ld_in, ld_in, out + m * ld_out, ld_out, n0, n1);
-  if (m < count) GemvTail<Isa, T>(std::make_index_sequence<kMaxRows>{}, count - m, w, in + m * ld_in, ld_in,
-                                  out + m * ld_out, ld_out, n0, n1);
+  ForRowBlocks<Isa::kGemvRows>(count, [&](auto rows, size_t m) {
+    GemvBlock<Isa, T, rows>(w, in + m * ld_in, ld_in, out + m * ld_out, ld_out, n0, n1);
+  });
 }
 
 // Register tile: kGemmNR dense rows of W (row stride ld_panel) times one packed block of 2W
@@ -393,27 +396,17 @@ __attribute__((noinline)) void QuantGemvBlock(const RowsView& w, const QuantInpu
   }
 }
 
-// QuantGemvBlock for `rows` (<= Isa::kRows, a run-time count) input rows.
-template <class Isa, class Source, bool kOneStep, size_t... kRows>
-void QuantGemvRows(std::index_sequence<kRows...>, size_t rows, const RowsView& w, const QuantInput& in, float* out,
-                   size_t ld_out, size_t n0, size_t n1) {
-  ((rows == kRows + 1 ? QuantGemvBlock<Isa, Source, kRows + 1, kOneStep>(w, in, out, ld_out, n0, n1) : void()), ...);
-}
-
 template <class Isa, ValueType T>
 void QuantGemvAll(const RowsView& w, const QuantInput& in, size_t count, float* out, size_t ld_out, size_t n0,
                   size_t n1) {
-  const auto all_rows = std::make_index_sequence<Isa::kRows>{};
   const bool one_step = w.group_size <= Isa::kLanes;
-  for (size_t m = 0; m < count; m += Isa::kRows) {
-    const size_t rows = count - m < Isa::kRows ? count - m : Isa::kRows;
+  ForRowBlocks<Isa::kRows>(count, [&](auto rows, size_t m) {
     const QuantInput block{in.q + m * in.ld_q, in.ld_q, in.scales + m * in.ld_scales, in.ld_scales};
-    float* block_out = out + m * ld_out;
     if (one_step)
-      QuantGemvRows<Isa, QuantSource<Isa, T>, true>(all_rows, rows, w, block, block_out, ld_out, n0, n1);
+      QuantGemvBlock<Isa, QuantSource<Isa, T>, rows, true>(w, block, out + m * ld_out, ld_out, n0, n1);
     else
-      QuantGemvRows<Isa, QuantSource<Isa, T>, false>(all_rows, rows, w, block, block_out, ld_out, n0, n1);
-  }
+      QuantGemvBlock<Isa, QuantSource<Isa, T>, rows, false>(w, block, out + m * ld_out, ld_out, n0, n1);
+  });
 }
 
 // exp(x) for x in [-87.3, 88.3] (clamped there), Cephes' polynomial: relative error < 2e-7.
