@@ -246,7 +246,12 @@ def finetune_command(
     loss: str = typer.Option(defaults.FINETUNE_LOSS, help="distill: KL divergence to the dense model's next-token distribution; "
                              "lm: cross-entropy on the text's next tokens (no dense model needed). Why this default: docs/results.md."),
     steps: int = typer.Option(defaults.FINETUNE_STEPS, help="Optimizer steps (Adam); each sees --batch-size new windows of the text."),
-    lr: float = typer.Option(defaults.FINETUNE_LR, help="Adam's learning rate at step 0, decayed linearly to 0 at the last step."),
+    lr: float = typer.Option(defaults.FINETUNE_LR, help="Adam's learning rate for fp32 U and V, reached after a warm-up over the "
+                             "first eighth of the steps, then decayed linearly to 0."),
+    grid_lr: float = typer.Option(defaults.FINETUNE_GRID_LR, "--grid-lr", help="--bits checkpoints: U and V's learning rate in "
+                                  "grid steps (same schedule)."),
+    scale_lr: float = typer.Option(defaults.FINETUNE_SCALE_LR, "--scale-lr", help="--bits checkpoints: the learning rate of their "
+                                   "per-group scales, as a relative change per step (same schedule)."),
     seqlen: int = typer.Option(defaults.FINETUNE_SEQLEN, help="Tokens per training window."),
     batch_size: int = typer.Option(defaults.FINETUNE_BATCH, "--batch-size", help="Windows per step; time per step grows with seqlen x batch."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Training text: as compress's --calib; default: the checkpoint's own calibration choice."),
@@ -263,15 +268,16 @@ def finetune_command(
     embeddings, norms and head frozen, and write a new checkpoint that records its parent's hash and the settings.
 
     No parameter is added: the new checkpoint has the parent's shape and size and exports the same way. A
-    quantized checkpoint (compress --bits) is trained on its grid (straight-through estimator): the rounded U and
-    V are used in every forward pass and stored as integers on the parent's scales.
+    quantized checkpoint (compress --bits) is trained on its grid: U and V in grid units, rounded in every forward
+    pass (straight-through estimator), with their per-group scales trained too, and stored as integers and scales.
 
     Example: `finetune runs/sslc-0.5 --out runs/sslc-0.5-ft`, then `eval runs/sslc-0.5 runs/sslc-0.5-ft`."""
     from sslc_export.finetune import FinetuneJob, finetune
     from sslc_export.report import write_json
 
     set_threads(threads)
-    job = FinetuneJob(checkpoint=checkpoint, out=out_dir, loss=loss, steps=steps, lr=lr, seqlen=seqlen, batch_size=batch_size,
+    job = FinetuneJob(checkpoint=checkpoint, out=out_dir, loss=loss, steps=steps, lr=lr, grid_lr=grid_lr,
+                      scale_lr=scale_lr, seqlen=seqlen, batch_size=batch_size,
                       calib=calib, teacher=teacher, seed=seed, save_every=save_every, resume=resume, overwrite=overwrite)
     with progress_bar() as bar:
         task = bar.add_task("loading", total=None)

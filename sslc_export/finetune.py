@@ -6,11 +6,14 @@ every entry by about the learning rate, then changes V by percents per step.
 
 The loss is distillation to the dense model's logits (KL(teacher || student) per token) or plain
 next-token cross-entropy, on windows of the calibration text. A quantized checkpoint (compress --bits)
-trains on its grid: the forward pass sees U and V rounded to the parent's scales, the gradient passes
-the rounding unchanged (straight-through estimator) to fp32 copies, and the new checkpoint stores
-those copies rounded the same way. So the model that was trained is (up to the last step) the model
-that ships, the stored scales stay valid, and no rounding after training adds an error that nothing
-in the model (S is frozen) can absorb.
+trains on its grid: U and V are held in grid units (the stored integers to start with) and each (row,
+group) scale is trained as a log; the forward pass rounds the units (the gradient passes the rounding
+unchanged: straight-through estimator) and multiplies by the scales. Adam moves every entry by about its
+learning rate, so the units' rate is in grid steps (--grid-lr) and the scales' is a relative change
+(--scale-lr): with the fp32 rate on the fp32 latent, 64 steps never moved an entry across a rounding
+boundary. The new checkpoint stores the integers and scales of the last forward pass, so the model that
+was trained is (up to the last step) the model that ships, and no rounding after training adds an error
+that nothing in the model (S is frozen) can absorb.
 
 While it runs the output is `.NAME.partial`, holding the step, the optimizer and the trained
 factors for --resume; batches and learning rate depend only on the step, so a resumed run ends
@@ -55,6 +58,8 @@ class FinetuneJob:
     loss: str = defaults.FINETUNE_LOSS
     steps: int = defaults.FINETUNE_STEPS
     lr: float = defaults.FINETUNE_LR
+    grid_lr: float = defaults.FINETUNE_GRID_LR  # quantized U, V: grid steps per step
+    scale_lr: float = defaults.FINETUNE_SCALE_LR  # their log scales
     seqlen: int = defaults.FINETUNE_SEQLEN
     batch_size: int = defaults.FINETUNE_BATCH
     calib: str | None = None  # None: the parent's calibration choice
@@ -65,20 +70,30 @@ class FinetuneJob:
     overwrite: bool = False
 
 
-class StraightThrough(nn.Module):
-    """A factor rounded to fixed per-(row, group) scales in the forward pass; identity in the backward pass."""
+class OnGrid(nn.Module):
+    """Parametrization of a quantized factor: the original is the factor in grid units; forward rounds it
+    (straight-through) and multiplies each (row, group) by its scale, itself trained through its log."""
 
     def __init__(self, grid: Grid, scales: torch.Tensor, cols: int):
         super().__init__()
         self.grid = grid
-        self.register_buffer("scale", grid.expand(scales, cols).clone())
+        self.cols = cols
+        self.register_buffer("live", scales > 0)  # an all-zero group stays zero
+        self.log_scale = nn.Parameter(torch.log(torch.where(self.live, scales, torch.ones_like(scales))))
 
-    def integers(self, latent: torch.Tensor) -> torch.Tensor:
-        safe = torch.where(self.scale > 0, self.scale, torch.ones_like(self.scale))
-        return torch.clamp(torch.round(latent / safe), self.grid.qmin, self.grid.qmax) * (self.scale > 0)
+    def scales(self) -> torch.Tensor:
+        return torch.exp(self.log_scale) * self.live
 
-    def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return latent + (self.integers(latent) * self.scale - latent).detach()
+    def integers(self, units: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.round(units), self.grid.qmin, self.grid.qmax) * self.grid.expand(self.live, self.cols)
+
+    def forward(self, units: torch.Tensor) -> torch.Tensor:
+        rounded = units + (self.integers(units) - units).detach()
+        return rounded * self.grid.expand(self.scales(), self.cols)
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        """The stored dequantized factor back to grid units (its integers, exactly)."""
+        return torch.round(value / self.grid.expand(torch.exp(self.log_scale.detach()), self.cols))
 
 
 def check_job(job: FinetuneJob) -> None:
@@ -87,8 +102,9 @@ def check_job(job: FinetuneJob) -> None:
         raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got '{job.loss}'")
     if job.steps < 1 or job.batch_size < 1 or job.save_every < 1:
         raise UserError(f"--steps, --batch-size and --save-every must be >= 1, got {job.steps}, {job.batch_size}, {job.save_every}")
-    if not (job.lr > 0 and math.isfinite(job.lr)):
-        raise UserError(f"--lr must be a positive number, got {job.lr}")
+    for flag, value in (("--lr", job.lr), ("--grid-lr", job.grid_lr), ("--scale-lr", job.scale_lr)):
+        if not (value > 0 and math.isfinite(value)):
+            raise UserError(f"{flag} must be a positive number, got {value}")
     if job.seqlen < 2:
         raise UserError(f"--seqlen must be >= 2, got {job.seqlen}")
     if job.out.resolve() == job.checkpoint.resolve():
@@ -110,25 +126,27 @@ def finetune(job: FinetuneJob, progress: ProgressCallback | None = None) -> dict
     grid = checkpoint_grid(manifest)
     layers = {index: read_block(job.checkpoint, index, grid) for index in range(manifest["num_blocks"])}
     trainable = _make_trainable(student.model, layers, grid)
-    if not trainable:
+    if not any(trainable.values()):
         raise UserError(f"{job.checkpoint} has no low-rank factors (rank 0 everywhere): nothing to fine-tune")
     teacher = _teacher(job, manifest) if job.loss == "distill" else None
     tokens = calibration.tokens(student.tokenizer, job.steps * job.batch_size, job.seqlen, job.seed)
     order = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(job.seed))  # domains mixed in every batch
     tokens = tokens[order]
 
-    record = {"parent": {"path": str(job.checkpoint), "manifest_sha256": parent_hash}, "settings": _settings(job),
+    record = {"parent": {"path": str(job.checkpoint), "manifest_sha256": parent_hash}, "settings": _settings(job, grid is not None),
               "calibration": calibration.record(job.steps * job.batch_size),
               "teacher": None if teacher is None else teacher.identity,
-              "quantized_factors": None if grid is None else "straight-through: trained on the parent's grid and scales"}
-    optimizer = torch.optim.Adam(trainable.values(), lr=job.lr)
+              "quantized_factors": None if grid is None else "trained in grid units (straight-through) with trained scales"}
+    rates = {"factors": job.lr if grid is None else job.grid_lr, "scales": job.scale_lr}
+    optimizer = torch.optim.Adam([{"params": list(params.values()), "name": kind, "base_lr": rates[kind]}
+                                  for kind, params in trainable.items() if params])
     state = _State(partial_path(job.out), record, job.resume)
     step, losses = state.load(trainable, optimizer)
     student.model.eval()  # no dropout: a step is a function of its batch
     try:
         while step < job.steps:
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(job, step)
+                group["lr"] = group["base_lr"] * schedule(job, step)
             batch = tokens[step * job.batch_size : (step + 1) * job.batch_size]
             loss = _loss(job.loss, student.model, teacher, batch)
             optimizer.zero_grad(set_to_none=True)
@@ -148,9 +166,11 @@ def finetune(job: FinetuneJob, progress: ProgressCallback | None = None) -> dict
     return _write(job, state.work, manifest, layers, student, grid, record)
 
 
-def _settings(job: FinetuneJob) -> dict:
-    """What the record keeps of a job (its calibration resolved): with the parent's hash, what makes two runs the same."""
-    return {key: value for key, value in asdict(job).items() if key not in ("checkpoint", "out", "resume", "overwrite")}
+def _settings(job: FinetuneJob, on_grid: bool) -> dict:
+    """What the record keeps of a job (its calibration resolved): with the parent's hash, what makes two runs the same.
+    Only the learning rates that act on the parent (fp32: --lr; on a grid: --grid-lr, --scale-lr)."""
+    unused = ("lr",) if on_grid else ("grid_lr", "scale_lr")
+    return {key: value for key, value in asdict(job).items() if key not in ("checkpoint", "out", "resume", "overwrite", *unused)}
 
 
 def finished(job: FinetuneJob) -> dict | None:
@@ -162,24 +182,27 @@ def finished(job: FinetuneJob) -> dict | None:
     manifest = json.loads(path.read_text())
     record = manifest.get("finetune") or {}
     parent = json.loads((job.checkpoint / MANIFEST).read_text())
-    expected = _settings(replace(job, calib=job.calib or parent["calibration"]["source"]))
+    expected = _settings(replace(job, calib=job.calib or parent["calibration"]["source"]), checkpoint_grid(parent) is not None)
     if record.get("parent", {}).get("manifest_sha256") != sha256_file(job.checkpoint / MANIFEST) or record.get("settings") != expected:
         return None
     return manifest
 
 
-def learning_rate(job: FinetuneJob, step: int) -> float:
-    """Linear warm-up over the first eighth of the steps (Adam's first steps move every entry by about lr, whatever
-    its gradient's size), then linear decay to 0; a function of the step alone, so --resume repeats it."""
+def schedule(job: FinetuneJob, step: int) -> float:
+    """The learning rates' factor: linear warm-up over the first eighth of the steps (Adam's first steps move every
+    entry by about lr, whatever its gradient's size), then linear decay to 0; a function of the step alone, so
+    --resume repeats it."""
     warmup = max(1, job.steps // 8)
-    return job.lr * min((step + 1) / warmup, (job.steps - step) / (job.steps - warmup + 1))
+    return min((step + 1) / warmup, (job.steps - step) / (job.steps - warmup + 1))
 
 
-def _make_trainable(model: nn.Module, layers: dict[int, dict[str, CompressedTensors]], grid: Grid | None) -> dict[str, nn.Parameter]:
-    """Freeze everything, then open U and V (behind the straight-through rounding on a grid); name -> trained tensor."""
+def _make_trainable(model: nn.Module, layers: dict[int, dict[str, CompressedTensors]],
+                    grid: Grid | None) -> dict[str, dict[str, nn.Parameter]]:
+    """Freeze everything, then open U and V (in grid units behind the rounding, with their scales, on a grid):
+    {"factors": name -> tensor, "scales": name -> log scales (empty in fp32)}."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    trainable = {}
+    trainable: dict[str, dict[str, nn.Parameter]] = {"factors": {}, "scales": {}}
     for block in layers.values():
         for name, layer in block.items():
             module = model.get_submodule(name)
@@ -193,12 +216,15 @@ def _make_trainable(model: nn.Module, layers: dict[int, dict[str, CompressedTens
             for part in ("u", "v"):
                 if grid is not None:
                     factor = getattr(layer.quantized, part)
-                    parametrize.register_parametrization(module, part, StraightThrough(grid, factor.scales, factor.q.shape[1]))
+                    parametrize.register_parametrization(module, part, OnGrid(grid, factor.scales, factor.q.shape[1]))
                     parameter = module.parametrizations[part].original
+                    trainable["scales"][f"{name}.{part}.log_scale"] = module.parametrizations[part][0].log_scale
                 else:
                     parameter = getattr(module, part)
-                parameter.requires_grad_(True)
-                trainable[f"{name}.{part}"] = parameter
+                trainable["factors"][f"{name}.{part}"] = parameter
+    for params in trainable.values():
+        for parameter in params.values():
+            parameter.requires_grad_(True)
     return trainable
 
 
@@ -224,6 +250,10 @@ def _loss(kind: str, model: nn.Module, teacher: LoadedModel | None, batch: torch
     return F.kl_div(F.log_softmax(logits.flatten(0, 1), dim=-1), target, log_target=True, reduction="batchmean")
 
 
+def _named(trainable: dict[str, dict[str, nn.Parameter]]) -> dict[str, nn.Parameter]:
+    return {name: parameter for params in trainable.values() for name, parameter in params.items()}
+
+
 class _State:
     """The `.NAME.partial` folder of a run: what --resume needs, and a record that refuses other settings."""
 
@@ -245,20 +275,20 @@ class _State:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
 
-    def load(self, trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
+    def load(self, trainable: dict[str, dict[str, nn.Parameter]], optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
         if self.step == 0:
             return 0, []
         saved = torch.load(self.work / STATE, weights_only=True)
         with torch.no_grad():
-            for name, parameter in trainable.items():
+            for name, parameter in _named(trainable).items():
                 parameter.copy_(saved["factors"][name])
         optimizer.load_state_dict(saved["optimizer"])
         self.seconds_before = saved["seconds"]
         return self.step, list(saved["losses"])
 
-    def save(self, step: int, losses: list[float], trainable: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+    def save(self, step: int, losses: list[float], trainable: dict[str, dict[str, nn.Parameter]], optimizer: torch.optim.Optimizer) -> None:
         """The tensors first, then the progress record that points at them."""
-        state = {"factors": {name: p.detach().clone() for name, p in trainable.items()}, "optimizer": optimizer.state_dict(),
+        state = {"factors": {name: p.detach().clone() for name, p in _named(trainable).items()}, "optimizer": optimizer.state_dict(),
                  "losses": losses, "seconds": self.seconds_before + time.perf_counter() - self.started}
         write_file_atomic(self.work / STATE, lambda tmp: torch.save(state, tmp))
         write_json_atomic(self.work / PROGRESS, {"fingerprint": self.fingerprint, "step": step})
@@ -299,7 +329,8 @@ def _trained(module: SparseLowRankLinear, layer: CompressedTensors, grid: Grid |
     factors = {}
     for part in ("u", "v"):
         rounding = module.parametrizations[part][0]
-        latent = module.parametrizations[part].original.detach()
-        factors[part] = Quantized(rounding.integers(latent).to(torch.int8), getattr(layer.quantized, part).scales)
+        with torch.no_grad():
+            units = module.parametrizations[part].original
+            factors[part] = Quantized(rounding.integers(units).to(torch.int8), rounding.scales().float().clone())
     quantized = QuantizedFactors(grid, layer.quantized.sparse, factors["u"], factors["v"])
     return replace(layer, u=factors["u"].dequantize(grid), v=factors["v"].dequantize(grid), quantized=quantized)
