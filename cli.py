@@ -252,6 +252,8 @@ def finetune_command(
                                   "grid steps (same schedule)."),
     scale_lr: float = typer.Option(defaults.FINETUNE_SCALE_LR, "--scale-lr", help="--bits checkpoints: the learning rate of their "
                                    "per-group scales, as a relative change per step (same schedule)."),
+    sparse_scales: bool = typer.Option(False, "--sparse-scales", help="--bits checkpoints: train S's per-group scales too "
+                                       "(at --scale-lr; its integers and mask stay frozen, no parameter is added)."),
     seqlen: int = typer.Option(defaults.FINETUNE_SEQLEN, help="Tokens per training window."),
     batch_size: int = typer.Option(defaults.FINETUNE_BATCH, "--batch-size", help="Windows per step; time per step grows with seqlen x batch."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Training text: as compress's --calib; default: the checkpoint's own calibration choice."),
@@ -277,7 +279,7 @@ def finetune_command(
 
     set_threads(threads)
     job = FinetuneJob(checkpoint=checkpoint, out=out_dir, loss=loss, steps=steps, lr=lr, grid_lr=grid_lr,
-                      scale_lr=scale_lr, seqlen=seqlen, batch_size=batch_size,
+                      scale_lr=scale_lr, sparse_scales=sparse_scales, seqlen=seqlen, batch_size=batch_size,
                       calib=calib, teacher=teacher, seed=seed, save_every=save_every, resume=resume, overwrite=overwrite)
     with progress_bar() as bar:
         task = bar.add_task("loading", total=None)

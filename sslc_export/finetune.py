@@ -60,6 +60,7 @@ class FinetuneJob:
     lr: float = defaults.FINETUNE_LR
     grid_lr: float = defaults.FINETUNE_GRID_LR  # quantized U, V: grid steps per step
     scale_lr: float = defaults.FINETUNE_SCALE_LR  # their log scales
+    sparse_scales: bool = False  # on a grid: S's per-group scales trained too (its integers and mask stay frozen)
     seqlen: int = defaults.FINETUNE_SEQLEN
     batch_size: int = defaults.FINETUNE_BATCH
     calib: str | None = None  # None: the parent's calibration choice
@@ -96,6 +97,23 @@ class OnGrid(nn.Module):
         return torch.round(value / self.grid.expand(torch.exp(self.log_scale.detach()), self.cols))
 
 
+class Rescaled(nn.Module):
+    """Parametrization of a quantized S: each (row, group) of its stored values times a trained factor (as a log),
+    so S's integers and mask stay as they are and only its scales move."""
+
+    def __init__(self, grid: Grid, groups: int, rows: int, cols: int):
+        super().__init__()
+        self.grid = grid
+        self.cols = cols
+        self.log_factor = nn.Parameter(torch.zeros(rows, groups))
+
+    def factors(self) -> torch.Tensor:
+        return torch.exp(self.log_factor)
+
+    def forward(self, sparse: torch.Tensor) -> torch.Tensor:
+        return sparse * self.grid.expand(self.factors(), self.cols)
+
+
 def check_job(job: FinetuneJob) -> None:
     """Every flag checked before the models are loaded."""
     if job.loss not in LOSSES:
@@ -125,7 +143,9 @@ def finetune(job: FinetuneJob, progress: ProgressCallback | None = None) -> dict
         check_writable_target(job.out, job.overwrite)
     grid = checkpoint_grid(manifest)
     layers = {index: read_block(job.checkpoint, index, grid) for index in range(manifest["num_blocks"])}
-    trainable = _make_trainable(student.model, layers, grid)
+    if job.sparse_scales and grid is None:
+        raise UserError(f"--sparse-scales needs a quantized checkpoint (compress --bits 8|4); {job.checkpoint} is fp32")
+    trainable = _make_trainable(student.model, layers, grid, job.sparse_scales)
     if not any(trainable.values()):
         raise UserError(f"{job.checkpoint} has no low-rank factors (rank 0 everywhere): nothing to fine-tune")
     teacher = _teacher(job, manifest) if job.loss == "distill" else None
@@ -136,7 +156,8 @@ def finetune(job: FinetuneJob, progress: ProgressCallback | None = None) -> dict
     record = {"parent": {"path": str(job.checkpoint), "manifest_sha256": parent_hash}, "settings": _settings(job, grid is not None),
               "calibration": calibration.record(job.steps * job.batch_size),
               "teacher": None if teacher is None else teacher.identity,
-              "quantized_factors": None if grid is None else "trained in grid units (straight-through) with trained scales"}
+              "quantized_factors": None if grid is None else "trained in grid units (straight-through) with trained scales"
+              + ("; S's scales trained" if job.sparse_scales else "")}
     rates = {"factors": job.lr if grid is None else job.grid_lr, "scales": job.scale_lr}
     optimizer = torch.optim.Adam([{"params": list(params.values()), "name": kind, "base_lr": rates[kind]}
                                   for kind, params in trainable.items() if params])
@@ -196,10 +217,10 @@ def schedule(job: FinetuneJob, step: int) -> float:
     return min((step + 1) / warmup, (job.steps - step) / (job.steps - warmup + 1))
 
 
-def _make_trainable(model: nn.Module, layers: dict[int, dict[str, CompressedTensors]],
-                    grid: Grid | None) -> dict[str, dict[str, nn.Parameter]]:
-    """Freeze everything, then open U and V (in grid units behind the rounding, with their scales, on a grid):
-    {"factors": name -> tensor, "scales": name -> log scales (empty in fp32)}."""
+def _make_trainable(model: nn.Module, layers: dict[int, dict[str, CompressedTensors]], grid: Grid | None,
+                    sparse_scales: bool = False) -> dict[str, dict[str, nn.Parameter]]:
+    """Freeze everything, then open U and V (in grid units behind the rounding, with their scales, on a grid; and S's
+    scales with `sparse_scales`): {"factors": name -> tensor, "scales": name -> log scales (empty in fp32)}."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     trainable: dict[str, dict[str, nn.Parameter]] = {"factors": {}, "scales": {}}
@@ -222,6 +243,10 @@ def _make_trainable(model: nn.Module, layers: dict[int, dict[str, CompressedTens
                 else:
                     parameter = getattr(module, part)
                 trainable["factors"][f"{name}.{part}"] = parameter
+            if sparse_scales:
+                sparse = layer.quantized.sparse
+                parametrize.register_parametrization(module, "sparse", Rescaled(grid, sparse.scales.shape[1], *sparse.q.shape))
+                trainable["scales"][f"{name}.sparse.log_factor"] = module.parametrizations["sparse"][0].log_factor
     for params in trainable.values():
         for parameter in params.values():
             parameter.requires_grad_(True)
@@ -332,5 +357,10 @@ def _trained(module: SparseLowRankLinear, layer: CompressedTensors, grid: Grid |
         with torch.no_grad():
             units = module.parametrizations[part].original
             factors[part] = Quantized(rounding.integers(units).to(torch.int8), rounding.scales().float().clone())
-    quantized = QuantizedFactors(grid, layer.quantized.sparse, factors["u"], factors["v"])
-    return replace(layer, u=factors["u"].dequantize(grid), v=factors["v"].dequantize(grid), quantized=quantized)
+    sparse = layer.quantized.sparse
+    if parametrize.is_parametrized(module, "sparse"):
+        with torch.no_grad():
+            sparse = Quantized(sparse.q, (sparse.scales * module.parametrizations["sparse"][0].factors()).float().clone())
+    quantized = QuantizedFactors(grid, sparse, factors["u"], factors["v"])
+    return replace(layer, u=factors["u"].dequantize(grid), v=factors["v"].dequantize(grid), sparse=sparse.dequantize(grid),
+                   quantized=quantized)

@@ -158,3 +158,21 @@ def test_fp32_factors_are_balanced_before_training(parent, tmp_path):
         u, v = after[key], after[v_key]
         assert torch.allclose(u @ v, before[key] @ before[v_key], rtol=1e-4, atol=1e-6), key
         assert torch.allclose(u.norm(dim=0), v.norm(dim=1), rtol=1e-3), key
+
+
+def test_sparse_scales_move_only_s_scales(parent, tmp_path):
+    """--sparse-scales trains S's per-group scales; its integers and mask stay the parent's bytes."""
+    if "b32" in parent.name:
+        assert_clean_failure(run_cli("finetune", parent, "--out", tmp_path / "tuned", "--sparse-scales"), tmp_path / "tuned",
+                             "--sparse-scales needs a quantized checkpoint")
+        return
+    manifest = finetune(FinetuneJob(parent, tmp_path / "tuned", sparse_scales=True, **SMALL))
+    before, after = tensors(parent), tensors(tmp_path / "tuned")
+    for key in before:
+        part = key.rsplit(".", 1)[1]
+        if part == "s_scales":
+            assert not torch.equal(before[key], after[key]), key
+        elif part not in TRAINED:
+            assert torch.equal(before[key], after[key]), key  # S's integers and mask, biases
+    child, _ = load_checkpoint(tmp_path / "tuned")  # stored scales and integers still pass the grid check
+    assert "S's scales trained" in manifest["finetune"]["quantized_factors"]
