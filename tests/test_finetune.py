@@ -14,6 +14,9 @@ from sslc_export.checkpoint import block_file, load_checkpoint, read_manifest
 from sslc_export.compress import CompressJob, compress
 from sslc_export.finetune import FinetuneJob, finetune
 from sslc_export.methods import Settings
+from sslc_export.onnx.build import export_checkpoint_dir
+from sslc_export.onnx.formats import sparse
+from sslc_export.onnx.validate import validate
 from test_cli_errors import assert_clean_failure
 
 TRAINED = ("u", "v", "u_q", "v_q", "u_scales", "v_scales")  # on a grid: U and V's integers and their scales
@@ -176,3 +179,14 @@ def test_sparse_scales_move_only_s_scales(parent, tmp_path):
             assert torch.equal(before[key], after[key]), key  # S's integers and mask, biases
     child, _ = load_checkpoint(tmp_path / "tuned")  # stored scales and integers still pass the grid check
     assert "S's scales trained" in manifest["finetune"]["quantized_factors"]
+
+
+def test_grid_finetune_exports_its_integers_and_trained_scales(parent, tmp_path, monkeypatch):
+    """The trained integers and scales (S's too) are what sparse-int4 writes: fp32 activations match at fp32 tolerance."""
+    if "b32" in parent.name:
+        pytest.skip("an fp32 child exports as its parent does")
+    finetune(FinetuneJob(parent, tmp_path / "tuned", sparse_scales=True, **SMALL))
+    monkeypatch.setattr(sparse, "ACTIVATION_BITS", 32)
+    record = export_checkpoint_dir(tmp_path / "tuned", tmp_path / "onnx", "sparse-int4")
+    report = validate(tmp_path / "onnx", load_checkpoint(tmp_path / "tuned")[0], rtol=record["rtol"], require_same_tokens=True)
+    assert record["rtol"] == 1e-5 and report.passed, report
