@@ -94,7 +94,7 @@ def variant_job(variant: Variant, base_job: CompressJob, work_dir: Path) -> Comp
     settings = method.resolve(replace(base_job.settings, loss=variant.loss, bits=variant.bits), job.pattern)
     job = replace(job, settings=settings)
     check_ratio(job.ratio, quantized=settings.grid is not None)
-    job.allocation.check(job.ratio)
+    job.allocation.check(job.ratio, job.streaming)
     method.check(job.pattern, settings)
     return job
 

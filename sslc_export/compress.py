@@ -21,6 +21,7 @@ from torch import nn
 from sslc_export.models.architectures import BlockInputs, Llama
 from sslc_export.models.loading import LoadedModel, load_model, resolve_source
 from sslc_export import __version__, defaults
+from sslc_export.sensitivity import output_weights
 from sslc_export.allocation import Allocation, LossCurve, allocate, allocation_report, measure_curve
 from sslc_export.atomic import check_writable_target
 from sslc_export.blockwalk import walk_block
@@ -113,7 +114,7 @@ def compress(job: CompressJob, progress: ProgressCallback | None = None) -> Comp
 def _compress(job: CompressJob, world: World, progress: ProgressCallback | None) -> CompressOutcome:
     method = get_method(job.method)
     check_ratio(job.ratio, quantized=job.settings.grid is not None)
-    job.allocation.check(job.ratio)
+    job.allocation.check(job.ratio, job.streaming)
     job = replace(job, settings=method.resolve(job.settings, job.pattern))
     method.check(job.pattern, job.settings)
     if job.batch_size < 1:
@@ -299,9 +300,26 @@ def _global_split(
         if loaded.streamer:  # loaded again by the compression pass
             for name in architecture.linear_names:
                 loaded.streamer.release(block.get_submodule(name))
+    if progress:
+        progress(layers_in_all, layers_in_all, "output sensitivity: one backward pass of the dense model")
+    weights = world.broadcast(lambda: _output_weights(loaded, tokens, job.batch_size, device))
+    for name, curve in curves.items():
+        curve.weight = weights[name]
     budget = math.floor((1.0 - job.ratio) * sum(m * n for m, n in (curve.shape for curve in curves.values())))
     kept = allocate(curves, budget)
     return {**allocation_report(curves, kept, budget, job.allocation), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _output_weights(loaded: LoadedModel, tokens: torch.Tensor, batch_size: int, device: torch.device) -> dict[str, float]:
+    """What each Linear's relative loss² costs the model (sslc_export/sensitivity.py), on the whole dense model."""
+    architecture = loaded.architecture
+    linears = {f"{architecture.blocks_path}.{index}.{name}": block.get_submodule(name)
+               for index, block in enumerate(architecture.blocks(loaded.model)) for name in architecture.linear_names}
+    loaded.model.to(device)
+    try:
+        return output_weights(loaded.model, linears, tokens.to(device), batch_size)
+    finally:
+        loaded.model.to("cpu")
 
 
 def _memory_limits() -> dict:

@@ -116,7 +116,7 @@ def test_global_checkpoint_records_each_layers_split(tiny_llama, tmp_path):
     assert manifest["allocation"]["budget"] == budget == sum(manifest["allocation"]["layers"].values())
     assert manifest["params_kept"] <= budget
     ratios = {layer["ratio"] for layer in manifest["layers"]}
-    assert len(ratios) > 1 and all(0.2 - 1e-6 <= ratio <= 0.7 + 1e-6 for ratio in ratios)
+    assert len(ratios) > 1 and all(0.2 - 1e-3 <= ratio <= 0.7 + 1e-3 for ratio in ratios)  # floor(keep·m·n) on small layers
     for layer in manifest["layers"]:
         assert layer["params_allowed"] == manifest["allocation"]["layers"][layer["name"]]
         assert layer["rank"] * sum(layer["shape"]) + layer["nnz"] == layer["params_kept"] <= layer["params_allowed"]
@@ -138,3 +138,35 @@ def test_resume_keeps_the_split_it_started_with(tiny_llama, tmp_path, monkeypatc
     for name in reference["files"]:
         if name.startswith("blocks/"):
             assert reference["files"][name]["sha256"] == resumed["files"][name]["sha256"], name
+
+
+def test_allocate_gives_more_to_the_layer_the_model_is_more_sensitive_to():
+    """Two layers with the same measured curve: the one whose output error costs the model more keeps more."""
+    curve = dict(shape=(M, N), kept=[1000, 2000, 3000, 4000], losses=[0.6, 0.35, 0.2, 0.1])
+    kept = allocate({"quiet": LossCurve(**curve, weight=1.0), "loud": LossCurve(**curve, weight=10.0)}, 5000)
+    assert kept["loud"] > kept["quiet"] and sum(kept.values()) == 5000
+
+
+def test_output_weights_are_zero_where_the_loss_cannot_see_the_error(tiny_llama):
+    """Block 0's attention with o_proj zeroed: q, k, v and o outputs reach nothing (or are nothing), so their
+    errors cost the loss nothing; every other Linear gets a positive weight."""
+    from sslc_export.models.loading import load_model
+    from sslc_export.sensitivity import output_weights
+
+    loaded = load_model(str(tiny_llama))
+    architecture = loaded.architecture
+    blocks = architecture.blocks(loaded.model)
+    with torch.no_grad():
+        blocks[0].get_submodule("self_attn.o_proj").weight.zero_()
+    linears = {f"{index}.{name}": block.get_submodule(name) for index, block in enumerate(blocks) for name in architecture.linear_names}
+    tokens = torch.randint(0, loaded.model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    weights = output_weights(loaded.model, linears, tokens, batch_size=2)
+    silent = {f"0.self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    assert all(weights[name] == 0 for name in silent), weights
+    assert all(weight > 0 for name, weight in weights.items() if name not in silent), weights
+    assert not any(parameter.grad is not None for parameter in loaded.model.parameters())  # nothing trained or kept
+
+
+def test_global_allocation_refuses_streaming():
+    with pytest.raises(UserError, match="--streaming"):
+        Allocation("global", 0.3, 0.8).check(RATIO, streaming=True)
