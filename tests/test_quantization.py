@@ -156,11 +156,51 @@ def test_fp32_format_of_a_quantized_checkpoint_writes_its_values(quantized_check
     assert validate(tmp_path / "onnx", load_checkpoint(quantized_checkpoint)[0], rtol=record["rtol"]).passed
 
 
-@pytest.mark.parametrize("fmt, expected", [("sparse-int8", "export it as sparse-int4"), ("joined-int4", "would round them again")])
+@pytest.mark.parametrize("fmt, expected", [("sparse-int8", "export it as dense-int4, joined-int4, sparse-int4"),
+                                           ("joined-int8", "would round them again")])
 def test_formats_that_would_round_again_are_refused(quantized_checkpoint, tmp_path, fmt, expected):
     with pytest.raises(UserError, match=expected):
         export_checkpoint_dir(quantized_checkpoint, tmp_path / "onnx", fmt)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("fmt", ["dense-int4", "joined-int4"])
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+def test_matmulnbits_formats_write_the_checkpoint_integers(quantized_checkpoint, tmp_path, monkeypatch, fmt, accuracy_level):
+    """MatMulNBits from the checkpoint's integers and scales, not from a second rounding: with fp32 activations
+    (accuracy level 0) the ONNX equals the dequantized checkpoint at fp32 tolerance; at the default level 4 only the
+    activations' int8 rounding differs."""
+    from sslc_export.onnx import quantize
+
+    monkeypatch.setattr(quantize, "ACCURACY_LEVEL", accuracy_level)
+    record = export_checkpoint_dir(quantized_checkpoint, tmp_path / "onnx", fmt)
+    assert record["quantization"]["integers_from"] and record["quantization"]["block_size"] == 32
+    import onnx
+
+    nodes = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph.node
+    assert sum(node.op_type == "MatMulNBits" for node in nodes) >= record["compressed_layers"]
+    rtol = 1e-5 if accuracy_level == 0 else record["rtol"]
+    report = validate(tmp_path / "onnx", load_checkpoint(quantized_checkpoint)[0], rtol=rtol, require_same_tokens=accuracy_level == 0)
+    assert report.passed, report
+
+
+def test_matmulnbits_packing_against_its_definition():
+    """Odd shapes: K not a multiple of the block (zero padded), values at both ends of the grid."""
+    from sslc_export.onnx.quantize import matmulnbits_weights
+
+    rng = np.random.default_rng(0)
+    for bits, block, (rows, cols) in ((4, 16, (3, 40)), (4, 32, (5, 64)), (8, 16, (2, 33))):
+        low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        q = rng.integers(low, high + 1, (rows, cols)).astype(np.int8)
+        q[0, :2] = (low, high)
+        scales = rng.random((rows, -(-cols // block))).astype(np.float32)
+        packed, flat = matmulnbits_weights(q, scales, bits, block)
+        unpacked = packed.reshape(rows, -1)
+        if bits == 4:
+            unpacked = np.stack([unpacked & 15, unpacked >> 4], axis=-1).reshape(rows, -1)
+        values = (unpacked.astype(np.int16) - (1 << (bits - 1))) * np.repeat(flat.reshape(rows, -1), block, axis=1)
+        np.testing.assert_array_equal(values[:, :cols], q * np.repeat(scales, block, axis=1)[:, :cols])
+        assert not values[:, cols:].any() and packed.shape == (rows, scales.shape[1], block * bits // 8)
 
 
 def test_ratio_zero_is_a_quantized_dense_model(tiny_llama, tmp_path, monkeypatch):
@@ -193,7 +233,7 @@ def test_bad_quantization_flags(tiny_llama, tmp_path, flags, expected):
 def test_export_cli_refuses_a_mismatched_format(quantized_checkpoint, tmp_path):
     out = tmp_path / "onnx"
     result = CliRunner().invoke(app, ["export", str(quantized_checkpoint), str(out), "--format", "sparse-int8"])
-    assert_clean_failure(result, out, "export it as sparse-int4")
+    assert_clean_failure(result, out, "sparse-int4 (its own integers)")
 
 
 def test_a_checkpoint_with_integers_off_the_grid_is_refused(quantized_checkpoint):

@@ -122,6 +122,10 @@ def export_checkpoint_dir(checkpoint: Path, out: Path, fmt: str = "dense", overw
     grid = checkpoint_grid(manifest)
     if grid is not None and record["quantization"] is not None:  # the checkpoint's integers, written as they are
         record["quantization"] = {**record["quantization"], **grid.record(), "integers_from": "the checkpoint (compress --bits)"}
+        if "block_size" in record["quantization"]:  # MatMulNBits in the checkpoint's groups; only its int8 activations round
+            record["quantization"]["block_size"] = grid.group_size
+            head = [] if lm_head == "fp32" else [MATMULNBITS_RTOL[int(lm_head.removeprefix("int"))]]
+            record["rtol"] = max([MATMULNBITS_RTOL[8], *head])
     return _build(loaded, out, transform, record, fused=graph == "fused" and chosen.layout.fusable)
 
 

@@ -35,6 +35,21 @@ def quantize_nodes(model: onnx.ModelProto, bits: int, matmuls: list[str], gather
     return quantizer.model.model
 
 
+def matmulnbits_weights(q: np.ndarray, scales: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A checkpoint's symmetric integers q ([N, K], in [-2^(bits-1), 2^(bits-1) - 1]) and scales ([N, K / block_size],
+    one per row and block of K) as MatMulNBits' B ([N, blocks, block_size·bits/8], offset by the implicit zero point
+    2^(bits-1), padded with zeros to whole blocks, two 4-bit values per byte low first) and flat scales."""
+    rows, cols = q.shape
+    blocks = -(-cols // block_size)
+    if scales.shape != (rows, blocks):
+        raise UserError(f"scales of shape {tuple(scales.shape)} do not fit a {rows}x{cols} matrix in blocks of {block_size}")
+    zero_point = 1 << (bits - 1)
+    offset = np.full((rows, blocks * block_size), zero_point, np.uint8)
+    offset[:, :cols] = q.astype(np.int16) + zero_point
+    packed = offset if bits == 8 else offset[:, 0::2] | (offset[:, 1::2] << 4)
+    return packed.reshape(rows, blocks, block_size * bits // 8), scales.astype(np.float32).reshape(-1)
+
+
 def _reads_constant(node: onnx.NodeProto, index: int, initializers: set[str]) -> bool:
     return len(node.input) > index and node.input[index] in initializers
 

@@ -78,15 +78,19 @@ def check_pairing(fmt: Format, pattern_kind: str) -> None:
 
 
 def check_checkpoint_bits(fmt: Format, manifest: dict) -> None:
-    """A quantized checkpoint exports its own integers (sparse-intB with its bits) or, in fp32 formats, the values
-    they stand for; anything that would round them a second time is refused."""
+    """A quantized checkpoint exports its own integers (sparse-, dense- or joined-intB with its bits: our operator or
+    MatMulNBits) or, in fp32 formats, the values they stand for; anything that would round them again is refused."""
     quantization = manifest.get("quantization")
     if quantization is None or fmt.bits == 32:
         return
     bits, group_size = quantization["bits"], quantization["group_size"]
-    if not fmt.layout.quantizes_itself or fmt.bits != bits:
+    if not fmt.layout.writes_integers or fmt.bits != bits:
+        writers = ", ".join(f"{layout.name}-int{bits}" for layout in LAYOUTS.values() if layout.writes_integers and bits in layout.bits)
         raise UserError(f"this checkpoint holds {bits}-bit integers from compress --bits {bits}; format {fmt.name} would round "
-                        f"them again: export it as sparse-int{bits} (its own integers) or an fp32 format (their values)")
+                        f"them again: export it as {writers} (its own integers) or an fp32 format (their values)")
+    if not fmt.layout.quantizes_itself and group_size & (group_size - 1):
+        raise UserError(f"format {fmt.name} writes MatMulNBits, whose blocks are powers of two; this checkpoint's groups are "
+                        f"{group_size} columns: export it as sparse-int{bits}, or recompress with --group-size 16, 32, 64 or 128")
     for layer in manifest["layers"]:
         cols = layer["shape"][1]
         if layer["rank"] and cols % group_size:

@@ -14,13 +14,17 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import onnx
+import torch
 from onnx import helper, numpy_helper
+
+from sslc_export.quantization import Grid, Quantized, QuantizedFactors
 
 
 if TYPE_CHECKING:
     from sslc_export.checkpoint import CompressedTensors
 
 ANY_PATTERN = ("unstructured", "nm", "structured")
+MICROSOFT_DOMAIN = "com.microsoft"
 FP32_RTOL = 1e-5
 # MatMulNBits differs from the fp32 checkpoint by construction (accuracy_level 4 also quantizes the
 # activations): these bounds only catch a broken graph; quality is judged by perplexity (`bench`).
@@ -54,6 +58,21 @@ class Subgraph:
         self.matmuls.append(f"{self.prefix}/{suffix}")
         return result
 
+    def product(self, x: str, values: torch.Tensor, integers: Quantized | None, grid: Grid | None, output: str | None,
+                suffix: str) -> str:
+        """x·valuesᵀ (values [out, in]): MatMulNBits holding a quantized checkpoint's own integers and scales when
+        `integers` is given (no second rounding), else a MatMul of the fp32 values (MatMulNBits' quantizer may take it)."""
+        if integers is None:
+            return self.matmul(x, values.T.numpy(), output, suffix)
+        from sslc_export.onnx.quantize import ACCURACY_LEVEL, matmulnbits_weights
+
+        rows, cols = integers.q.shape
+        packed, scales = matmulnbits_weights(integers.q.numpy(), integers.scales.numpy(), grid.bits, grid.group_size)
+        self.domains[MICROSOFT_DOMAIN] = 1
+        return self.op("MatMulNBits", [x, self.constant(f"{suffix}_Q{grid.bits}", packed), self.constant(f"{suffix}_scales", scales)],
+                       output, suffix, domain=MICROSOFT_DOMAIN, K=cols, N=rows, bits=grid.bits, block_size=grid.group_size,
+                       accuracy_level=ACCURACY_LEVEL)
+
 
 def factors_t(layer: CompressedTensors) -> tuple[np.ndarray, np.ndarray]:
     """(Vᵀ, Uᵀ), balanced so that quantized formats keep every rank-1 term."""
@@ -61,6 +80,11 @@ def factors_t(layer: CompressedTensors) -> tuple[np.ndarray, np.ndarray]:
 
     u, v = balance(layer.u, layer.v)
     return v.T.numpy(), u.T.numpy()
+
+
+def checkpoint_integers(layer: CompressedTensors, bits: int) -> QuantizedFactors | None:
+    """A quantized checkpoint's integers, when the format writes them (bits != 32); None: write fp32 values."""
+    return layer.quantized if bits != 32 else None
 
 
 def has_low_rank(layer: CompressedTensors) -> bool:
@@ -75,6 +99,7 @@ class Layout(ABC):
     patterns: ClassVar[tuple[str, ...]] = ANY_PATTERN  # checkpoint patterns it can express
     bits: ClassVar[tuple[int, ...]] = (32, 8, 4)
     quantizes_itself: ClassVar[bool] = False  # True: bits are applied inside build(), not by MatMulNBits
+    writes_integers: ClassVar[bool] = False  # True: a quantized checkpoint's integers are written as they are (bits = its own)
     custom_domain: ClassVar[str | None] = None  # an opset domain whose ops need our kernel library
     fusable: ClassVar[bool] = True  # the export fuses attention and norms into onnxruntime's contrib ops around it
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
-from sslc_export.onnx.formats.base import Layout, Subgraph, factors_t, has_low_rank
+from sslc_export.onnx.formats.base import Layout, Subgraph, checkpoint_integers, factors_t, has_low_rank
+from sslc_export.quantization import Quantized
 
 if TYPE_CHECKING:
     from sslc_export.checkpoint import CompressedTensors
@@ -26,6 +28,19 @@ def add_joined(graph: Subgraph, x: str, x_sparse: str, s_t: np.ndarray, layer: C
 class JoinedLayout(Layout):
     name = "joined"
     summary = "S dense, sharing one MatMul with Uᵀ: Concat[x, x·Vᵀ] @ [Sᵀ; Uᵀ]"
+    writes_integers = True
 
     def build(self, graph: Subgraph, x: str, output: str, layer: CompressedTensors, bits: int) -> None:
-        add_joined(graph, x, x, layer.sparse.T.numpy(), layer, output)
+        integers = checkpoint_integers(layer, bits)
+        if integers is None:
+            add_joined(graph, x, x, layer.sparse.T.numpy(), layer, output)
+            return
+        # [S | U] as one grid matrix: whole groups on each side (export checks that the group size divides n).
+        grid = integers.grid
+        if not has_low_rank(layer):
+            graph.product(x, layer.sparse, integers.sparse, grid, output, "S")
+            return
+        projected = graph.product(x, layer.v, integers.v, grid, None, "V")
+        joined = graph.op("Concat", [x, projected], None, "joined", axis=-1)
+        both = Quantized(torch.cat([integers.sparse.q, integers.u.q], dim=1), torch.cat([integers.sparse.scales, integers.u.scales], dim=1))
+        graph.product(joined, torch.cat([layer.sparse, layer.u], dim=1), both, grid, output, "SU")

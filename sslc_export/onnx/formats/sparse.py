@@ -63,6 +63,7 @@ class SparseLayout(Layout):
     name = "sparse"
     summary = "our operator on a bitmask-compressed S with U, V fused in (needs the kernel library)"
     quantizes_itself = True
+    writes_integers = True
     custom_domain = DOMAIN
 
     def build(self, graph: Subgraph, x: str, output: str, layer: CompressedTensors, bits: int) -> None:
