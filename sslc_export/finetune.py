@@ -118,6 +118,8 @@ def check_job(job: FinetuneJob) -> None:
     """Every flag checked before the models are loaded."""
     if job.loss not in LOSSES:
         raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got '{job.loss}'")
+    if job.teacher is not None and job.loss != "distill":
+        raise UserError(f"--teacher is only read by --loss distill (this run's loss is {job.loss})")
     if job.steps < 1 or job.batch_size < 1 or job.save_every < 1:
         raise UserError(f"--steps, --batch-size and --save-every must be >= 1, got {job.steps}, {job.batch_size}, {job.save_every}")
     for flag, value in (("--lr", job.lr), ("--grid-lr", job.grid_lr), ("--scale-lr", job.scale_lr)):

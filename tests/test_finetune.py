@@ -105,7 +105,7 @@ def test_resume_refuses_other_settings(parent, tmp_path):
 
 
 def test_manifest_names_its_parent_and_settings(parent, tmp_path):
-    manifest = finetune(FinetuneJob(parent, tmp_path / "tuned", **SMALL))
+    manifest = finetune(FinetuneJob(parent, tmp_path / "tuned", loss="distill", **SMALL))
     assert read_manifest(tmp_path / "tuned") == manifest  # every file hashed, as for compress
     record = manifest["finetune"]
     assert record["parent"]["manifest_sha256"] == sha256_file(parent / "manifest.json")
@@ -143,7 +143,10 @@ def test_bad_sources_are_one_line_and_leave_nothing(parent, tmp_path):
     assert_clean_failure(run_cli("finetune", tmp_path / "nothing", "--out", out), out, "not a complete sslc-export checkpoint")
     assert_clean_failure(run_cli("finetune", parent, "--out", parent), parent / "x", "--out must differ")
     other = build_random_model(tmp_path / "other", "llama", seed=1)
-    assert_clean_failure(run_cli("finetune", parent, "--out", out, "--teacher", other), out, "is not the model the checkpoint")
+    assert_clean_failure(run_cli("finetune", parent, "--out", out, "--loss", "distill", "--teacher", other), out,
+                         "is not the model the checkpoint")
+    assert_clean_failure(run_cli("finetune", parent, "--out", out, "--loss", "lm", "--teacher", other), out,
+                         "--teacher is only read by --loss distill")
     out.mkdir()
     result = run_cli("finetune", parent, "--out", out)
     assert result.exit_code == 2 and "already exists" in result.output
