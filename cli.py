@@ -159,7 +159,8 @@ def compress(
     streaming: bool = typer.Option(False, "--streaming", help="Hold one decoder block in memory at a time (safetensors model folders)."),
     device: str = typer.Option(defaults.DEVICE, help="Run calibration and decompositions on cpu or cuda[:N] (one block on the GPU at a time)."),
     allocation: str = typer.Option(defaults.ALLOCATION, help="uniform: every layer at --ratio; global: the same total split over layers by "
-                                   "their measured loss curves (a first pass over the dense model), within --min-keep/--max-keep."),
+                                   "their measured loss curves, each weighted by what its output error costs the model (a first "
+                                   "pass and one backward pass over the dense model; not with --streaming), within --min-keep/--max-keep."),
     min_keep: float = typer.Option(defaults.MIN_KEEP, "--min-keep", help="--allocation global: least fraction of a layer's parameters kept."),
     max_keep: float = typer.Option(defaults.MAX_KEEP, "--max-keep", help="--allocation global: largest fraction of a layer's parameters kept."),
     threads: Optional[int] = ThreadsOption,
