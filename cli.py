@@ -253,8 +253,9 @@ def finetune_command(
                                   "grid steps (same schedule)."),
     scale_lr: float = typer.Option(defaults.FINETUNE_SCALE_LR, "--scale-lr", help="--bits checkpoints: the learning rate of their "
                                    "per-group scales, as a relative change per step (same schedule)."),
-    sparse_scales: bool = typer.Option(False, "--sparse-scales", help="--bits checkpoints: train S's per-group scales too "
-                                       "(at --scale-lr; its integers and mask stay frozen, no parameter is added)."),
+    sparse_scales: Optional[bool] = typer.Option(None, "--sparse-scales/--no-sparse-scales", help="--bits checkpoints: train "
+                                                 "S's per-group scales too, at --scale-lr (its integers and mask stay frozen, no "
+                                                 "parameter is added; on by default there; why: docs/results.md)."),
     seqlen: int = typer.Option(defaults.FINETUNE_SEQLEN, help="Tokens per training window."),
     batch_size: int = typer.Option(defaults.FINETUNE_BATCH, "--batch-size", help="Windows per step; time per step grows with seqlen x batch."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Training text: as compress's --calib; default: the checkpoint's own calibration choice."),
