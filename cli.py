@@ -244,8 +244,8 @@ def print_compress_summary(manifest: dict) -> None:
 def finetune_command(
     checkpoint: Path = typer.Argument(..., help="Checkpoint folder written by `sslc-export compress` (fp32 or --bits)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="New checkpoint folder to create (same format and size as the parent)."),
-    loss: str = typer.Option(defaults.FINETUNE_LOSS, help="lm: cross-entropy on the text's next tokens; distill: KL "
-                             "divergence to the dense model's next-token distribution (loads it too). Why this default: docs/results.md."),
+    loss: str = typer.Option(defaults.FINETUNE_LOSS, help="distill: KL divergence to the dense model's next-token "
+                             "distribution (loads it too); lm: cross-entropy on the text's next tokens. Why this default: docs/results.md."),
     steps: int = typer.Option(defaults.FINETUNE_STEPS, help="Optimizer steps (Adam); each sees --batch-size new windows of the text."),
     lr: float = typer.Option(defaults.FINETUNE_LR, help="Adam's learning rate for fp32 U and V, reached after a warm-up over the "
                              "first eighth of the steps, then decayed linearly to 0."),
