@@ -4,25 +4,36 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
-from sslc_export.onnx.formats.base import Layout, Subgraph, checkpoint_integers, factors_t, has_low_rank
-from sslc_export.quantization import Quantized
+from sslc_export.lowrank import balance
+from sslc_export.onnx.formats.base import Layout, Subgraph, checkpoint_integers, has_low_rank
+from sslc_export.quantization import Quantized, QuantizedFactors
 
 if TYPE_CHECKING:
     from sslc_export.checkpoint import CompressedTensors
 
 
-def add_joined(graph: Subgraph, x: str, x_sparse: str, s_t: np.ndarray, layer: CompressedTensors, output: str) -> None:
-    """output = x_sparse·s_t + (x·Vᵀ)·Uᵀ in one MatMul on the concatenated inputs."""
+def add_joined(graph: Subgraph, x: str, x_sparse: str, sparse: torch.Tensor, layer: CompressedTensors, output: str,
+               integers: QuantizedFactors | None = None) -> None:
+    """output = x_sparse·sparseᵀ + (x·Vᵀ)·Uᵀ, the sparse side and Uᵀ in one product on the concatenated inputs.
+    With a quantized checkpoint's `integers` every product holds them as they are ([S | U] as one grid matrix:
+    whole groups on each side, since export checks that the group size divides the input width)."""
+    grid = integers.grid if integers is not None else None
     if not has_low_rank(layer):
-        graph.matmul(x_sparse, s_t, output, "S")
+        graph.product(x_sparse, sparse, integers.sparse if integers is not None else None, grid, output, "S")
         return
-    v_t, u_t = factors_t(layer)
-    projected = graph.matmul(x, v_t, None, "V")
+    if integers is None:
+        u, v = balance(layer.u, layer.v)
+        v_integers = both_integers = None
+    else:
+        u, v = layer.u, layer.v
+        v_integers = integers.v
+        both_integers = Quantized(torch.cat([integers.sparse.q, integers.u.q], dim=1),
+                                  torch.cat([integers.sparse.scales, integers.u.scales], dim=1))
+    projected = graph.product(x, v, v_integers, grid, None, "V")
     joined = graph.op("Concat", [x_sparse, projected], None, "joined", axis=-1)
-    graph.matmul(joined, np.concatenate([s_t, u_t], axis=0), output, "SU")
+    graph.product(joined, torch.cat([sparse, u], dim=1), both_integers, grid, output, "SU")
 
 
 class JoinedLayout(Layout):
@@ -31,16 +42,4 @@ class JoinedLayout(Layout):
     writes_integers = True
 
     def build(self, graph: Subgraph, x: str, output: str, layer: CompressedTensors, bits: int) -> None:
-        integers = checkpoint_integers(layer, bits)
-        if integers is None:
-            add_joined(graph, x, x, layer.sparse.T.numpy(), layer, output)
-            return
-        # [S | U] as one grid matrix: whole groups on each side (export checks that the group size divides n).
-        grid = integers.grid
-        if not has_low_rank(layer):
-            graph.product(x, layer.sparse, integers.sparse, grid, output, "S")
-            return
-        projected = graph.product(x, layer.v, integers.v, grid, None, "V")
-        joined = graph.op("Concat", [x, projected], None, "joined", axis=-1)
-        both = Quantized(torch.cat([integers.sparse.q, integers.u.q], dim=1), torch.cat([integers.sparse.scales, integers.u.scales], dim=1))
-        graph.product(joined, torch.cat([layer.sparse, layer.u], dim=1), both, grid, output, "SU")
+        add_joined(graph, x, x, layer.sparse, layer, output, checkpoint_integers(layer, bits))

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from sslc_export.errors import UserError
 from sslc_export.onnx.formats.base import Layout, Subgraph, has_low_rank
@@ -38,7 +39,7 @@ class StructuredLayout(Layout):
         sparse = layer.sparse.numpy()
         if axis == "columns":
             x_kept = graph.op("Gather", [x, graph.constant("kept_columns", kept.astype(np.int64))], None, "x_kept", axis=-1)
-            add_joined(graph, x, x_kept, sparse[:, kept].T, layer, output)
+            add_joined(graph, x, x_kept, layer.sparse[:, torch.from_numpy(kept)], layer, output)
             return
         if not has_low_rank(layer):
             raise UserError("structured rows without a low-rank part is not supported: use --pattern structured --axis columns")
