@@ -302,7 +302,7 @@ def _global_split(
                 loaded.streamer.release(block.get_submodule(name))
     if progress:
         progress(layers_in_all, layers_in_all, "output sensitivity: one backward pass of the dense model")
-    weights = world.broadcast(lambda: _output_weights(loaded, tokens, job.batch_size, device))
+    weights = world.broadcast(lambda: _output_weights(loaded, tokens, device))
     for name, curve in curves.items():
         curve.weight = weights[name]
     budget = math.floor((1.0 - job.ratio) * sum(m * n for m, n in (curve.shape for curve in curves.values())))
@@ -310,14 +310,14 @@ def _global_split(
     return {**allocation_report(curves, kept, budget, job.allocation), "seconds": round(time.perf_counter() - started, 1)}
 
 
-def _output_weights(loaded: LoadedModel, tokens: torch.Tensor, batch_size: int, device: torch.device) -> dict[str, float]:
+def _output_weights(loaded: LoadedModel, tokens: torch.Tensor, device: torch.device) -> dict[str, float]:
     """What each Linear's relative loss² costs the model (sslc_export/sensitivity.py), on the whole dense model."""
     architecture = loaded.architecture
     linears = {f"{architecture.blocks_path}.{index}.{name}": block.get_submodule(name)
                for index, block in enumerate(architecture.blocks(loaded.model)) for name in architecture.linear_names}
     loaded.model.to(device)
     try:
-        return output_weights(loaded.model, linears, tokens.to(device), batch_size)
+        return output_weights(loaded.model, linears, tokens.to(device))
     finally:
         loaded.model.to("cpu")
 

@@ -160,11 +160,39 @@ def test_output_weights_are_zero_where_the_loss_cannot_see_the_error(tiny_llama)
         blocks[0].get_submodule("self_attn.o_proj").weight.zero_()
     linears = {f"{index}.{name}": block.get_submodule(name) for index, block in enumerate(blocks) for name in architecture.linear_names}
     tokens = torch.randint(0, loaded.model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
-    weights = output_weights(loaded.model, linears, tokens, batch_size=2)
+    weights = output_weights(loaded.model, linears, tokens)
     silent = {f"0.self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
     assert all(weights[name] == 0 for name in silent), weights
     assert all(weight > 0 for name, weight in weights.items() if name not in silent), weights
     assert not any(parameter.grad is not None for parameter in loaded.model.parameters())  # nothing trained or kept
+
+
+def test_output_weights_leave_no_autograd_graph_behind(tiny_llama):
+    """With the garbage collector off, nothing of the backward passes survives them: a gradient hook that held its
+    output tensor made reference cycles that kept every sequence's graph alive (GBs on SmolLM2)."""
+    import gc
+
+    from sslc_export.models.loading import load_model
+    from sslc_export.sensitivity import output_weights
+
+    loaded = load_model(str(tiny_llama))
+    blocks = loaded.architecture.blocks(loaded.model)
+    linears = {f"{index}.{name}": block.get_submodule(name) for index, block in enumerate(blocks)
+               for name in loaded.architecture.linear_names}
+    tokens = torch.randint(0, loaded.model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+
+    def tensors() -> int:
+        return sum(isinstance(obj, torch.Tensor) for obj in gc.get_objects())
+
+    gc.collect()
+    gc.disable()
+    try:
+        before = tensors()
+        output_weights(loaded.model, linears, tokens)
+        left = tensors() - before
+    finally:
+        gc.enable()
+    assert left == 0, f"{left} tensors kept alive by reference cycles"
 
 
 def test_global_allocation_refuses_streaming():
