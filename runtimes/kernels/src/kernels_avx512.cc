@@ -48,15 +48,23 @@ __attribute__((noinline)) void WideGemvBlock(const RowsView& w, const float* in,
       p += _mm_popcnt_u32(bits);
       for (size_t m = 0; m < kRows; ++m) acc[slot][m] = _mm512_fmadd_ps(v, _mm512_loadu_ps(in + m * ld_in + b * 8), acc[slot][m]);
     };
+    // Eight mask bytes (four steps) per pass: each step's offset comes from a popcount of the word's lower
+    // bits, so the only serial chain is one popcount per four steps (not one per step).
     size_t b = 0;
-    for (; b + 2 * kSlots <= row_bytes; b += 2 * kSlots) {
+    for (; b + 8 <= row_bytes; b += 8) {
       _mm_prefetch(reinterpret_cast<const char*>(p) + 4096, _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(mask) + b + 1024, _MM_HINT_T0);
-      for (size_t s = 0; s < kSlots; ++s) {
-        uint16_t bits;
-        memcpy(&bits, mask + b + 2 * s, sizeof(bits));
-        if (bits) step(s, b + 2 * s, bits);
+      uint64_t word;
+      memcpy(&word, mask + b, sizeof(word));
+      const unsigned offset[4] = {0, static_cast<unsigned>(_mm_popcnt_u64(word & 0xFFFF)),
+                                  static_cast<unsigned>(_mm_popcnt_u64(word & 0xFFFFFFFF)),
+                                  static_cast<unsigned>(_mm_popcnt_u64(word & 0xFFFFFFFFFFFF))};
+      for (size_t j = 0; j < 4; ++j) {
+        const __m512 v = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(word >> (16 * j)), p + offset[j]);
+        for (size_t m = 0; m < kRows; ++m)
+          acc[j % kSlots][m] = _mm512_fmadd_ps(v, _mm512_loadu_ps(in + m * ld_in + (b + 2 * j) * 8), acc[j % kSlots][m]);
       }
+      p += _mm_popcnt_u64(word);
     }
     for (; b < row_bytes; b += 2) {
       const unsigned bits = mask[b] | (b + 1 < row_bytes ? mask[b + 1] << 8 : 0u);
