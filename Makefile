@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUNS := runs/demo
 
-.PHONY: results-quality results-distributed results-allocation results-sparse results-quant demo test gpu-check setup clean kernels kernels-or-skip results results-compression results-heldout results-onnx results-streaming results-large
+.PHONY: results-quality results-distributed results-allocation results-sparse results-quant demo test test-fast gpu-check setup clean kernels kernels-or-skip results results-compression results-heldout results-onnx results-streaming results-large
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -204,8 +204,16 @@ results-large: $(STAMP)
 	  --prompt-lengths 128,512 --decode-tokens 16 --text $(LARGE_TEXT) --out-dir docs/bench-large --report docs/results.md --section large-bench
 	cat $(LARGE)/times.txt
 
+# Two pytest-xdist workers, one test file each at a time (module fixtures such as the compressed SmolLM2 are built
+# once); each worker's torch gets its share of the cores (tests/conftest.py). TEST_WORKERS=0 runs in one process.
+# test-fast leaves out the real-model tests (marked slow: SmolLM2, the past-2 GB export) for a quick loop.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 test: $(STAMP) kernels-or-skip
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
+
+test-fast: $(STAMP) kernels-or-skip
+	$(PYTEST) -m "not slow"
 
 # The GPU paths in one run (runtimes/gpu_check.py): compress on cuda and on the CPU, compare; again on cuda under
 # torchrun --nproc-per-node 1 (the distributed path, nccl), compared with the plain cuda run; onnxruntime's CUDA provider if installed. Installs nothing (the machine may have no registry): .venv's python, else $(PYTHON).

@@ -1,11 +1,19 @@
 """Shared fixtures: tiny random LLaMA / Qwen2 folders with a small trained tokenizer."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from sslc_export.models.synthetic import build_random_model
+
+
+# Under pytest-xdist (`make test` runs two workers) each worker gets its share of the cores, so that two
+# workers' torch thread pools do not fight over the same ones.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(scope="session", params=["llama", "qwen2"])

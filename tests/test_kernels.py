@@ -331,6 +331,7 @@ def test_kernel_bench_reports_every_op(tmp_path: Path, monkeypatch) -> None:
     from sslc_export.runtimes import kernelbench
 
     monkeypatch.setattr(kernelbench, "MAX_COPIES", 2)
+    monkeypatch.setattr(kernelbench, "EVICT_BYTES", 1 << 20)
     report = tmp_path / "results.md"
     result = kernelbench.run_kernel_bench(threads=1, seconds=0.01, shapes=((40, 48),), rows=(1, 3), report=report,
                                           json_path=tmp_path / "kernels.json", progress=lambda _: None)

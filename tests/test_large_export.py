@@ -107,6 +107,7 @@ def big_checkpoint(tmp_path_factory):
     shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["dense", "int8"])
 def test_export_past_2gb_validates(big_checkpoint, tmp_path, fmt):
     """Measured (both formats and the fixture together): 20.4 min wall on the development machine while
