@@ -7,7 +7,8 @@ accuracy_level 4). Every model holds many copies of its layer, each its own node
 weights (onnxruntime shares identical initializers), so that a run's fixed overhead is small per node;
 before every timed run a buffer twice the size of the last-level cache is read, so the weights come
 from memory as in a real decode step (whose weights exceed the cache). A run times all copies and
-reports per node. Bytes per call = weights + x + y.
+reports per node; the ops of one shape and M run in turns, so a noisy machine's slow spells fall on
+all of them alike. Bytes per call = weights + x + y.
 """
 from __future__ import annotations
 
@@ -116,22 +117,32 @@ def weight_bytes(model: onnx.ModelProto, copies: int) -> int:
     return sum(numpy_helper.to_array(init).nbytes for init in model.graph.initializer) // copies
 
 
-def time_model(model: onnx.ModelProto, copies: int, x: np.ndarray, threads: int, seconds: float,
-               evict: np.ndarray) -> float:
-    """Median seconds per node over repeated runs of all copies, each after reading `evict` (cold weights)."""
+def open_session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
     options = kernels.register(ort.SessionOptions())
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    for _ in range(3):
-        session.run(None, {"x": x})
-    samples, end = [], time.perf_counter() + seconds
-    while time.perf_counter() < end or len(samples) < 5:
-        evict.sum()
-        start = time.perf_counter()
-        session.run(None, {"x": x})
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) / copies
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def time_models(models: dict[str, tuple[onnx.ModelProto, int]], x: np.ndarray, threads: int, seconds: float,
+                evict: np.ndarray) -> dict[str, float]:
+    """Median seconds per node of each model, over runs of all its copies taken in turns (forwards, then backwards,
+    so that a slow spell of the machine or a run's position falls on every model alike), each run after reading
+    `evict` (cold weights); about `seconds` per model."""
+    sessions = {label: open_session(model, threads) for label, (model, _) in models.items()}
+    for session in sessions.values():
+        for _ in range(3):
+            session.run(None, {"x": x})
+    samples: dict[str, list[float]] = {label: [] for label in sessions}
+    order, end = list(sessions), time.perf_counter() + seconds * len(sessions)
+    while time.perf_counter() < end or min(map(len, samples.values())) < 5:
+        for label in order:
+            evict.sum()
+            start = time.perf_counter()
+            sessions[label].run(None, {"x": x})
+            samples[label].append(time.perf_counter() - start)
+        order.reverse()
+    return {label: statistics.median(samples[label]) / copies for label, (_, copies) in models.items()}
 
 
 def copy_bandwidth(nbytes: int, repeats: int = 5) -> float:
@@ -162,13 +173,12 @@ def run_kernel_bench(threads: int = 1, seconds: float = 1.0, shapes=SHAPES, rows
         for m in rows:
             x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
             io_bytes = (m * k + m * n) * 4
-            baseline = None
+            per_call = time_models(models, x, threads, seconds, evict)
+            baseline = per_call["MatMul fp32"]
             for label, (model, copies) in models.items():
-                seconds_per_call = time_model(model, copies, x, threads, seconds, evict)
-                baseline = baseline or seconds_per_call
                 total = weight_bytes(model, copies) + io_bytes
-                row = Row(f"{n}x{k}", m, label, round(seconds_per_call * 1e6, 1), round(total / 1e6, 3),
-                          round(total / seconds_per_call / 1e9, 2), round(baseline / seconds_per_call, 2))
+                row = Row(f"{n}x{k}", m, label, round(per_call[label] * 1e6, 1), round(total / 1e6, 3),
+                          round(total / per_call[label] / 1e9, 2), round(baseline / per_call[label], 2))
                 results.append(row)
                 progress(f"{row.shape} M={m} {label}: {row.us_per_call} us, {row.gb_per_s} GB/s, {row.vs_matmul}x MatMul")
     bandwidth = copy_bandwidth(EVICT_BYTES)
@@ -187,7 +197,8 @@ def _markdown(summary: dict) -> str:
             for r in summary["rows"]]
     return (f"### Kernel micro-benchmark (`sslc-export kernel-bench`)\n\n"
             f"One layer at a {summary['budget']:.0%} budget (S at {summary['density']:.0%} density plus U, V) per node, "
-            f"{summary['threads']} thread(s), ai.sslc kernels on {summary['isa']}; median per node over repeated runs of "
+            f"{summary['threads']} thread(s), ai.sslc kernels on {summary['isa']}; median per node over runs (taken in turns "
+            f"with the other ops of the same shape and M, so the machine's slow spells fall on all alike) of "
             f"{MODEL_BYTES >> 20} MiB worth of copies of the layer (up to {MAX_COPIES}), each run after reading a buffer "
             f"twice the last-level cache ({summary['cache_mib']} MiB here), so the weights come from memory. Bytes = "
             f"weights + x + y. Copy bandwidth of this machine: {summary['copy_gb_per_s']} GB/s (one thread, numpy copy "
