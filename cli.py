@@ -576,6 +576,7 @@ def bench_command(
     prompt_lengths: str = typer.Option(",".join(map(str, defaults.BENCH_PROMPT_LENGTHS)), help="Prompt lengths for prefill timing."),
     decode_tokens: int = typer.Option(defaults.BENCH_DECODE_TOKENS, help="New tokens per decode run (batch 1)."),
     repeats: int = typer.Option(defaults.BENCH_REPEATS, help="Timed repeats after warm-up."),
+    rounds: int = typer.Option(1, help="Passes over all folders, one after another; each folder's timings are pooled over them, so a slow spell of a noisy machine does not fall on one model only (perplexity: first pass)."),
     out_dir: Path = typer.Option(Path("runs/bench"), help="Where bench.json, bench.md and bench.png go."),
     report: Optional[Path] = typer.Option(None, help="Markdown file whose 'bench' section (or --section) gets the table (e.g. docs/results.md)."),
     section: str = typer.Option("bench", help="Section of --report to replace."),
@@ -593,9 +594,9 @@ def bench_command(
         lengths = tuple(int(v) for v in prompt_lengths.split(",") if v)
     except ValueError:
         raise UserError(f"--prompt-lengths must be comma-separated integers, got '{prompt_lengths}'") from None
-    if decode_tokens < 1 or repeats < 1 or (threads is not None and threads < 1):
-        raise UserError("--decode-tokens, --repeats and --threads must be >= 1")
-    config = BenchConfig(prompt_lengths=lengths, decode_tokens=decode_tokens, repeats=repeats, threads=threads,
+    if decode_tokens < 1 or repeats < 1 or rounds < 1 or (threads is not None and threads < 1):
+        raise UserError("--decode-tokens, --repeats, --rounds and --threads must be >= 1")
+    config = BenchConfig(prompt_lengths=lengths, decode_tokens=decode_tokens, repeats=repeats, rounds=rounds, threads=threads,
                          texts=read_heldout(heldout), measure_perplexity=not no_perplexity, genai=genai)
     providers = [p for p in provider.split(",") if p]
     from sslc_export.runtimes.providers import get_provider

@@ -41,6 +41,7 @@ class BenchConfig:
     measure_perplexity: bool = True
     window: int = defaults.WINDOW
     genai: bool = False  # also decode through onnxruntime-genai and compare its greedy tokens with ours
+    rounds: int = 1  # passes over all folders; timings pooled, so a slow spell of the machine falls on every model
 
 
 def cpu_flags() -> list[str]:
@@ -88,7 +89,9 @@ def lm_head_in_graph(model_path: Path) -> str:
     return "fp32" if node.op_type in ("MatMul", "Gemm") else node.op_type
 
 
-def bench_model(folder: Path, provider: str, config: BenchConfig) -> dict:
+def bench_model(folder: Path, provider: str, config: BenchConfig, timing_only: bool = False) -> dict:
+    """One folder's measurements; "samples" keeps the raw step times (seconds) so rounds can be pooled.
+    `timing_only`: no perplexity (a later round of the same folder)."""
     runtime = OnnxCausalLM(folder, provider, config.threads)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     fix_end_token(tokenizer, AutoConfig.from_pretrained(folder))
@@ -99,13 +102,12 @@ def bench_model(folder: Path, provider: str, config: BenchConfig) -> dict:
     record = json.loads((folder / EXPORT_MANIFEST).read_text()) if (folder / EXPORT_MANIFEST).is_file() else {}
     # A folder written by another tool (onnxruntime-genai's model builder) has no export.json.
     result: dict = {"model": folder.name, "provider": provider, "format": record.get("format", "other tool"),
-                    "lm_head": record.get("lm_head") or lm_head_in_graph(folder / ONNX_FILE), "prefill": {}}
+                    "lm_head": record.get("lm_head") or lm_head_in_graph(folder / ONNX_FILE),
+                    "samples": {"prefill": {}}}
     for length in config.prompt_lengths:
         prompt = ids[:, :length]
-        times = _timed(lambda: runtime.step(prompt, runtime.empty_past()), config.repeats, config.warmup)
-        stats = _percentiles(times)
-        stats["tokens_per_s"] = length / (stats["p50_ms"] / 1e3)
-        result["prefill"][str(length)] = stats
+        result["samples"]["prefill"][str(length)] = _timed(lambda: runtime.step(prompt, runtime.empty_past()),
+                                                           config.repeats, config.warmup)
 
     greedy: list[int] = []
 
@@ -122,12 +124,10 @@ def bench_model(folder: Path, provider: str, config: BenchConfig) -> dict:
 
     for _ in range(config.warmup):
         decode_once()
-    per_token = [t for _ in range(max(1, config.repeats // 2)) for t in decode_once()]
-    result["decode"] = _percentiles(per_token)
-    result["decode"]["tokens_per_s"] = 1e3 / result["decode"]["p50_ms"]
+    result["samples"]["decode"] = [t for _ in range(max(1, config.repeats // 2)) for t in decode_once()]
     if config.genai:
-        result["genai"] = _genai_decode(folder, ids[0, : config.decode_prompt].tolist(), greedy, config)
-    if config.measure_perplexity:
+        result["genai"], result["samples"]["genai"] = _genai_decode(folder, ids[0, : config.decode_prompt].tolist(), greedy, config)
+    if config.measure_perplexity and not timing_only:
 
         def onnx_logits(chunk: torch.Tensor) -> torch.Tensor:
             logits, _ = runtime.step(chunk.numpy(), runtime.empty_past())
@@ -140,8 +140,33 @@ def bench_model(folder: Path, provider: str, config: BenchConfig) -> dict:
     return result
 
 
-def _genai_decode(folder: Path, prompt: list[int], ours: list[int], config: BenchConfig) -> dict:
-    """The same decode through onnxruntime-genai: its step times and whether it picks our greedy tokens."""
+def summarize(result: dict) -> dict:
+    """Percentiles (and throughput) from a result's raw samples, which it then drops."""
+    samples = result.pop("samples")
+    result["prefill"] = {}
+    for length, times in samples["prefill"].items():
+        stats = _percentiles(times)
+        result["prefill"][length] = {**stats, "tokens_per_s": int(length) / (stats["p50_ms"] / 1e3)}
+    result["decode"] = _percentiles(samples["decode"])
+    result["decode"]["tokens_per_s"] = 1e3 / result["decode"]["p50_ms"]
+    if "genai" in samples:
+        stats = _percentiles(samples["genai"])
+        result["genai"]["decode"] = {**stats, "tokens_per_s": 1e3 / stats["p50_ms"]}
+    return result
+
+
+def pool(first: dict, later: dict) -> None:
+    """Adds a later round's samples (and peak memory) of the same folder to `first`."""
+    for length, times in later["samples"]["prefill"].items():
+        first["samples"]["prefill"][length] += times
+    first["samples"]["decode"] += later["samples"]["decode"]
+    if "genai" in later["samples"]:
+        first["samples"]["genai"] += later["samples"]["genai"]
+    first["peak_rss_bytes"] = max(first["peak_rss_bytes"], later["peak_rss_bytes"])
+
+
+def _genai_decode(folder: Path, prompt: list[int], ours: list[int], config: BenchConfig) -> tuple[dict, list[float]]:
+    """The same decode through onnxruntime-genai: whether it picks our greedy tokens, and its step times."""
     from sslc_export.runtimes.genai import GenaiCausalLM
 
     engine = GenaiCausalLM(folder, config.threads)
@@ -152,14 +177,13 @@ def _genai_decode(folder: Path, prompt: list[int], ours: list[int], config: Benc
         tokens, run = engine.greedy(prompt, config.decode_tokens)
         seconds += run[1:]  # the first call only picks the token the prefill already scored
     same = sum(a == b for a, b in zip(tokens, ours))
-    stats = _percentiles(seconds)
-    return {"decode": {**stats, "tokens_per_s": 1e3 / stats["p50_ms"]}, "greedy_agreement": same / max(len(ours), 1)}
+    return {"greedy_agreement": same / max(len(ours), 1)}, seconds
 
 
-def _child(folder: str, provider: str, config: BenchConfig, queue) -> None:
+def _child(folder: str, provider: str, config: BenchConfig, timing_only: bool, queue) -> None:
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     try:
-        result = bench_model(Path(folder), provider, config)
+        result = bench_model(Path(folder), provider, config, timing_only)
         result["peak_rss_bytes"] = peak_rss_bytes()
         result["device_memory_bytes"] = get_provider(provider).device_memory_bytes()
         queue.put(("ok", result))
@@ -181,7 +205,9 @@ def _wait(process, queue, folder: Path) -> tuple[str, object]:
 
 
 def bench(folders: list[Path], providers: list[str], config: BenchConfig) -> dict:
-    """One run over every folder and provider; ratios are taken against the first folder.
+    """One run over every folder and provider; ratios are taken against the first folder. Each folder is measured
+    in its own process; with config.rounds > 1 every folder is measured again in each later round (timings only)
+    and its timings are pooled over the rounds.
 
     A folder that fails after the baseline is recorded under "failures" and the others are still measured: a
     half-hour run is not lost to one broken export. The baseline failing ends the run (nothing to compare to)."""
@@ -189,20 +215,30 @@ def bench(folders: list[Path], providers: list[str], config: BenchConfig) -> dic
         if not (folder / ONNX_FILE).is_file():
             raise UserError(f"{folder} has no {ONNX_FILE}: pass folders written by `sslc-export export`")
     context = multiprocessing.get_context("spawn")
-    rows, failures = [], []
-    for provider in providers:
-        for index, folder in enumerate(folders):
-            queue = context.Queue()
-            process = context.Process(target=_child, args=(str(folder), provider, config, queue))
-            process.start()
-            status, payload = _wait(process, queue, folder)
-            process.join()
-            if status == "error" and index == 0:
-                raise UserError(payload)
-            if status == "error":
-                failures.append({"model": folder.name, "provider": provider, "error": payload})
-            else:
-                rows.append(payload)
+    results: dict[tuple[str, int], dict] = {}
+    failures = []
+    for round_index in range(config.rounds):
+        for provider in providers:
+            for index, folder in enumerate(folders):
+                key = (provider, index)
+                if round_index and key not in results:
+                    continue  # failed in an earlier round
+                queue = context.Queue()
+                process = context.Process(target=_child, args=(str(folder), provider, config, round_index > 0, queue))
+                process.start()
+                status, payload = _wait(process, queue, folder)
+                process.join()
+                if status == "error" and index == 0:
+                    raise UserError(payload)
+                if status == "error":
+                    results.pop(key, None)
+                    failures.append({"model": folder.name, "provider": provider, "error": payload})
+                elif round_index:
+                    pool(results[key], payload)
+                else:
+                    results[key] = payload
+    rows = [summarize(results[(provider, index)]) for provider in providers for index in range(len(folders))
+            if (provider, index) in results]
     settings = {key: value for key, value in asdict(config).items() if key != "texts"}
     return {"machine": machine(), "threads": config.threads or os.cpu_count(), "config": settings, "rows": rows,
             "failures": failures}

@@ -86,7 +86,7 @@ def relative_difference(a: float, b: float) -> float:
 
 def onnx_cuda_line(checkpoint: Path, work_dir: Path) -> str:
     """Perplexity and decode speed of the checkpoint's ONNX export on the CUDA and CPU providers, or why not."""
-    from sslc_export.runtimes.bench import BenchConfig, bench_model
+    from sslc_export.runtimes.bench import BenchConfig, bench_model, summarize
     from sslc_export.runtimes.providers import get_provider
     from sslc_export.onnx.build import export_checkpoint_dir
 
@@ -97,7 +97,7 @@ def onnx_cuda_line(checkpoint: Path, work_dir: Path) -> str:
     export_checkpoint_dir(checkpoint, folder, "dense", True, "fp32", "fused")
     config = BenchConfig(prompt_lengths=(32,), decode_tokens=16, repeats=1, warmup=1,
                          texts={"prose": read_text(HELDOUT_TEXTS["prose"])[:HELDOUT_CHARS]})
-    results = {provider: bench_model(folder, provider, config) for provider in ("cuda", "cpu")}
+    results = {provider: summarize(bench_model(folder, provider, config)) for provider in ("cuda", "cpu")}
     return "onnx " + "; ".join(f"{provider} provider: perplexity {r['perplexity']['prose']:.3f}, decode "
                                f"{r['decode']['p50_ms']:.2f} ms/token" for provider, r in results.items())
 

@@ -169,3 +169,10 @@ def test_compress_and_eval_write_json(tiny_llama, tmp_path, calib_file):
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[0] == "ckpt" and cells[5] == "cpu"
     assert 0 < float(cells[8]) <= float(cells[7]) == manifest["compression_seconds"]  # decompositions inside the wall time
+
+
+@pytest.mark.parametrize("flag", ["--rounds", "--repeats", "--decode-tokens"])
+def test_bench_refuses_counts_below_one(tmp_path, flag):
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, ["bench", str(tmp_path), flag, "0", "--out-dir", str(out)])
+    assert_clean_failure(result, out, "must be >= 1")

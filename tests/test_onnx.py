@@ -228,6 +228,22 @@ def test_run_generation_matches_pytorch_greedy(tiny_llama, tmp_path):
         assert result.exit_code == 2 and "not available" in result.output
 
 
+def test_bench_rounds_pool_every_timing_and_keep_the_first_rounds_perplexity():
+    from sslc_export.runtimes.bench import pool, summarize
+
+    first = {"samples": {"prefill": {"16": [0.010, 0.012]}, "decode": [0.001, 0.003], "genai": [0.002]},
+             "genai": {"greedy_agreement": 1.0}, "perplexity": {"text": 5.0}, "peak_rss_bytes": 10}
+    later = {"samples": {"prefill": {"16": [0.030]}, "decode": [0.005], "genai": [0.004]},
+             "genai": {"greedy_agreement": 0.5}, "peak_rss_bytes": 20}
+    pool(first, later)
+    row = summarize(first)
+    assert row["decode"]["p50_ms"] == pytest.approx(3.0) and row["prefill"]["16"]["p50_ms"] == pytest.approx(12.0)
+    assert row["prefill"]["16"]["tokens_per_s"] == pytest.approx(16 / 0.012)
+    assert row["genai"] == {"greedy_agreement": 1.0, "decode": {"p50_ms": pytest.approx(3.0), "p90_ms": pytest.approx(3.8),
+                                                                 "tokens_per_s": pytest.approx(1e3 / 3.0)}}
+    assert row["perplexity"] == {"text": 5.0} and row["peak_rss_bytes"] == 20 and "samples" not in row
+
+
 def test_bench_writes_json_markdown_and_a_real_png(tiny_llama, tmp_path):
     ckpt = checkpoint(tiny_llama, tmp_path / "ckpt", Pattern(kind="structured"))
     runner = CliRunner()
@@ -238,7 +254,7 @@ def test_bench_writes_json_markdown_and_a_real_png(tiny_llama, tmp_path):
     code = tmp_path / "code.txt"
     code.write_text("def fortune(man):\n    return {'single': man, 'wife': None}\n\n" * 60)
     result = runner.invoke(app, ["bench", str(tmp_path / "dense"), str(tmp_path / "structured"), "--heldout", f"{text},{code}",
-                                 "--prompt-lengths", "16,64", "--decode-tokens", "8", "--repeats", "2", "--genai",
+                                 "--prompt-lengths", "16,64", "--decode-tokens", "8", "--repeats", "2", "--genai", "--rounds", "2",
                                  "--out-dir", str(tmp_path / "bench"), "--report", str(tmp_path / "results.md")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "bench" / "bench.json").read_text())
