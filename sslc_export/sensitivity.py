@@ -16,8 +16,7 @@ from torch import nn
 def output_weights(model: nn.Module, linears: dict[str, nn.Linear], tokens: torch.Tensor) -> dict[str, float]:
     """Per named Linear of `model`, Σ_t ‖y_t − b‖² · ‖∂L/∂y_t‖² / d over `tokens` ([sequences, length]), L the
     next-token cross-entropy; the model's parameters are not trained (no gradient is kept for them). One sequence
-    per backward pass: the memory of one sequence's graph (on SmolLM2 at 256 tokens ~1 GB; 8 at once cost ~4.5),
-    for about the same time."""
+    per backward pass: the memory of one sequence's graph, for about the time of larger batches."""
     totals = dict.fromkeys(linears, 0.0)
 
     def watch(name: str):
@@ -26,7 +25,7 @@ def output_weights(model: nn.Module, linears: dict[str, nn.Linear], tokens: torc
             energy, width = signal.detach().float().square().sum(-1), output.shape[-1]
 
             # Refers to no tensor of the graph: a hook that held `output` would be a reference cycle keeping every
-            # batch's whole autograd graph alive until the garbage collector ran (measured: GBs on SmolLM2).
+            # batch's whole autograd graph alive until the garbage collector ran.
             def gradient_hook(grad: torch.Tensor) -> None:
                 totals[name] += float((energy * grad.float().square().sum(-1)).sum()) / width
 

@@ -169,7 +169,7 @@ def test_output_weights_are_zero_where_the_loss_cannot_see_the_error(tiny_llama)
 
 def test_output_weights_leave_no_autograd_graph_behind(tiny_llama):
     """With the garbage collector off, nothing of the backward passes survives them: a gradient hook that held its
-    output tensor made reference cycles that kept every sequence's graph alive (GBs on SmolLM2)."""
+    output tensor made reference cycles that kept every sequence's graph alive."""
     import gc
 
     from sslc_export.models.loading import load_model

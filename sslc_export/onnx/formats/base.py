@@ -74,12 +74,14 @@ class Subgraph:
                        accuracy_level=ACCURACY_LEVEL)
 
 
-def factors_t(layer: CompressedTensors) -> tuple[np.ndarray, np.ndarray]:
-    """(Vᵀ, Uᵀ), balanced so that quantized formats keep every rank-1 term."""
+def low_rank_to_write(layer: CompressedTensors, integers: QuantizedFactors | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, V) as a layout writes them: with a quantized checkpoint's `integers`, its own values (compress balanced
+    them before putting them on the grid); else balanced, so that quantized formats keep every rank-1 term."""
+    if integers is not None:
+        return layer.u, layer.v
     from sslc_export.lowrank import balance
 
-    u, v = balance(layer.u, layer.v)
-    return v.T.numpy(), u.T.numpy()
+    return balance(layer.u, layer.v)
 
 
 def checkpoint_integers(layer: CompressedTensors, bits: int) -> QuantizedFactors | None:

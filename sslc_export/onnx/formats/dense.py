@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sslc_export.onnx.formats.base import Layout, Subgraph, checkpoint_integers, factors_t, has_low_rank
+from sslc_export.onnx.formats.base import Layout, Subgraph, checkpoint_integers, has_low_rank, low_rank_to_write
 
 if TYPE_CHECKING:
     from sslc_export.checkpoint import CompressedTensors
@@ -11,12 +11,10 @@ if TYPE_CHECKING:
 
 def add_low_rank(graph: Subgraph, x: str, layer: CompressedTensors, bits: int = 32) -> str:
     integers = checkpoint_integers(layer, bits)
-    if integers is not None:  # already balanced by compress, on their grid
-        hidden = graph.product(x, layer.v, integers.v, integers.grid, None, "V")
-        return graph.product(hidden, layer.u, integers.u, integers.grid, None, "U")
-    v_t, u_t = factors_t(layer)
-    hidden = graph.matmul(x, v_t, None, "V")
-    return graph.matmul(hidden, u_t, None, "U")
+    u, v = low_rank_to_write(layer, integers)
+    grid = integers.grid if integers else None
+    hidden = graph.product(x, v, integers.v if integers else None, grid, None, "V")
+    return graph.product(hidden, u, integers.u if integers else None, grid, None, "U")
 
 
 class DenseLayout(Layout):

@@ -6,8 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sslc_export.lowrank import balance
-from sslc_export.onnx.formats.base import Layout, Subgraph, checkpoint_integers, has_low_rank
+from sslc_export.onnx.formats.base import Layout, Subgraph, checkpoint_integers, has_low_rank, low_rank_to_write
 from sslc_export.quantization import Quantized, QuantizedFactors
 
 if TYPE_CHECKING:
@@ -23,11 +22,10 @@ def add_joined(graph: Subgraph, x: str, x_sparse: str, sparse: torch.Tensor, lay
     if not has_low_rank(layer):
         graph.product(x_sparse, sparse, integers.sparse if integers is not None else None, grid, output, "S")
         return
+    u, v = low_rank_to_write(layer, integers)
     if integers is None:
-        u, v = balance(layer.u, layer.v)
         v_integers = both_integers = None
     else:
-        u, v = layer.u, layer.v
         v_integers = integers.v
         both_integers = Quantized(torch.cat([integers.sparse.q, integers.u.q], dim=1),
                                   torch.cat([integers.sparse.scales, integers.u.scales], dim=1))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sslc_export.onnx.formats.base import MATMULNBITS_RTOL, Layout, Subgraph
+from sslc_export.onnx.formats.base import MATMULNBITS_RTOL, Layout, Subgraph, low_rank_to_write
 from sslc_export.sparse_rows import DOMAIN, OP_TYPES, SparseRows, dequantize, pack, pack_quantized_rows
 
 if TYPE_CHECKING:
@@ -36,9 +36,7 @@ INPUT_NAMES[4] = INPUT_NAMES[8]
 def _packed(layer: CompressedTensors, bits: int) -> SparseRows:
     if layer.quantized is not None and bits != 32:
         return _packed_integers(layer)
-    from sslc_export.lowrank import balance
-
-    u, v = balance(layer.u, layer.v)
+    u, v = low_rank_to_write(layer, None)
     return pack(layer.sparse.numpy(), layer.mask.numpy(), u.numpy(), v.numpy(), bits, GROUP_SIZE,
                 ACTIVATION_BITS if bits != 32 else 32)
 
