@@ -108,6 +108,8 @@ ThreadsOption = typer.Option(None, help="Torch CPU threads (default: all cores).
 JsonOption = typer.Option(None, "--json", help="Also write the reported figures to this JSON file.")
 HELDOUT_HELP = "Held-out texts: comma-separated bundled names (prose = Alice, technical, code) or text files/folders; default: every bundled one."
 HeldoutOption = typer.Option(None, "--heldout", "--text", help=HELDOUT_HELP)
+TargetsOption = typer.Option("all", help="Which Linears of each block are compressed: all, attn (q, k, v, o) or mlp (gate, up, "
+                             "down); the others stay dense, and --ratio is of the compressed ones.")
 CalibOption = typer.Option(None, "--calib", help="Calibration: 'mix' (default: equal shares of the bundled prose, technical and code texts), "
                            "comma-separated bundled names (e.g. 'prose': Pride and Prejudice alone) or a text file/folder.")
 
@@ -132,7 +134,8 @@ def compress(
     context: typer.Context,
     out_dir: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to create."),
     model: Optional[str] = ModelOption,
-    method: str = typer.Option("sslc", help="sslc | wanda | sparsegpt | magnitude | svd | losparse (structured S, trained with its cubic pruning schedule)."),
+    method: str = typer.Option("sslc", help="sslc | wanda | sparsegpt | magnitude | svd | losparse (structured S, trained with its cubic "
+                               "pruning schedule) | hss (S plus a hierarchical low-rank residual after an RCM reordering)."),
     ratio: float = typer.Option(defaults.RATIO, help="Fraction of each compressed layer's parameters removed (0 < c < 1); U, V count inside."),
     rank_ratio: float = typer.Option(defaults.RANK_RATIO, help="sslc, losparse: share of the kept budget spent on the low-rank pair (why this default: docs/results.md)."),
     iters: Optional[int] = typer.Option(None, help=f"sslc: maximum alternating iterations (default: {defaults.SSLC_ITERS_TEXT}); "
@@ -163,10 +166,11 @@ def compress(
                                    "pass and one backward pass over the dense model; not with --streaming), within --min-keep/--max-keep."),
     min_keep: float = typer.Option(defaults.MIN_KEEP, "--min-keep", help="--allocation global: least fraction of a layer's parameters kept."),
     max_keep: float = typer.Option(defaults.MAX_KEEP, "--max-keep", help="--allocation global: largest fraction of a layer's parameters kept."),
+    targets: str = TargetsOption,
     threads: Optional[int] = ThreadsOption,
     json_path: Optional[Path] = JsonOption,
 ):
-    """Compress every decoder Linear to W ≈ U·V + S and write a checkpoint folder."""
+    """Compress the decoder Linears (every one, or those --targets names) to W ≈ U·V + S and write a checkpoint folder."""
     from sslc_export.allocation import Allocation
     from sslc_export.compress import CompressJob, compress as run_compress
     from sslc_export.methods import Settings, get_method
@@ -193,6 +197,7 @@ def compress(
         streaming=streaming,
         device=device,
         allocation=Allocation(allocation, min_keep, max_keep),
+        targets=targets,
     )
     if not is_main_process():  # under torchrun / accelerate launch: rank 0 alone shows progress and the summary
         run_compress(job)
@@ -725,6 +730,7 @@ def compare_command(
     nsamples: int = typer.Option(defaults.NSAMPLES, help="Calibration sequences."),
     seqlen: int = typer.Option(defaults.SEQLEN, help="Tokens per calibration sequence."),
     calib: Optional[str] = CalibOption,
+    targets: str = TargetsOption,
     report: Optional[Path] = typer.Option(None, help="Markdown file whose 'compression' section (or --section) gets the table (e.g. docs/results.md)."),
     section: str = typer.Option("compression", help="Section of --report to replace."),
     threads: Optional[int] = ThreadsOption,
@@ -743,7 +749,8 @@ def compare_command(
     variants = parse_variants(methods, ratios, extra_losses, allocations, bits, rtn)
     texts = read_heldout(heldout)
     base = CompressJob(
-        out=work_dir, model=model, settings=Settings(rank_ratio=rank_ratio, iters=iters), calib=calib, nsamples=nsamples, seqlen=seqlen
+        out=work_dir, model=model, settings=Settings(rank_ratio=rank_ratio, iters=iters), calib=calib, nsamples=nsamples, seqlen=seqlen,
+        targets=targets,
     )
     for variant in variants:  # every variant's flags checked before any work
         variant_job(variant, base, work_dir)

@@ -23,6 +23,14 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from sslc_export.errors import UserError
 
 
+TARGETS = ("all", "attn", "mlp")  # compress --targets: every Linear of a block, the attention branch's, the MLP's
+
+
+def check_targets(targets: str) -> None:
+    if targets not in TARGETS:
+        raise UserError(f"unknown --targets '{targets}': choose one of {', '.join(TARGETS)}")
+
+
 @dataclass(frozen=True)
 class ResidualBranch:
     """h + body(norm(h)), where the body's result is its last Linear, `output`, applied to its input."""
@@ -70,6 +78,12 @@ class Llama:
     def linear_names(self) -> tuple[str, ...]:
         """The compressed Linears of one block, relative to the block."""
         return tuple(name for group in self.input_groups for name in group)
+
+    def targeted(self, targets: str) -> tuple[str, ...]:
+        """The Linears of one block that `compress --targets` compresses (TARGETS), in linear_names' order."""
+        check_targets(targets)
+        return tuple(name for branch in self.branches if targets == "all" or branch.attention == (targets == "attn")
+                     for name in (*branch.first, branch.output))
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)

@@ -7,6 +7,8 @@
         <linear>.u (m x r)  <linear>.v (r x n)  <linear>.bias (if any)
         <linear>.s_mask     S's support as packed bits, row-major (m*n/8 bytes)
         <linear>.s_values   S's kept values in the same order (never a zero-filled matrix)
+    block-sparse U and V (hss), instead of u and v: their supports and kept values as S's, and their shape
+        <linear>.u_mask <linear>.u_values <linear>.v_mask <linear>.v_values <linear>.factor_shape (m, r, n)
     quantized (compress --bits; format_version 2, manifest "quantization": bits, group_size), instead of
     u, v and s_values: the integers (int8, whatever the bits) and fp32 scales per (row, group of input columns)
         <linear>.u_q <linear>.u_scales  <linear>.v_q <linear>.v_scales
@@ -52,6 +54,7 @@ class CompressedTensors:
     mask: torch.Tensor
     bias: torch.Tensor | None = None
     quantized: QuantizedFactors | None = None  # the integers u, v and sparse were dequantized from (compress --bits)
+    factor_masks: tuple[torch.Tensor, torch.Tensor] | None = None  # supports of U and V when they are block-sparse (hss)
 
 
 def block_file(index: int) -> str:
@@ -61,7 +64,15 @@ def block_file(index: int) -> str:
 def encode_layer(name: str, layer: CompressedTensors) -> dict[str, torch.Tensor]:
     mask = layer.mask.flatten()
     tensors = {f"{name}.s_mask": torch.from_numpy(np.packbits(mask.numpy()))}
-    if layer.quantized is None:
+    if layer.factor_masks is not None:
+        if layer.quantized is not None:
+            raise ValueError(f"layer {name}: block-sparse factors are stored in fp32 only")
+        tensors[f"{name}.s_values"] = layer.sparse.flatten()[mask].contiguous()
+        tensors[f"{name}.factor_shape"] = torch.tensor([*layer.u.shape, layer.v.shape[1]], dtype=torch.int64)
+        for part, matrix, support in zip(("u", "v"), (layer.u, layer.v), layer.factor_masks):
+            tensors[f"{name}.{part}_mask"] = torch.from_numpy(np.packbits(support.flatten().numpy()))
+            tensors[f"{name}.{part}_values"] = matrix[support].contiguous()
+    elif layer.quantized is None:
         tensors.update({f"{name}.u": layer.u.contiguous(), f"{name}.v": layer.v.contiguous(),
                         f"{name}.s_values": layer.sparse.flatten()[mask].contiguous()})
     else:
@@ -75,21 +86,36 @@ def encode_layer(name: str, layer: CompressedTensors) -> dict[str, torch.Tensor]
     return tensors
 
 
+def _unmasked(name: str, part: str, packed: torch.Tensor, values: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rows x cols matrix from its packed support and kept values (S's storage), and the support; every count checked."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (rows * cols + 7) // 8:
+        raise UserError(f"layer {name}: {part}'s mask does not hold {rows}x{cols} bits: the checkpoint is corrupt")
+    mask = torch.from_numpy(np.unpackbits(packed.numpy(), count=rows * cols).astype(bool)).reshape(rows, cols)
+    if values.dim() != 1 or values.numel() != int(mask.sum()):
+        raise UserError(f"layer {name}: {values.numel()} {part} values for {int(mask.sum())} mask bits: the checkpoint is corrupt")
+    matrix = torch.zeros(rows * cols, dtype=values.dtype)
+    matrix[mask.flatten()] = values
+    return matrix.reshape(rows, cols), mask
+
+
 def decode_layer(name: str, tensors: dict[str, torch.Tensor], grid: Grid | None = None) -> CompressedTensors:
     """One Linear from its tensors; a quantized one (its manifest's `grid`) is dequantized for torch, integers kept."""
+    bias = tensors.get(f"{name}.bias")
+    shape = tensors.get(f"{name}.factor_shape")
+    if shape is not None:  # block-sparse U and V (hss)
+        if grid is not None or shape.dtype != torch.int64 or shape.shape != (3,) or int(shape.min()) < 0:
+            raise UserError(f"layer {name}: its factor shape or the manifest's quantization is invalid: the checkpoint is corrupt")
+        rows, rank, cols = shape.tolist()
+        sparse, mask = _unmasked(name, "sparse", tensors[f"{name}.s_mask"], tensors[f"{name}.s_values"], rows, cols)
+        u, u_mask = _unmasked(name, "U", tensors[f"{name}.u_mask"], tensors[f"{name}.u_values"], rows, rank)
+        v, v_mask = _unmasked(name, "V", tensors[f"{name}.v_mask"], tensors[f"{name}.v_values"], rank, cols)
+        return CompressedTensors(u, v, sparse, mask, bias, factor_masks=(u_mask, v_mask))
     if (grid is None) != (f"{name}.u" in tensors):
         raise UserError(f"layer {name}: its tensors and the manifest's quantization disagree: the checkpoint is corrupt")
     suffix = "" if grid is None else "_q"
     rows, cols = tensors[f"{name}.u{suffix}"].shape[0], tensors[f"{name}.v{suffix}"].shape[1]
-    bits = np.unpackbits(tensors[f"{name}.s_mask"].numpy(), count=rows * cols).astype(bool)
-    mask = torch.from_numpy(bits).reshape(rows, cols)
-    values = tensors[f"{name}.s_values" if grid is None else f"{name}.s_q"]
-    if values.numel() != int(mask.sum()):
-        raise UserError(f"layer {name}: {values.numel()} sparse values for {int(mask.sum())} mask bits: the checkpoint is corrupt")
-    sparse = torch.zeros(rows * cols, dtype=values.dtype)
-    sparse[mask.flatten()] = values
-    sparse = sparse.reshape(rows, cols)
-    bias = tensors.get(f"{name}.bias")
+    sparse, mask = _unmasked(name, "sparse", tensors[f"{name}.s_mask"], tensors[f"{name}.s_values" if grid is None else f"{name}.s_q"],
+                             rows, cols)
     if grid is None:
         return CompressedTensors(tensors[f"{name}.u"], tensors[f"{name}.v"], sparse, mask, bias)
     factors = QuantizedFactors(grid, Quantized(sparse, tensors[f"{name}.s_scales"]),

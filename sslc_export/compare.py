@@ -1,8 +1,9 @@
 """Side-by-side quality of methods at equal budgets: compress each variant (at each --bits), optionally
 fine-tune it, measure perplexity on every held-out text, return rows for a table. Finished checkpoints
-(compressed and fine-tuned) are reused, so an interrupted sweep picks up where it stopped."""
+(compressed and fine-tuned) and their perplexities are reused, so an interrupted sweep picks up where it stopped."""
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -10,8 +11,10 @@ from typing import Callable
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sslc_export.models.architectures import check_targets
 from sslc_export.models.loading import load_model
 from sslc_export.budget import check_ratio
+from sslc_export.atomic import sha256_file, write_json_atomic
 from sslc_export.calibration import CalibrationSet
 from sslc_export.checkpoint import MANIFEST, load_checkpoint
 from sslc_export.compress import CompressJob, compress, fingerprint
@@ -23,6 +26,7 @@ from sslc_export.patterns import Pattern
 from sslc_export.quantization import BITS
 
 RTN_METHOD = "magnitude"  # at --ratio 0 with --bits: every weight kept, rounded to nearest per group
+PERPLEXITIES = "perplexities.json"  # in the work dir: what PerplexityCache has measured
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,7 @@ def variant_job(variant: Variant, base_job: CompressJob, work_dir: Path) -> Comp
     job = replace(job, settings=settings)
     check_ratio(job.ratio, quantized=settings.grid is not None)
     job.allocation.check(job.ratio, job.streaming)
+    check_targets(job.targets)
     method.check(job.pattern, settings)
     return job
 
@@ -105,6 +110,29 @@ def _reusable(folder: Path, job: CompressJob, identity: dict) -> bool:
         return False
     expected = fingerprint(job, identity, CalibrationSet.read(job.calib))  # settings resolved
     return json.loads(path.read_text()).get("fingerprint") == expected
+
+
+class PerplexityCache:
+    """Perplexities already measured in a work dir (perplexities.json), each keyed by what decides it: the checkpoint's
+    manifest hash (which hashes every file) or the dense model's content hash, the texts and the window. An
+    interrupted compare then resumes without evaluating a finished checkpoint again."""
+
+    def __init__(self, work_dir: Path, texts: dict[str, str], window: int):
+        self.path = work_dir / PERPLEXITIES
+        contents = json.dumps({"window": window, "texts": texts}, sort_keys=True).encode()
+        self.setting = hashlib.sha256(contents).hexdigest()[:16]
+        try:
+            self.entries = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            self.entries = {}  # a damaged cache costs only the evaluations again
+
+    def get(self, identity: str, measure: Callable[[], dict[str, float]]) -> dict[str, float]:
+        key = f"{identity}/{self.setting}"
+        if key not in self.entries:
+            self.entries[key] = measure()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, self.entries)
+        return self.entries[key]
 
 
 def compare(
@@ -121,7 +149,8 @@ def compare(
     is a name -> value map, one per text."""
     dense = load_model(base_job.model)
     identity = dense.identity  # the content hash checkpoints are tied to
-    dense_ppl = _perplexities(dense.model, dense.tokenizer, texts, window)
+    cache = PerplexityCache(work_dir, texts, window)
+    dense_ppl = cache.get(identity["sha256"], lambda: _perplexities(dense.model, dense.tokenizer, texts, window))
     dense_bytes = sum(parameter.numel() * parameter.element_size() for parameter in dense.model.parameters())
     rows = [{"variant": "dense", "name": "dense", "method": "dense", "ratio": 0.0, "loss": "", "bits": 32, "perplexity": dense_ppl,
              "bytes": dense_bytes}]
@@ -143,7 +172,7 @@ def compare(
             "loss": job.settings.loss,
             "allocation": variant.allocation,
             "bits": variant.bits,
-            "perplexity": _perplexities(loaded.model, loaded.tokenizer, texts, window),
+            "perplexity": cache.get(sha256_file(job.out / MANIFEST), lambda: _perplexities(loaded.model, loaded.tokenizer, texts, window)),
             "params_kept": manifest["params_kept"],
             "params_total": manifest["params_total"],
             "mean_relative_loss": sum(losses) / len(losses),
@@ -158,10 +187,14 @@ def compare(
             progress(f"{variant.label}-ft")
         ft_job = replace(tune, checkpoint=job.out, out=work_dir / f"{variant.label}-ft", overwrite=True)
         ft_manifest = finished(ft_job) or finetune(ft_job)
-        tuned, _ = load_checkpoint(ft_job.out)
         parent = {key: value for key, value in row.items() if key != "mean_relative_loss"}  # a layer loss of the parent, not the child
+
+        def tuned_perplexities() -> dict[str, float]:
+            tuned, _ = load_checkpoint(ft_job.out)
+            return _perplexities(tuned.model, tuned.tokenizer, texts, window)
+
         rows.append({**parent, "variant": f"{variant.label}-ft", "name": f"{variant.name} + finetune",
-                     "perplexity": _perplexities(tuned.model, tuned.tokenizer, texts, window), "bytes": ft_manifest["bytes"]["total"],
+                     "perplexity": cache.get(sha256_file(ft_job.out / MANIFEST), tuned_perplexities), "bytes": ft_manifest["bytes"]["total"],
                      "finetune_seconds": ft_manifest["finetune"]["seconds"], "finetune": ft_manifest["finetune"]["settings"]})
     for row in rows[1:]:
         row["perplexity_vs_dense"] = {name: value / dense_ppl[name] for name, value in row["perplexity"].items()}

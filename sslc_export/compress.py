@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from sslc_export.models.architectures import BlockInputs, Llama
+from sslc_export.models.architectures import BlockInputs, Llama, check_targets
 from sslc_export.models.loading import LoadedModel, load_model, resolve_source
 from sslc_export import __version__, defaults
 from sslc_export.sensitivity import output_weights
@@ -55,6 +55,7 @@ class CompressJob:
     streaming: bool = False  # one decoder block in memory at a time (safetensors folders)
     device: str = defaults.DEVICE  # where calibration passes and decompositions run; the model itself stays in host memory
     allocation: Allocation = field(default_factory=Allocation)  # how the budget is split over layers
+    targets: str = "all"  # which Linears of each block are compressed: all, attn or mlp (the others stay dense)
 
 
 @dataclass
@@ -101,6 +102,8 @@ def fingerprint(job: CompressJob, model_identity: dict, calibration: Calibration
     }
     if job.allocation.record() is not None:  # absent for uniform: checkpoints made before --allocation still match
         identity["allocation"] = job.allocation.record()
+    if job.targets != "all":  # likewise for --targets
+        identity["targets"] = job.targets
     return identity
 
 
@@ -115,6 +118,7 @@ def _compress(job: CompressJob, world: World, progress: ProgressCallback | None)
     method = get_method(job.method)
     check_ratio(job.ratio, quantized=job.settings.grid is not None)
     job.allocation.check(job.ratio, job.streaming)
+    check_targets(job.targets)
     job = replace(job, settings=method.resolve(job.settings, job.pattern))
     method.check(job.pattern, job.settings)
     if job.batch_size < 1:
@@ -130,10 +134,11 @@ def _compress(job: CompressJob, world: World, progress: ProgressCallback | None)
     tokens = calibration.tokens(loaded.tokenizer, job.nsamples, job.seqlen, job.settings.seed)
     architecture = loaded.architecture
     blocks = architecture.blocks(loaded.model)
+    targeted = architecture.targeted(job.targets)
     rank_ratio = method.rank_ratio(job.settings)
     for block in blocks:  # every budget error surfaces before anything is written (shapes work on meta too)
-        for name in architecture.linear_names:
-            plan_budget(*block.get_submodule(name).weight.shape, job.ratio, rank_ratio, job.pattern)
+        for name in targeted:
+            method.check_budget(plan_budget(*block.get_submodule(name).weight.shape, job.ratio, rank_ratio, job.pattern))
     # Rank 0 alone writes; the others learn where a resumed run stands from it.
     writer = CheckpointWriter(job.out, fingerprint(job, loaded.identity, calibration), job.resume) if world.is_main else None
     try:
@@ -145,10 +150,14 @@ def _compress(job: CompressJob, world: World, progress: ProgressCallback | None)
                 writer.save_allocation(allocation)
         kept = None if allocation is None else allocation["layers"]
         inputs = _block_inputs(loaded, tokens, hidden, job.batch_size, device)
-        compressed_names = {f"{architecture.blocks_path}.{i}.{name}" for i in range(len(blocks)) for name in architecture.linear_names}
+        compressed_names = {f"{architecture.blocks_path}.{i}.{name}" for i in range(len(blocks)) for name in targeted}
         for index, block in enumerate(blocks):
             if index < completed:  # finished before a resume: its outputs are the saved hidden states
-                if writer is not None and not loaded.streamer:
+                if loaded.streamer:  # its norms and untargeted Linears are still to be written into dense.safetensors
+                    loaded.streamer.load_block(index)
+                    for name in targeted:
+                        loaded.streamer.release(block.get_submodule(name))
+                elif writer is not None:
                     for name, layer in writer.load_block(index, job.settings.grid).items():
                         replace_linear(loaded.model, name, SparseLowRankLinear(layer.sparse, layer.u, layer.v, layer.bias))
                 continue
@@ -157,8 +166,8 @@ def _compress(job: CompressJob, world: World, progress: ProgressCallback | None)
             block.to(device)
             _compress_block(job, method, architecture, index, block, inputs, writer, progress, len(blocks), kept, world)
             block.to("cpu")  # the compressed block rejoins the model in host memory; the device holds one block at a time
-            if loaded.streamer:  # written to the checkpoint: free it (the block's norms are tiny and stay)
-                for name in architecture.linear_names:
+            if loaded.streamer:  # written to the checkpoint: free it (the block's norms and untargeted Linears stay)
+                for name in targeted:
                     loaded.streamer.release(block.get_submodule(name))
         ranks = world.gather(lambda: _rank_record(device))
     except BaseException:
@@ -200,6 +209,7 @@ def _compress_block(
     ranks and every rank puts all of them into its block; `writer` is rank 0's (None on the others)."""
     prefix = f"{architecture.blocks_path}.{index}"
     rank_ratio = method.rank_ratio(job.settings)
+    targeted = architecture.targeted(job.targets)
     layers: dict[str, CompressedTensors] = {}
     reports: list[dict] = []
 
@@ -214,7 +224,8 @@ def _compress_block(
         result = method.decompose(weight, stats, budget, job.pattern, job.settings)
         bias = None if linear.bias is None else linear.bias.detach().float().cpu()
         layer = CompressedTensors(result.u.cpu(), result.v.cpu(), result.sparse.cpu(), result.mask.cpu(), bias,
-                                  None if result.quantized is None else result.quantized.to("cpu"))
+                                  None if result.quantized is None else result.quantized.to("cpu"),
+                                  None if result.factor_masks is None else tuple(m.cpu() for m in result.factor_masks))
         nnz = int(result.mask.sum())
         report = {
             "name": f"{prefix}.{name}",
@@ -222,7 +233,7 @@ def _compress_block(
             "ratio": round(1.0 - budget.allowed / weight.numel(), 6),
             "rank": result.rank,
             "nnz": nnz,
-            "params_kept": result.rank * sum(weight.shape) + nnz,
+            "params_kept": result.params(),
             "params_total": weight.numel(),
             "params_allowed": budget.allowed,
             "relative_loss": stats.relative_error(weight, result.dense()),
@@ -232,6 +243,9 @@ def _compress_block(
         return layer, report
 
     def compress_group(names: tuple[str, ...], stats: InputStatistics) -> None:
+        names = tuple(name for name in names if name in targeted)
+        if not names:
+            return
         owners = world.owners([block.get_submodule(name).weight.numel() for name in names])
         mine = [name for name, owner in zip(names, owners) if owner == world.rank]
 
@@ -239,7 +253,7 @@ def _compress_block(
             done = {}
             for name in mine:
                 if progress:
-                    per_block = len(architecture.linear_names)
+                    per_block = len(targeted)
                     progress(index * per_block + len(reports) + len(done), num_blocks * per_block, f"block {index} {name}")
                 done[name] = decompose(name, stats)
             return done
@@ -270,7 +284,8 @@ def _global_split(
     blocks = architecture.blocks(loaded.model)
     inputs = _block_inputs(loaded, tokens, None, job.batch_size, device)
     curves: dict[str, LossCurve] = {}
-    layers_in_all = len(blocks) * len(architecture.linear_names)
+    targeted = architecture.targeted(job.targets)
+    layers_in_all = len(blocks) * len(targeted)
     for index, block in enumerate(blocks):
         prefix = f"{architecture.blocks_path}.{index}"
         if loaded.streamer:
@@ -278,6 +293,7 @@ def _global_split(
         block.to(device)
 
         def measure(names: tuple[str, ...], stats: InputStatistics) -> None:
+            names = tuple(name for name in names if name in targeted)
             owners = world.owners([block.get_submodule(name).weight.numel() for name in names])
 
             def measure_mine() -> dict[str, LossCurve]:
@@ -298,11 +314,11 @@ def _global_split(
         walk_block(block, architecture, inputs, measure)
         block.to("cpu")
         if loaded.streamer:  # loaded again by the compression pass
-            for name in architecture.linear_names:
+            for name in targeted:
                 loaded.streamer.release(block.get_submodule(name))
     if progress:
         progress(layers_in_all, layers_in_all, "output sensitivity: one backward pass of the dense model")
-    weights = world.broadcast(lambda: _output_weights(loaded, tokens, device))
+    weights = world.broadcast(lambda: _output_weights(loaded, tokens, device, targeted))
     for name, curve in curves.items():
         curve.weight = weights[name]
     budget = math.floor((1.0 - job.ratio) * sum(m * n for m, n in (curve.shape for curve in curves.values())))
@@ -310,11 +326,11 @@ def _global_split(
     return {**allocation_report(curves, kept, budget, job.allocation), "seconds": round(time.perf_counter() - started, 1)}
 
 
-def _output_weights(loaded: LoadedModel, tokens: torch.Tensor, device: torch.device) -> dict[str, float]:
-    """What each Linear's relative loss² costs the model (sslc_export/sensitivity.py), on the whole dense model."""
+def _output_weights(loaded: LoadedModel, tokens: torch.Tensor, device: torch.device, targeted: tuple[str, ...]) -> dict[str, float]:
+    """What each compressed Linear's relative loss² costs the model (sslc_export/sensitivity.py), on the whole dense model."""
     architecture = loaded.architecture
     linears = {f"{architecture.blocks_path}.{index}.{name}": block.get_submodule(name)
-               for index, block in enumerate(architecture.blocks(loaded.model)) for name in architecture.linear_names}
+               for index, block in enumerate(architecture.blocks(loaded.model)) for name in targeted}
     loaded.model.to(device)
     try:
         return output_weights(loaded.model, linears, tokens.to(device))
@@ -368,6 +384,7 @@ def _manifest(
         "method": job.method,
         "ratio": job.ratio,
         "pattern": asdict(job.pattern),
+        "targets": job.targets,
         "settings": asdict(job.settings),
         "calibration": identity["calibration"],
         "fingerprint": identity,

@@ -1,6 +1,6 @@
 """Recovery fine-tuning of a checkpoint (the paper's last step): each compressed Linear's U and V are
 trained; S, its mask, biases, embeddings, norms and head stay frozen and no parameter is added, so the
-new checkpoint has exactly its parent's shape and size. fp32 factors are balanced first (U·V unchanged): the
+new checkpoint has exactly its parent's shape and size (block-sparse factors, hss's, stay zero outside their supports). fp32 factors are balanced first (U·V unchanged): the
 SVD step leaves the singular values in U (entries ~5 against ~0.002 in V on SmolLM2), and Adam, which moves
 every entry by about the learning rate, then changes V by percents per step.
 
@@ -97,6 +97,18 @@ class OnGrid(nn.Module):
     def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
         """The stored dequantized factor back to grid units (its integers, exactly)."""
         return torch.round(value / self.grid.expand(torch.exp(self.log_scale.detach()), self.cols))
+
+
+class OnSupport(nn.Module):
+    """Parametrization of a block-sparse factor (hss): zero outside its support, so training keeps its structure and
+    its parameter count."""
+
+    def __init__(self, support: torch.Tensor):
+        super().__init__()
+        self.register_buffer("support", support)
+
+    def forward(self, factor: torch.Tensor) -> torch.Tensor:
+        return factor * self.support
 
 
 class Rescaled(nn.Module):
@@ -243,8 +255,11 @@ def _make_trainable(model: nn.Module, layers: dict[int, dict[str, CompressedTens
                     u, v = balance(module.u, module.v)
                     module.u.copy_(u)
                     module.v.copy_(v)
-            for part in ("u", "v"):
-                if grid is not None:
+            for index, part in enumerate(("u", "v")):
+                if layer.factor_masks is not None:
+                    parametrize.register_parametrization(module, part, OnSupport(layer.factor_masks[index]))
+                    parameter = module.parametrizations[part].original
+                elif grid is not None:
                     factor = getattr(layer.quantized, part)
                     parametrize.register_parametrization(module, part, OnGrid(grid, factor.scales, factor.q.shape[1]))
                     parameter = module.parametrizations[part].original

@@ -125,22 +125,27 @@ class SparseRows:
 
 
 def pack(sparse: np.ndarray, mask: np.ndarray, u: np.ndarray, v: np.ndarray, bits: int = 32,
-         group_size: int = 64, activation_bits: int = 32) -> SparseRows:
+         group_size: int = 64, activation_bits: int = 32,
+         factor_masks: tuple[np.ndarray, np.ndarray] | None = None) -> SparseRows:
     """Pack S (N×K, with its keep ``mask``), U (N×R) and V (R×K) for one ai.sslc node.
 
-    Entries of ``sparse`` outside ``mask`` are ignored; R may be 0 (u: N×0, v: 0×K).
+    Entries of ``sparse`` outside ``mask`` are ignored; R may be 0 (u: N×0, v: 0×K). U and V are kept whole, or
+    only on ``factor_masks`` (their supports, when block-sparse: hss).
     ``activation_bits=8`` (bits 8 or 4 only) makes the node quantize its inputs (module docstring)."""
     n, k = sparse.shape
-    if mask.shape != (n, k) or u.shape[0] != n or v.shape[1] != k or u.shape[1] != v.shape[0]:
-        raise ValueError(f"shapes disagree: S {sparse.shape}, mask {mask.shape}, U {u.shape}, V {v.shape}")
+    u_keep, v_keep = (np.ones(u.shape, bool), np.ones(v.shape, bool)) if factor_masks is None else factor_masks
+    if (mask.shape != (n, k) or u.shape[0] != n or v.shape[1] != k or u.shape[1] != v.shape[0] or u_keep.shape != u.shape
+            or v_keep.shape != v.shape):
+        raise ValueError(f"shapes disagree: S {sparse.shape}, mask {mask.shape}, U {u.shape}, V {v.shape}, "
+                         f"supports {u_keep.shape}, {v_keep.shape}")
     if bits not in OP_TYPES or group_size <= 0 or group_size % 16:
         raise ValueError(f"bits must be 32, 8 or 4 and group_size a positive multiple of 16, got {bits}, {group_size}")
     if activation_bits not in ACTIVATION_BITS or (activation_bits != 32 and bits == 32):
         raise ValueError(f"activation_bits must be 32, or 8 with 8- or 4-bit weights, got {activation_bits} ({bits}-bit)")
     joined = np.concatenate([sparse, u], axis=1).astype(np.float32)
-    keep = np.concatenate([mask.astype(bool), np.ones(u.shape, bool)], axis=1)
+    keep = np.concatenate([mask.astype(bool), u_keep.astype(bool)], axis=1)
     return SparseRows(pack_rows(joined, keep, bits, group_size),
-                      pack_rows(v.astype(np.float32), np.ones(v.shape, bool), bits, group_size), bits, group_size,
+                      pack_rows(v.astype(np.float32), v_keep.astype(bool), bits, group_size), bits, group_size,
                       activation_bits)
 
 

@@ -58,6 +58,10 @@ def test_bad_ratio(tiny_llama, tmp_path, ratio):
         (["--pattern", "nm", "--ratio", "0.5"], "no parameters for U, V"),  # sslc would silently be N:M pruning
         (["--preset", "fast"], "unknown --preset 'fast': choose one of paper"),
         (["--method", "wanda", "--preset", "paper"], "use it with --method sslc"),
+        (["--targets", "ffn"], "unknown --targets 'ffn': choose one of all, attn, mlp"),
+        (["--method", "hss", "--pattern", "nm"], "does not support --pattern nm"),
+        (["--method", "hss", "--bits", "4"], "method hss has no --bits 4"),
+        (["--method", "hss", "--ratio", "0.9"], "hss: a 64x64 layer cannot hold its dense 8-wide diagonal blocks"),
     ],
 )
 def test_bad_method_settings(tiny_llama, tmp_path, flags, expected):

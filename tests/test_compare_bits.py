@@ -85,11 +85,14 @@ def test_compare_bits_rtn_finetune_and_reuse(tiny_llama, tmp_path, monkeypatch):
 
     monkeypatch.setattr("sslc_export.compare.compress", recompute)
     monkeypatch.setattr("sslc_export.compare.finetune", recompute)
+    monkeypatch.setattr("sslc_export.compare.perplexity_per_text", recompute)  # every perplexity comes from the cache
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     again = json.loads(figures.read_text())["rows"]
     assert {row["variant"]: read_manifest(work / row["variant"])["created"] for row in again[1:]} == stamps
     assert [row["perplexity"] for row in again] == [row["perplexity"] for row in rows]
+    result = CliRunner().invoke(app, [*args, "--window", "32"])  # another window: measured again
+    assert result.exit_code != 0 and isinstance(result.exception, AssertionError)
 
 
 @pytest.mark.parametrize("flags, expected", [

@@ -1,5 +1,5 @@
-"""hss (decomposition module, not yet a --method): RCM, the hierarchical form on planted hierarchical low-rank
-matrices, exact budgets, and the thin-matmul product against the dense matrix."""
+"""hss: RCM, the hierarchical form on planted hierarchical low-rank matrices, exact budgets, the thin-matmul product
+against the dense matrix, and `--method hss` through the checkpoint (block-sparse U, V), fine-tuning and the exports."""
 import math
 import random
 
@@ -125,3 +125,96 @@ def test_leaves_too_large_for_the_budget_are_refused():
     stats.add_batch(torch.randn(64, 256))
     with pytest.raises(UserError, match="cannot hold its dense"):
         decompose_hss(torch.randn(256, 256), stats, plan_budget(256, 256, 0.9, 1.0, Pattern()), leaf=128)
+
+
+@pytest.mark.parametrize("shape, ratio", [((192, 576), 0.5), ((300, 200), 0.6)])
+def test_flattened_is_the_same_matrix_in_the_same_budget(shape, ratio):
+    """The tree written as S' + U·V (what the checkpoint and the exports hold): the same matrix, U and V zero off
+    their supports, and the supports plus S' count exactly the budget."""
+    torch.manual_seed(1)
+    weight = torch.randn(*shape)
+    stats = layer_stats_of(shape[1])
+    budget = plan_budget(*shape, ratio, 0.0, Pattern())
+    tree = decompose_hss(weight, stats, budget, leaf=LEAF)
+    flat = tree.flattened()
+    torch.testing.assert_close(flat.dense(), tree.dense(), rtol=1e-5, atol=1e-5)
+    u_support, v_support = flat.factor_masks
+    assert (flat.u[~u_support] == 0).all() and (flat.v[~v_support] == 0).all() and (flat.sparse[~flat.mask] == 0).all()
+    assert flat.params() == tree.params() == budget.allowed
+    assert flat.params() < int(flat.mask.sum()) + flat.rank * sum(shape)  # dense factors of that width would not fit
+
+
+def layer_stats_of(size):
+    stats = InputStatistics(size)
+    stats.add_batch(torch.randn(512, size) * (0.2 + torch.rand(size)))
+    return stats
+
+
+def hss_checkpoint(model, folder, **options):
+    from sslc_export.compress import CompressJob, compress
+
+    return compress(CompressJob(out=folder, model=str(model), method="hss", ratio=0.4, nsamples=8, seqlen=32, batch_size=4,
+                                **options))
+
+
+def test_method_through_checkpoint_and_reload(tiny_model, tmp_path):
+    from sslc_export.checkpoint import load_checkpoint, read_block
+
+    outcome = hss_checkpoint(tiny_model, tmp_path / "ckpt")
+    reloaded, manifest = load_checkpoint(tmp_path / "ckpt")
+    tokens = torch.randint(0, reloaded.model.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(outcome.loaded.model(tokens).logits, reloaded.model(tokens).logits)
+    reported = {layer["name"]: layer for layer in manifest["layers"]}
+    for index in range(manifest["num_blocks"]):
+        for name, layer in read_block(tmp_path / "ckpt", index).items():
+            u_support, v_support = layer.factor_masks
+            kept = int(layer.mask.sum()) + int(u_support.sum()) + int(v_support.sum())
+            assert kept == reported[name]["params_kept"] == reported[name]["params_allowed"], name
+            assert (layer.u[~u_support] == 0).all() and (layer.v[~v_support] == 0).all()
+
+
+@pytest.mark.parametrize("tamper", ["values", "mask"])
+def test_factor_supports_that_disagree_with_their_values_are_refused(tiny_llama, tmp_path, tamper):
+    from safetensors.torch import load_file, save_file
+
+    from sslc_export.checkpoint import read_block
+    from sslc_export.errors import UserError
+
+    hss_checkpoint(tiny_llama, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "blocks" / "block-0000.safetensors"
+    tensors = load_file(str(path))
+    key = next(key for key in tensors if key.endswith(f".u_{tamper}"))
+    tensors[key] = tensors[key][:-1].clone()
+    save_file(tensors, str(path))
+    with pytest.raises(UserError, match="checkpoint is corrupt"):
+        read_block(tmp_path / "ckpt", 0)
+
+
+def test_finetune_keeps_the_supports(tiny_llama, tmp_path):
+    from sslc_export.checkpoint import read_block
+    from sslc_export.finetune import FinetuneJob, finetune
+
+    hss_checkpoint(tiny_llama, tmp_path / "ckpt")
+    finetune(FinetuneJob(tmp_path / "ckpt", tmp_path / "ft", loss="lm", steps=3, seqlen=32, batch_size=2, lr=1e-2))
+    parent, child = read_block(tmp_path / "ckpt", 0), read_block(tmp_path / "ft", 0)
+    for name, layer in child.items():
+        for trained, before, support, other in zip((layer.u, layer.v), (parent[name].u, parent[name].v), layer.factor_masks,
+                                                   parent[name].factor_masks):
+            assert torch.equal(support, other) and (trained[~support] == 0).all()
+            assert not torch.allclose(trained, before)  # it did train
+
+
+@pytest.mark.parametrize("fmt, targets", [("sparse", "all"), ("dense", "all"), ("sparse", "attn")])
+def test_exports_validate_with_block_sparse_factors(tiny_model, tmp_path, fmt, targets):
+    """`sparse` packs U and V on their supports in our operator (fused q/k/v and gate/up included), `dense` writes them
+    whole; both compute the checkpoint at fp32 tolerance, also with the MLP left dense (--targets attn)."""
+    from sslc_export.checkpoint import load_checkpoint
+    from sslc_export.onnx.build import export_checkpoint_dir
+    from sslc_export.onnx.validate import validate
+
+    hss_checkpoint(tiny_model, tmp_path / "ckpt", targets=targets)
+    record = export_checkpoint_dir(tmp_path / "ckpt", tmp_path / "onnx", fmt)
+    assert record["compressed_layers"] == (14 if targets == "all" else 8)
+    report = validate(tmp_path / "onnx", load_checkpoint(tmp_path / "ckpt")[0])
+    assert report.passed, report

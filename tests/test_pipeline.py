@@ -114,6 +114,39 @@ def test_resume_after_a_crash_gives_the_same_checkpoint(tiny_llama, tmp_path):
             assert reference["files"][name]["sha256"] == resumed["files"][name]["sha256"], name
 
 
+@pytest.mark.parametrize("targets", ["all", "attn"])
+def test_streamed_resume_gives_the_in_memory_checkpoint(tiny_llama, tmp_path, targets):
+    """A streamed run resumed after block 0 writes the same files as one uninterrupted run in memory: the finished
+    blocks' norms (and untargeted Linears) are read again for dense.safetensors."""
+    reference = compress(small_job(tiny_llama, tmp_path / "reference", targets=targets)).manifest
+    interrupted_after_first_block(lambda: compress(small_job(tiny_llama, tmp_path / "resumed", streaming=True, targets=targets)))
+    resumed = compress(small_job(tiny_llama, tmp_path / "resumed", streaming=True, targets=targets, resume=True)).manifest
+    for name, record in reference["files"].items():
+        assert resumed["files"][name]["sha256"] == record["sha256"], name
+
+
+@pytest.mark.parametrize("targets, suffixes", [("attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                               ("mlp", ("gate_proj", "up_proj", "down_proj"))])
+def test_targets_compress_only_their_linears(tiny_model, tmp_path, targets, suffixes):
+    from sslc_export.models.loading import load_model
+
+    manifest = compress(small_job(tiny_model, tmp_path / "ckpt", targets=targets, ratio=0.4)).manifest
+    assert manifest["targets"] == targets
+    assert {layer["name"].rsplit(".", 1)[1] for layer in manifest["layers"]} == set(suffixes)
+    assert manifest["params_total"] == sum(layer["params_total"] for layer in manifest["layers"])
+    source = dict(load_model(str(tiny_model)).model.named_modules())
+    reloaded = load_checkpoint(tmp_path / "ckpt")[0].model
+    for name, module in reloaded.named_modules():
+        if ".layers." in name and name.endswith("_proj"):
+            if name.endswith(suffixes):
+                assert isinstance(module, SparseLowRankLinear), name
+            else:  # the source's own Linear, weights and bias
+                assert isinstance(module, torch.nn.Linear), name
+                assert torch.equal(module.weight, source[name].weight), name
+                assert (module.bias is None) == (source[name].bias is None)
+                assert module.bias is None or torch.equal(module.bias, source[name].bias)
+
+
 def test_tampered_checkpoint_is_refused(tiny_llama, tmp_path):
     compress(small_job(tiny_llama, tmp_path / "ckpt"))
     block = tmp_path / "ckpt" / "blocks" / "block-0001.safetensors"

@@ -67,10 +67,15 @@ class Decomposition:
     loss_history: list[float] = field(default_factory=list)  # the method's objective, where it checked it
     iterations: int = 1
     quantized: QuantizedFactors | None = None  # with --bits: the stored integers; u, v and sparse are their dequantized values
+    factor_masks: tuple[torch.Tensor, torch.Tensor] | None = None  # supports of U and V when they are block-sparse (hss)
 
     @property
     def rank(self) -> int:
         return self.u.shape[1]
+
+    def params(self) -> int:
+        """Parameters stored: S's kept entries plus U's and V's (all of them, or their supports when block-sparse)."""
+        return int(self.mask.sum()) + factor_params(self.u, self.v, self.factor_masks)
 
     def dense(self) -> torch.Tensor:
         return self.sparse + self.u @ self.v
@@ -109,6 +114,9 @@ class Method(ABC):
         if settings.loss not in self.losses:
             raise UserError(f"method {self.name} has no --loss {settings.loss}: use one of {', '.join(self.losses)}")
 
+    def check_budget(self, budget: Budget) -> None:
+        """Refuse, before any work, a layer budget the method cannot use (plan_budget has checked the common limits)."""
+
     @abstractmethod
     def decompose(
         self, weight: torch.Tensor, stats: InputStatistics, budget: Budget, pattern: Pattern, settings: Settings
@@ -122,6 +130,13 @@ class Method(ABC):
         reference = stats.error_energy(weight)
         return [stats.relative_error(weight, self.decompose(weight, stats, budget, pattern, settings).dense(), reference)
                 for budget in budgets]
+
+
+def factor_params(u: torch.Tensor, v: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor] | None) -> int:
+    """What a low-rank pair costs in the budget: r·(m + n), or the entries of its supports when block-sparse."""
+    if masks is None:
+        return u.numel() + v.numel()
+    return int(masks[0].sum()) + int(masks[1].sum())
 
 
 def sparse_only(sparse: torch.Tensor, mask: torch.Tensor) -> Decomposition:

@@ -3,9 +3,9 @@
 
 The low-rank pair is fused into the same node (one read of x, one write of y, one node instead of
 three): the operator computes y = [x, x·Vᵀ]·[S | U]ᵀ, with V and U stored in the same layout as
-fully kept rows (sslc_export/sparse_rows.py). With bits 8 or 4 the kept values (and U, V) are
-quantized here, symmetric, with a scale per group of input columns taken from the kept values
-only, and the operator quantizes its activations to int8 per group as well (activation_bits=8:
+fully kept rows (sslc_export/sparse_rows.py), or kept on their supports where block-sparse (hss). With bits 8
+or 4 the kept values (and U, V) are quantized here, symmetric, with a scale per group of input columns taken
+from the kept values only, and the operator quantizes its activations to int8 per group as well (activation_bits=8:
 integer dot products, as MatMulNBits' accuracy_level 4 does; the float path costs several times
 more instructions than the bytes it saves). `reference` gives the exact dequantized factors: with
 ACTIVATION_BITS = 32 the ONNX equals them at fp32 tolerance (a test checks it), with 8 it differs
@@ -37,8 +37,9 @@ def _packed(layer: CompressedTensors, bits: int) -> SparseRows:
     if layer.quantized is not None and bits != 32:
         return _packed_integers(layer)
     u, v = low_rank_to_write(layer, None)
+    supports = None if layer.factor_masks is None else tuple(support.numpy() for support in layer.factor_masks)
     return pack(layer.sparse.numpy(), layer.mask.numpy(), u.numpy(), v.numpy(), bits, GROUP_SIZE,
-                ACTIVATION_BITS if bits != 32 else 32)
+                ACTIVATION_BITS if bits != 32 else 32, supports)
 
 
 def _packed_integers(layer: CompressedTensors) -> SparseRows:
