@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUNS := runs/demo
 
-.PHONY: results-quality results-distributed results-allocation results-sparse results-quant demo test test-fast gpu-check setup clean kernels kernels-or-skip results results-compression results-heldout results-onnx results-streaming results-large
+.PHONY: results-quality results-methods results-distributed results-allocation results-sparse results-quant demo test test-fast gpu-check setup clean kernels kernels-or-skip results results-compression results-heldout results-onnx results-streaming results-large
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -138,6 +138,16 @@ results-allocation: $(STAMP)
 	  --report docs/results.md --section allocation --json docs/compare-allocation.json
 	$(BIN)/sslc-export checkpoints $(ALLOC)/sslc-default-r0.5 $(ALLOC)/sslc-default-r0.5-global --layers \
 	  --report docs/results.md --section allocation-layers
+
+# The papers' other sparse-plus-low-rank methods (issue 11): hss and losparse (its structured S) beside sslc at ratios
+# 0.3 and 0.5, perplexity on every held-out text and compression minutes; then sslc and hss on the attention projections
+# alone (--targets attn, the HSS paper's setting; the MLP stays dense). Finished checkpoints and perplexities are reused.
+METHODS_RUNS := runs/methods
+results-methods: $(STAMP)
+	$(BIN)/sslc-export compare --methods sslc,hss,losparse --ratios 0.3,0.5 --extra-losses "" --work-dir $(METHODS_RUNS) \
+	  --report docs/results.md --section methods --json docs/compare-methods.json
+	$(BIN)/sslc-export compare --methods sslc,hss --ratios 0.3,0.5 --extra-losses "" --targets attn --work-dir $(METHODS_RUNS)/attn \
+	  --report docs/results.md --section methods-attn --json docs/compare-methods-attn.json
 
 # Compression on 1 and 2 processes, one thread each (issue 13): the bundled SmolLM2, sslc at ratio 0.5, plainly and
 # under torchrun; wall times from /usr/bin/time, each rank's peak RSS and per-layer times from the manifests, and the

@@ -23,11 +23,11 @@ is exact. The orders are index arrays, like S's mask, and not counted.
 H·x is a chain of thin matmuls (`HssNode.matmul`): per node, V of one block on half of x, then U; per leaf one
 small dense matmul. For the checkpoint, the torch layer and the exports (`HssDecomposition.flattened`) the same
 product is written as the U·V + S every other method produces, exactly and at the same parameter count: the
-leaves are entries of W at known places outside S's, so they join S; every off-diagonal block's U and V become columns of one
-U and rows of one V that are zero outside the block's rows and columns (their supports, `factor_masks`, are stored
-and counted instead of r·(m + n)). H·x then costs one x·Vᵀ and one product with U, each reading only its support
-on the `sparse` layout's operator. scipy is not in the project's environment, so RCM is written out here
-(`reverse_cuthill_mckee`).
+leaves are entries of W at known places outside S's, so they join S; every off-diagonal block's U and V become
+columns of one U and rows of one V that are zero outside the block's rows and columns (their supports,
+`factor_masks`, are stored and counted instead of r·(m + n)). H·x then costs one x·Vᵀ and one product with U,
+each reading only its support on the `sparse` layout's operator. scipy is not in the project's environment, so
+RCM is written out here (`reverse_cuthill_mckee`).
 """
 from __future__ import annotations
 
