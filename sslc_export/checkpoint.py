@@ -9,10 +9,12 @@
         <linear>.s_values   S's kept values in the same order (never a zero-filled matrix)
     block-sparse U and V (hss), instead of u and v: their supports and kept values as S's, and their shape
         <linear>.u_mask <linear>.u_values <linear>.v_mask <linear>.v_values <linear>.factor_shape (m, r, n)
-    quantized (compress --bits; format_version 2, manifest "quantization": bits, group_size), instead of
-    u, v and s_values: the integers (int8, whatever the bits) and fp32 scales per (row, group of input columns)
+    quantized (compress --bits; manifest "quantization": bits, group_size, scales), instead of u, v and
+    s_values: the integers and fp32 scales per (row, group of input columns)
         <linear>.u_q <linear>.u_scales  <linear>.v_q <linear>.v_scales
         <linear>.s_q (S's kept integers in mask order)  <linear>.s_scales
+    the integers are int8 matrices at 8 bits (format_version 2); at 4 bits two to a byte, each part
+    flattened (format_version 3; version 2 stored them as int8 too), with <linear>.q_shape (m, r, n)
 
 While compression runs the folder is `.NAME.partial`, holding progress for --resume.
 """
@@ -34,14 +36,22 @@ from sslc_export.models.loading import LoadedModel, fix_end_token, load_model
 from sslc_export.atomic import file_inventory, partial_path, publish_directory, verify_inventory, write_file_atomic, write_json_atomic
 from sslc_export.errors import UserError
 from sslc_export.layers import SparseLowRankLinear, replace_linear
-from sslc_export.quantization import Grid, Quantized, QuantizedFactors
+from sslc_export.quantization import Grid, Quantized, QuantizedFactors, pack_int4, unpack_int4
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 HIDDEN = "progress-hidden.safetensors"
 FORMAT_VERSION = 1
 QUANTIZED_FORMAT_VERSION = 2  # integers and scales: an older tool must refuse, not misread
-READABLE_VERSIONS = (FORMAT_VERSION, QUANTIZED_FORMAT_VERSION)
+PACKED_INT4_FORMAT_VERSION = 3  # likewise for int4 integers two to a byte
+READABLE_VERSIONS = (FORMAT_VERSION, QUANTIZED_FORMAT_VERSION, PACKED_INT4_FORMAT_VERSION)
+
+
+def format_version(grid: Grid | None) -> int:
+    """The format_version of a checkpoint whose factors lie on `grid` (None: fp32)."""
+    if grid is None:
+        return FORMAT_VERSION
+    return PACKED_INT4_FORMAT_VERSION if grid.bits == 4 else QUANTIZED_FORMAT_VERSION
 
 
 @dataclass
@@ -77,25 +87,55 @@ def encode_layer(name: str, layer: CompressedTensors) -> dict[str, torch.Tensor]
                         f"{name}.s_values": layer.sparse.flatten()[mask].contiguous()})
     else:
         factors = layer.quantized
+        packed = factors.grid.bits == 4
+        stored = pack_int4 if packed else torch.Tensor.contiguous
         for part, matrix in (("u", factors.u), ("v", factors.v)):
-            tensors.update({f"{name}.{part}_q": matrix.q.contiguous(), f"{name}.{part}_scales": matrix.scales.contiguous()})
-        tensors.update({f"{name}.s_q": factors.sparse.q.flatten()[mask].contiguous(),
-                        f"{name}.s_scales": factors.sparse.scales.contiguous()})
+            tensors.update({f"{name}.{part}_q": stored(matrix.q), f"{name}.{part}_scales": matrix.scales.contiguous()})
+        tensors.update({f"{name}.s_q": stored(factors.sparse.q.flatten()[mask]), f"{name}.s_scales": factors.sparse.scales.contiguous()})
+        if packed:
+            tensors[f"{name}.q_shape"] = torch.tensor([*factors.u.q.shape, factors.v.q.shape[1]], dtype=torch.int64)
     if layer.bias is not None:
         tensors[f"{name}.bias"] = layer.bias.contiguous()
     return tensors
 
 
-def _unmasked(name: str, part: str, packed: torch.Tensor, values: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A rows x cols matrix from its packed support and kept values (S's storage), and the support; every count checked."""
+def _support(name: str, part: str, packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A rows x cols support from its packed bits, their count checked."""
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (rows * cols + 7) // 8:
         raise UserError(f"layer {name}: {part}'s mask does not hold {rows}x{cols} bits: the checkpoint is corrupt")
-    mask = torch.from_numpy(np.unpackbits(packed.numpy(), count=rows * cols).astype(bool)).reshape(rows, cols)
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=rows * cols).astype(bool)).reshape(rows, cols)
+
+
+def _unpacked_int4(name: str, part: str, packed: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` int4 integers stored two to a byte, as flat int8; their count checked."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (count + 1) // 2:
+        raise UserError(f"layer {name}: {part}'s int4 integers do not hold {count} values: the checkpoint is corrupt")
+    return unpack_int4(packed, count)
+
+
+def _unmasked(name: str, part: str, packed: torch.Tensor, values: torch.Tensor, rows: int, cols: int,
+              mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rows x cols matrix from its packed support (or the support itself) and kept values (S's storage), and the
+    support; every count checked."""
+    if mask is None:
+        mask = _support(name, part, packed, rows, cols)
     if values.dim() != 1 or values.numel() != int(mask.sum()):
         raise UserError(f"layer {name}: {values.numel()} {part} values for {int(mask.sum())} mask bits: the checkpoint is corrupt")
     matrix = torch.zeros(rows * cols, dtype=values.dtype)
     matrix[mask.flatten()] = values
     return matrix.reshape(rows, cols), mask
+
+
+def _int4_integers(name: str, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A format-3 layer's integers unpacked (U and V as matrices, S's kept ones flat) and S's support."""
+    shape = tensors[f"{name}.q_shape"]
+    if shape.dtype != torch.int64 or shape.shape != (3,) or int(shape.min()) < 0:
+        raise UserError(f"layer {name}: its integers' shape is invalid: the checkpoint is corrupt")
+    rows, rank, cols = shape.tolist()
+    mask = _support(name, "sparse", tensors[f"{name}.s_mask"], rows, cols)
+    return (_unpacked_int4(name, "U", tensors[f"{name}.u_q"], rows * rank).reshape(rows, rank),
+            _unpacked_int4(name, "V", tensors[f"{name}.v_q"], rank * cols).reshape(rank, cols),
+            _unpacked_int4(name, "sparse", tensors[f"{name}.s_q"], int(mask.sum())), mask)
 
 
 def decode_layer(name: str, tensors: dict[str, torch.Tensor], grid: Grid | None = None) -> CompressedTensors:
@@ -112,14 +152,21 @@ def decode_layer(name: str, tensors: dict[str, torch.Tensor], grid: Grid | None 
         return CompressedTensors(u, v, sparse, mask, bias, factor_masks=(u_mask, v_mask))
     if (grid is None) != (f"{name}.u" in tensors):
         raise UserError(f"layer {name}: its tensors and the manifest's quantization disagree: the checkpoint is corrupt")
-    suffix = "" if grid is None else "_q"
-    rows, cols = tensors[f"{name}.u{suffix}"].shape[0], tensors[f"{name}.v{suffix}"].shape[1]
-    sparse, mask = _unmasked(name, "sparse", tensors[f"{name}.s_mask"], tensors[f"{name}.s_values" if grid is None else f"{name}.s_q"],
-                             rows, cols)
     if grid is None:
+        rows, cols = tensors[f"{name}.u"].shape[0], tensors[f"{name}.v"].shape[1]
+        sparse, mask = _unmasked(name, "sparse", tensors[f"{name}.s_mask"], tensors[f"{name}.s_values"], rows, cols)
         return CompressedTensors(tensors[f"{name}.u"], tensors[f"{name}.v"], sparse, mask, bias)
-    factors = QuantizedFactors(grid, Quantized(sparse, tensors[f"{name}.s_scales"]),
-                               *(Quantized(tensors[f"{name}.{part}_q"], tensors[f"{name}.{part}_scales"]) for part in ("u", "v")))
+    if f"{name}.q_shape" in tensors:
+        if grid.bits != 4:
+            raise UserError(f"layer {name}: int4 integers in a {grid.bits}-bit checkpoint: the checkpoint is corrupt")
+        u_q, v_q, s_q, mask = _int4_integers(name, tensors)
+    else:
+        u_q, v_q, s_q, mask = tensors[f"{name}.u_q"], tensors[f"{name}.v_q"], tensors[f"{name}.s_q"], None
+    if u_q.dim() != 2 or v_q.dim() != 2:
+        raise UserError(f"layer {name}: U's or V's integers are not a matrix: the checkpoint is corrupt")
+    sparse, mask = _unmasked(name, "sparse", tensors[f"{name}.s_mask"], s_q, u_q.shape[0], v_q.shape[1], mask)
+    factors = QuantizedFactors(grid, Quantized(sparse, tensors[f"{name}.s_scales"]), Quantized(u_q, tensors[f"{name}.u_scales"]),
+                               Quantized(v_q, tensors[f"{name}.v_scales"]))
     for part in (factors.sparse, factors.u, factors.v):  # model files are untrusted: the exports pack these as they are
         part_rows, part_cols = part.q.shape
         if (part.q.dtype != torch.int8 or part.scales.shape != (part_rows, grid.groups(part_cols))
@@ -240,7 +287,9 @@ def read_block(folder: Path, index: int, grid: Grid | None = None) -> dict[str, 
 def checkpoint_grid(manifest: dict) -> Grid | None:
     """The integer grid a checkpoint's factors lie on (compress --bits), None for fp32."""
     quantization = manifest.get("quantization")
-    return None if quantization is None else Grid(quantization["bits"], quantization["group_size"])
+    if quantization is None:
+        return None
+    return Grid(quantization["bits"], quantization["group_size"], quantization.get("scales", "max"))  # max: before --scales
 
 
 def read_manifest(folder: Path, verify: bool = True) -> dict:

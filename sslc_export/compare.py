@@ -95,7 +95,9 @@ def variant_job(variant: Variant, base_job: CompressJob, work_dir: Path) -> Comp
                   allocation=replace(base_job.allocation, mode=variant.allocation))
     if job.pattern.kind not in method.patterns:  # e.g. losparse, structured only: its own pattern, as compress's default
         job = replace(job, pattern=Pattern(kind=method.patterns[0]))
-    settings = method.resolve(replace(base_job.settings, loss=variant.loss, bits=variant.bits), job.pattern)
+    rtn = variant.method == RTN_METHOD and variant.ratio == 0  # onnxruntime's quantizer: scales from max |w|
+    settings = method.resolve(replace(base_job.settings, loss=variant.loss, bits=variant.bits,
+                                      scales="max" if rtn else base_job.settings.scales), job.pattern)
     job = replace(job, settings=settings)
     check_ratio(job.ratio, quantized=settings.grid is not None)
     job.allocation.check(job.ratio, job.streaming)

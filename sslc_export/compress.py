@@ -29,7 +29,7 @@ from sslc_export.budget import check_ratio, plan_budget, split_budget
 from sslc_export.calibration import CalibrationSet, InputStatistics
 from sslc_export.errors import UserError
 from sslc_export.distributed import World, join
-from sslc_export.checkpoint import FORMAT_VERSION, QUANTIZED_FORMAT_VERSION, CheckpointWriter, CompressedTensors
+from sslc_export.checkpoint import CheckpointWriter, CompressedTensors, format_version
 from sslc_export.layers import SparseLowRankLinear, replace_linear
 from sslc_export.methods import Method, Settings, get_method
 from sslc_export.patterns import Pattern
@@ -374,7 +374,7 @@ def _manifest(
     kept = sum(layer["params_kept"] for layer in layers)
     total = sum(layer["params_total"] for layer in layers)
     return {
-        "format_version": FORMAT_VERSION if job.settings.grid is None else QUANTIZED_FORMAT_VERSION,
+        "format_version": format_version(job.settings.grid),
         "tool": {"name": "sslc-export", "version": __version__, "torch": torch.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source_model": loaded.identity,

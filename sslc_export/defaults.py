@@ -12,6 +12,7 @@ DAMP = 0.01  # exact loss: Gram damping, as a fraction of its mean diagonal
 SEED = 0
 BITS = 32  # 32 (fp32), 8 or 4
 GROUP_SIZE = 32  # input columns per quantization scale
+SCALES = "mse"  # quantization scales: mse (each group's best shrink of max |w| / qmax) | max
 NSAMPLES = 64  # calibration sequences
 SEQLEN = 256  # tokens per calibration sequence
 WINDOW = 512  # tokens per perplexity window

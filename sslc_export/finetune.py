@@ -40,8 +40,8 @@ from sslc_export.models.loading import LoadedModel, load_model
 from sslc_export import __version__, defaults
 from sslc_export.atomic import check_writable_target, partial_path, sha256_file, write_file_atomic, write_json_atomic
 from sslc_export.calibration import CalibrationSet
-from sslc_export.checkpoint import (MANIFEST, CompressedTensors, block_file, checkpoint_grid, encode_layer, load_checkpoint,
-                                    publish_checkpoint, read_block, save_tensors)
+from sslc_export.checkpoint import (MANIFEST, CompressedTensors, block_file, checkpoint_grid, encode_layer, format_version,
+                                    load_checkpoint, publish_checkpoint, read_block, save_tensors)
 from sslc_export.errors import UserError
 from sslc_export.layers import SparseLowRankLinear
 from sslc_export.lowrank import balance
@@ -365,7 +365,7 @@ def _write(job: FinetuneJob, work: Path, manifest: dict, layers: dict[int, dict[
     for leftover in (STATE, PROGRESS):
         (work / leftover).unlink(missing_ok=True)
     fingerprint = {**manifest["fingerprint"], "finetune": {"parent": record["parent"]["manifest_sha256"], **record["settings"]}}
-    new = {**manifest, "tool": {"name": "sslc-export", "version": __version__, "torch": torch.__version__},
+    new = {**manifest, "format_version": format_version(grid), "tool": {"name": "sslc-export", "version": __version__, "torch": torch.__version__},
            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "fingerprint": fingerprint, "finetune": record,
            "threads": torch.get_num_threads()}
     return publish_checkpoint(work, job.out, {key: value for key, value in new.items() if key not in ("files", "bytes")})

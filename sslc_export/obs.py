@@ -108,7 +108,8 @@ class ObsPruner:
                                                      hinv_block.unbind(0))
         for i in range(columns.shape[0]):
             if i % grid.group_size == 0:  # the group's scales from its kept values, as updated so far
-                scale = grid.scales((columns[i:i + grid.group_size] * kept[i:i + grid.group_size]).T)
+                scale = grid.scales((columns[i:i + grid.group_size] * kept[i:i + grid.group_size]).T,
+                                    diag[i:i + grid.group_size].square().reciprocal())  # the OBS price of each column's error
                 quantized.scales[:, (start + i) // grid.group_size] = scale
                 inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))  # an all-zero group stays 0
             torch.mul(column[i], inverse, out=q_row[i]).round_().clamp_(grid.qmin, grid.qmax).mul_(keep_row[i])

@@ -15,14 +15,19 @@ from sslc_export.sparse_rows import QMAX
 
 BITS = (32, 8, 4)
 GROUP_STEP = 16  # the native kernel walks groups in whole 16-column steps
+SCALES = ("mse", "max")
+SHRINKS = torch.linspace(1.0, 0.5, 21)  # mse: the fractions of max |value| / qmax tried as each group's scale
 
 
 @dataclass(frozen=True)
 class Grid:
-    """bits 8: q in [-127, 127], scale = max|kept| / 127; bits 4: q in [-8, 7], scale = max|kept| / 7."""
+    """bits 8: q in [-127, 127]; bits 4: q in [-8, 7]. A group's scale is max|kept| / qmax ("max"), or the
+    shrink of it that rounds the group with the least weighted squared error ("mse": clipping the largest
+    values a little buys finer steps for all the others, which matters most at 4 bits)."""
 
     bits: int
     group_size: int
+    search: str = "max"
 
     @property
     def qmax(self) -> int:
@@ -35,25 +40,41 @@ class Grid:
     def groups(self, cols: int) -> int:
         return -(-cols // self.group_size)
 
-    def scales(self, values: torch.Tensor) -> torch.Tensor:
-        """Per row, from the values given (the kept ones; zeros elsewhere): max |value| / qmax."""
-        return values.abs().amax(dim=1) / self.qmax if values.shape[1] else values.new_zeros(values.shape[0])
+    def scales(self, values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Per row, from the values given (the kept ones; zeros elsewhere, which round to 0 at any scale).
+        `weights` (one per column) price each column's squared rounding error in the mse search."""
+        if not values.shape[1]:
+            return values.new_zeros(values.shape[0])
+        largest = values.abs().amax(dim=1) / self.qmax
+        if self.search == "max":
+            return largest
+        candidates = largest[:, None] * SHRINKS.to(values)  # [rows, shrinks]
+        safe = torch.where(candidates > 0, candidates, torch.ones_like(candidates))[:, :, None]
+        rounded = torch.clamp(torch.round(values[:, None, :] / safe), self.qmin, self.qmax) * safe
+        errors = (rounded - values[:, None, :]).square()
+        if weights is not None:
+            errors = errors * weights
+        best = errors.sum(dim=2).argmin(dim=1, keepdim=True)  # ties go to the first, the plain max
+        return candidates.gather(1, best)[:, 0]
 
     def expand(self, scales: torch.Tensor, cols: int) -> torch.Tensor:
         """[rows, groups] -> [rows, cols]: each column's scale."""
         return scales.repeat_interleave(self.group_size, dim=1)[:, :cols]
 
     def record(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size, "symmetric": True, "scales_from": "kept values per group"}
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": True, "scales_from": "kept values per group",
+                "scales": self.search}
 
 
-def make_grid(bits: int, group_size: int) -> Grid | None:
-    """The grid named by --bits/--group-size, None for fp32; a one-line error for anything else."""
+def make_grid(bits: int, group_size: int, scales: str = "max") -> Grid | None:
+    """The grid named by --bits/--group-size/--scales, None for fp32; a one-line error for anything else."""
     if bits not in BITS:
         raise UserError(f"--bits must be one of {', '.join(map(str, BITS))}, got {bits}")
     if group_size <= 0 or group_size % GROUP_STEP:
         raise UserError(f"--group-size must be a positive multiple of {GROUP_STEP} (the native kernel's step), got {group_size}")
-    return None if bits == 32 else Grid(bits, group_size)
+    if scales not in SCALES:
+        raise UserError(f"--scales must be one of {', '.join(SCALES)}, got '{scales}'")
+    return None if bits == 32 else Grid(bits, group_size, scales)
 
 
 @dataclass
@@ -84,6 +105,20 @@ class QuantizedFactors:
         return QuantizedFactors(self.grid, self.sparse.to(device), self.u.to(device), self.v.to(device))
 
 
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 values in [-8, 7], flattened, two to a byte (low nibble first, offset by 8): int4 as stored on disk."""
+    nibbles = (q.flatten().to(torch.int16) + 8).to(torch.uint8)
+    if nibbles.numel() % 2:
+        nibbles = torch.cat([nibbles, nibbles.new_zeros(1)])
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """pack_int4's inverse: the first `count` values, int8."""
+    nibbles = torch.stack([packed & 15, packed >> 4], dim=1).flatten()[:count]
+    return (nibbles.to(torch.int16) - 8).to(torch.int8)
+
+
 def empty_low_rank(like: torch.Tensor, grid: Grid) -> tuple[Quantized, Quantized]:
     """Rank-0 U (m x 0) and V (0 x n) on the grid, for layers with no low-rank pair."""
     rows, cols = like.shape
@@ -96,7 +131,8 @@ def round_to_nearest(weight: torch.Tensor, grid: Grid) -> Quantized:
     rows, cols = weight.shape
     padded = weight.new_zeros(rows, grid.groups(cols) * grid.group_size)
     padded[:, :cols] = weight
-    scales = padded.reshape(rows, -1, grid.group_size).abs().amax(dim=2) / grid.qmax
+    groups = padded.reshape(rows, -1, grid.group_size)
+    scales = grid.scales(groups.reshape(-1, grid.group_size)).reshape(rows, -1)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     q = torch.clamp(torch.round(weight / grid.expand(safe, cols)), grid.qmin, grid.qmax)
     return Quantized(q.to(torch.int8), scales.float())

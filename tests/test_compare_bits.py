@@ -24,10 +24,10 @@ def test_magnitude_at_ratio_0_with_bits_is_round_to_nearest(tiny_llama, tmp_path
     """Every stored integer and scale equals per-group round-to-nearest of the dense weight: no error feedback."""
     out = tmp_path / "rtn"
     compress(CompressJob(out=out, method="magnitude", ratio=0.0, model=str(tiny_llama), nsamples=2, seqlen=16,
-                         settings=Settings(bits=4, group_size=16)))
+                         settings=Settings(bits=4, group_size=16, scales="max")))
     manifest = read_manifest(out)
     grid = checkpoint_grid(manifest)
-    assert grid == Grid(4, 16)
+    assert grid == Grid(4, 16, "max")
     dense = load_model(str(tiny_llama)).model
     checked = 0
     for index in range(manifest["num_blocks"]):
@@ -75,6 +75,9 @@ def test_compare_bits_rtn_finetune_and_reuse(tiny_llama, tmp_path, monkeypatch):
             assert row["compression_seconds"] == read_manifest(parent)["compression_seconds"]
             assert row["finetune_seconds"] == manifest["finetune"]["seconds"]
     assert rows[3]["bytes"] > rows[5]["bytes"]  # int4 factors are smaller than fp32 ones
+    scales = {row["variant"]: read_manifest(work / row["variant"])["quantization"]["scales"] for row in rows if row["bits"] == 4}
+    assert scales["magnitude-default-r0.0-b4"] == "max"  # the RTN row is onnxruntime's quantizer: scales from max |w|
+    assert scales["sslc-default-r0.0-b4"] == scales["sslc-default-r0.5-b4"] == "mse"
     text = report.read_text()
     for cell in ("| RTN int4 |", "| sslc int4 dense (GPTQ) |", "| sslc + finetune |", "| MB | minutes |"):
         assert cell in text

@@ -66,6 +66,49 @@ def test_integers_stay_in_range_and_vanish_outside_the_mask(grid):
     assert int(quantized.q.abs().max()) >= grid.qmax  # the grid is used, not collapsed
 
 
+def heavy_tailed_problem(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student-t weights (a few large entries per group, as in trained LLMs) on correlated inputs."""
+    _, inputs = correlated_problem(seed)
+    return torch.distributions.StudentT(4.0).sample((64, 128)), inputs
+
+
+def test_mse_scales_round_each_group_with_no_more_error_than_max():
+    torch.manual_seed(6)
+    values = torch.distributions.StudentT(4.0).sample((256, 32))
+    values[::7] = 0  # all-zero rows keep a zero scale
+    weights = torch.rand(32) + 0.1
+    for bits in (8, 4):
+        plain, searched = Grid(bits, 32, "max"), Grid(bits, 32, "mse")
+
+        def error(scales: torch.Tensor, grid: Grid) -> torch.Tensor:
+            safe = torch.where(scales > 0, scales, torch.ones_like(scales))[:, None]
+            return ((torch.clamp(torch.round(values / safe), grid.qmin, grid.qmax) * safe - values).square() * weights).sum(1)
+
+        largest, best = plain.scales(values, weights), searched.scales(values, weights)
+        torch.testing.assert_close(largest, values.abs().amax(1) / plain.qmax)
+        assert bool((best <= largest).all()) and bool((best[::7] == 0).all())
+        assert bool((error(best, searched) <= error(largest, plain) * (1 + 1e-6)).all())
+    assert float(error(best, searched).sum()) < 0.9 * float(error(largest, plain).sum())  # at 4 bits clipping pays
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("keep_fraction", [1.0, 0.5])
+def test_mse_scales_lower_the_sweeps_output_error(seed, keep_fraction):
+    weight, inputs = heavy_tailed_problem(seed)
+    errors = {}
+    for search in ("max", "mse"):
+        grid = Grid(4, 32, search)
+        quantized, _ = ObsPruner(inputs.T @ inputs, 0.01).prune_quantized(weight, int(weight.numel() * keep_fraction), Pattern(), grid)
+        errors[search] = output_error(weight, quantized.dequantize(grid), inputs)
+    assert errors["mse"] < 0.995 * errors["max"]
+
+
+def test_scales_enter_the_fingerprint_only_where_they_change_the_result():
+    """fp32 and max-scale checkpoints made before --scales existed still match their settings; mse ones do not."""
+    assert "scales" not in Settings().record() and "scales" not in Settings(bits=4, scales="max").record()
+    assert Settings(bits=4).record()["scales"] == "mse"
+
+
 def test_scales_come_from_the_kept_values_only():
     """A diagonal Hessian pushes no error between columns, so each scale is max|kept| / qmax of the weight itself;
     a large weight on a rarely active input is pruned and must not stretch its group's scale."""
@@ -114,9 +157,9 @@ def quantized_checkpoint(tiny_llama, tmp_path_factory):
 def test_checkpoint_stores_integers_and_reads_back_bit_exactly(quantized_checkpoint):
     manifest = read_manifest(quantized_checkpoint)
     assert manifest["quantization"]["bits"] == 4 and manifest["quantization"]["group_size"] == 32
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == 3
     stored = load_file(str(quantized_checkpoint / "blocks" / "block-0000.safetensors"))
-    assert {stored[key].dtype for key in stored if key.endswith("_q")} == {torch.int8}
+    assert {stored[key].dtype for key in stored if key.endswith("_q")} == {torch.uint8}  # int4: two to a byte
     assert not any(key.endswith((".u", ".v", ".s_values")) for key in stored)
     layers = read_block(quantized_checkpoint, 0, checkpoint_grid(manifest))
     for name, layer in layers.items():
@@ -219,6 +262,7 @@ def test_ratio_zero_is_a_quantized_dense_model(tiny_llama, tmp_path, monkeypatch
         (["--bits", "5"], "--bits must be one of 32, 8, 4"),
         (["--bits", "4", "--group-size", "24"], "--group-size must be a positive multiple of 16"),
         (["--bits", "4", "--group-size", "0"], "--group-size must be a positive multiple of 16"),
+        (["--bits", "4", "--scales", "absmax"], "--scales must be one of mse, max"),
         (["--bits", "4", "--method", "wanda"], "method wanda has no --bits 4"),
         (["--bits", "4", "--loss", "diag"], "use --loss exact"),
         (["--ratio", "0"], "--ratio 0 needs --bits"),
@@ -236,13 +280,66 @@ def test_export_cli_refuses_a_mismatched_format(quantized_checkpoint, tmp_path):
     assert_clean_failure(result, out, "sparse-int4 (its own integers)")
 
 
-def test_a_checkpoint_with_integers_off_the_grid_is_refused(quantized_checkpoint):
+def _first_layer(checkpoint) -> tuple[str, dict[str, torch.Tensor], Grid]:
+    tensors = load_file(str(checkpoint / "blocks" / "block-0000.safetensors"))
+    name = next(key for key in tensors if key.endswith(".s_q")).removesuffix(".s_q")
+    return name, tensors, checkpoint_grid(read_manifest(checkpoint))
+
+
+def _legacy_int4(name: str, tensors: dict[str, torch.Tensor], grid: Grid) -> dict[str, torch.Tensor]:
+    """The same layer as format 2 wrote it: one int8 per integer, no q_shape."""
     from sslc_export.checkpoint import decode_layer
 
-    manifest = read_manifest(quantized_checkpoint)
-    tensors = load_file(str(quantized_checkpoint / "blocks" / "block-0000.safetensors"))
-    name = next(key for key in tensors if key.endswith(".s_q")).removesuffix(".s_q")
-    tensors[f"{name}.s_q"] = tensors[f"{name}.s_q"].clone()
-    tensors[f"{name}.s_q"][0] = 100  # outside int4's [-8, 7]
-    with pytest.raises(UserError, match="checkpoint is corrupt"):
-        decode_layer(name, tensors, checkpoint_grid(manifest))
+    layer = decode_layer(name, tensors, grid)
+    legacy = {key: value for key, value in tensors.items() if key != f"{name}.q_shape"}
+    legacy.update({f"{name}.u_q": layer.quantized.u.q, f"{name}.v_q": layer.quantized.v.q,
+                   f"{name}.s_q": layer.quantized.sparse.q.flatten()[layer.mask.flatten()]})
+    return legacy
+
+
+def test_int4_checkpoints_of_format_2_still_read_the_same(quantized_checkpoint):
+    from sslc_export.checkpoint import decode_layer
+
+    name, tensors, grid = _first_layer(quantized_checkpoint)
+    packed, legacy = decode_layer(name, tensors, grid), decode_layer(name, _legacy_int4(name, tensors, grid), grid)
+    for part in ("sparse", "u", "v"):
+        assert torch.equal(getattr(packed.quantized, part).q, getattr(legacy.quantized, part).q)
+    assert torch.equal(packed.mask, legacy.mask) and torch.equal(packed.u, legacy.u)
+
+
+def _corrupt(tensors: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {**tensors, key: value}
+
+
+def test_a_checkpoint_with_bad_integers_is_refused(quantized_checkpoint):
+    """Packed int4 with counts or a shape that disagree, int4 in an 8-bit checkpoint, format-2 integers off the grid."""
+    from sslc_export.checkpoint import decode_layer
+
+    name, tensors, grid = _first_layer(quantized_checkpoint)
+    legacy = _legacy_int4(name, tensors, grid)
+    off_grid = legacy[f"{name}.s_q"].clone()
+    off_grid[0] = 100  # outside int4's [-8, 7]
+    shape = tensors[f"{name}.q_shape"]
+    cases = [
+        (_corrupt(tensors, f"{name}.s_q", tensors[f"{name}.s_q"][:-1]), grid),
+        (_corrupt(tensors, f"{name}.u_q", torch.cat([tensors[f"{name}.u_q"], tensors[f"{name}.u_q"][:1]])), grid),
+        (_corrupt(tensors, f"{name}.q_shape", shape * torch.tensor([1, 2, 1])), grid),
+        (_corrupt(tensors, f"{name}.q_shape", -shape), grid),
+        (_corrupt(tensors, f"{name}.q_shape", shape.float()), grid),
+        (_corrupt(tensors, f"{name}.s_q", tensors[f"{name}.s_q"].to(torch.int8)), grid),
+        (tensors, Grid(8, grid.group_size)),
+        (_corrupt(legacy, f"{name}.s_q", off_grid), grid),
+    ]
+    for corrupted, as_grid in cases:
+        with pytest.raises(UserError, match="checkpoint is corrupt"):
+            decode_layer(name, corrupted, as_grid)
+
+
+def test_int4_packing_round_trips_odd_counts():
+    from sslc_export.quantization import pack_int4, unpack_int4
+
+    for count in (0, 1, 7, 64):
+        q = torch.randint(-8, 8, (count,), dtype=torch.int8)
+        packed = pack_int4(q)
+        assert packed.dtype == torch.uint8 and packed.numel() == (count + 1) // 2
+        assert torch.equal(unpack_int4(packed, count), q)

@@ -33,6 +33,7 @@ class Settings:
     seed: int = defaults.SEED
     bits: int = defaults.BITS  # 8 or 4: S, U and V end on an integer grid chosen inside the decomposition
     group_size: int = defaults.GROUP_SIZE  # input columns per quantization scale
+    scales: str = defaults.SCALES  # each group's scale: mse (searched) | max (max |kept| / qmax)
     first_step: str = "prune"  # sslc: S_0 = the pruned target ("prune"), or 0 so the SVD step comes first ("svd", the paper)
 
     @classmethod
@@ -44,16 +45,18 @@ class Settings:
         return cls(**{**defaults.PRESETS.get(preset, {}), **given})
 
     def record(self) -> dict:
-        """What a checkpoint's fingerprint keeps: every field, but first_step only when not the default, so
-        checkpoints made before it existed still match."""
+        """What a checkpoint's fingerprint keeps: every field, but first_step and scales only where they change
+        the result from what checkpoints made before them did, so those still match."""
         record = asdict(self)
         if self.first_step == "prune":
             del record["first_step"]
+        if self.bits == 32 or self.scales == "max":
+            del record["scales"]
         return record
 
     @property
     def grid(self) -> Grid | None:
-        return make_grid(self.bits, self.group_size)
+        return make_grid(self.bits, self.group_size, self.scales)
 
 
 @dataclass
