@@ -365,7 +365,8 @@ def _write(job: FinetuneJob, work: Path, manifest: dict, layers: dict[int, dict[
     for leftover in (STATE, PROGRESS):
         (work / leftover).unlink(missing_ok=True)
     fingerprint = {**manifest["fingerprint"], "finetune": {"parent": record["parent"]["manifest_sha256"], **record["settings"]}}
-    new = {**manifest, "format_version": format_version(grid), "tool": {"name": "sslc-export", "version": __version__, "torch": torch.__version__},
+    new = {**manifest, "format_version": format_version(grid),  # the blocks are written anew, in this tool's layout
+           "tool": {"name": "sslc-export", "version": __version__, "torch": torch.__version__},
            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "fingerprint": fingerprint, "finetune": record,
            "threads": torch.get_num_threads()}
     return publish_checkpoint(work, job.out, {key: value for key, value in new.items() if key not in ("files", "bytes")})

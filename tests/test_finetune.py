@@ -114,6 +114,7 @@ def test_manifest_names_its_parent_and_settings(parent, tmp_path):
     assert record["seconds"] > 0 and len(record["losses"]) == SMALL["steps"] and record["finished"]
     assert manifest["fingerprint"] != read_manifest(parent)["fingerprint"]  # compare never reuses it as its parent
     assert (record["quantized_factors"] is None) == ("b32" in parent.name)
+    assert manifest["format_version"] == read_manifest(parent)["format_version"] == (1 if "b32" in parent.name else 3)
     rates = {"lr"} if "b32" in parent.name else {"grid_lr", "scale_lr"}  # only the rates that acted on this parent
     assert rates == {"lr", "grid_lr", "scale_lr"} & record["settings"].keys()
 
