@@ -17,6 +17,7 @@ BITS = (32, 8, 4)
 GROUP_STEP = 16  # the native kernel walks groups in whole 16-column steps
 SCALES = ("mse", "max")
 SHRINKS = torch.linspace(1.0, 0.5, 21)  # mse: the fractions of max |value| / qmax tried as each group's scale
+SEARCH_ROWS = 4096  # groups searched at once: bounds the search's memory on whole matrices
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,18 @@ class Grid:
         if self.search == "max":
             return largest
         candidates = largest[:, None] * SHRINKS.to(values)  # [rows, shrinks]
+        best = torch.cat([self._least_error(values[rows], candidates[rows], weights)
+                          for rows in torch.arange(values.shape[0], device=values.device).split(SEARCH_ROWS)])
+        return candidates.gather(1, best[:, None])[:, 0]
+
+    def _least_error(self, values: torch.Tensor, candidates: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """Per row, the index of the candidate scale that rounds the row with the least (weighted) squared error."""
         safe = torch.where(candidates > 0, candidates, torch.ones_like(candidates))[:, :, None]
         rounded = torch.clamp(torch.round(values[:, None, :] / safe), self.qmin, self.qmax) * safe
         errors = (rounded - values[:, None, :]).square()
         if weights is not None:
             errors = errors * weights
-        best = errors.sum(dim=2).argmin(dim=1, keepdim=True)  # ties go to the first, the plain max
-        return candidates.gather(1, best)[:, 0]
+        return errors.sum(dim=2).argmin(dim=1)  # ties go to the first, the plain max
 
     def expand(self, scales: torch.Tensor, cols: int) -> torch.Tensor:
         """[rows, groups] -> [rows, cols]: each column's scale."""

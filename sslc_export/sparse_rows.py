@@ -13,7 +13,8 @@ One Linear ``y = x·Sᵀ + (x·Vᵀ)·Uᵀ`` becomes one node: ``t = x·Vᵀ`` t
   run with an odd count of kept values ends with a padding nibble 0), so row and run offsets follow
   from popcounts and a 64-column step of the kernels places its values from one run.
 - ``scales`` (bits 8 and 4): float32 ``[rows, ceil(cols/group_size)]``, symmetric, from the kept
-  values of each group only (max|kept| / 127 or / 7; round to nearest).
+  values of each group only (``pack``: the shrink of max|kept| / 127 or / 7 that rounds the group with the
+  least squared error; round to nearest).
 
 Operator inputs after x: fp32 ``mask, values, v_mask, v_values``; quantized
 ``mask, values, scales, v_mask, v_values, v_scales`` (see ``SparseRows.inputs``).
@@ -156,10 +157,22 @@ def pack_rows(dense: np.ndarray, keep: np.ndarray, bits: int, group_size: int) -
     if bits == 32:
         return RowsPart(packed_mask, dense[keep].astype(np.float32), None, cols)
     grouped = _grouped(np.where(keep, dense, 0), group_size)
-    scales = (np.abs(grouped).max(axis=2, initial=0.0) / QMAX[bits]).astype(np.float32)
+    scales = _searched_scales(grouped, bits)
     safe = np.where(scales > 0, scales, 1.0)[:, :, None]
     q = np.clip(np.rint(grouped / safe), -QMAX[bits] - (bits == 4), QMAX[bits]).astype(np.int8)
     return pack_quantized_rows(keep, q.reshape(rows, q.shape[1] * group_size)[:, :cols], scales, bits, group_size)
+
+
+def _searched_scales(grouped: np.ndarray, bits: int) -> np.ndarray:
+    """Each group's scale as compress --scales mse chooses it (from the kept values: the others are 0 here, and 0
+    rounds to 0 at any scale), so a post-hoc quantized export rounds as well as it can without error feedback."""
+    import torch
+
+    from sslc_export.quantization import Grid  # it imports QMAX from here
+
+    rows, groups, size = grouped.shape
+    flat = torch.from_numpy(np.ascontiguousarray(grouped, dtype=np.float32).reshape(rows * groups, size))
+    return Grid(bits, size, "mse").scales(flat).numpy().reshape(rows, groups)
 
 
 def pack_quantized_rows(keep: np.ndarray, q: np.ndarray, scales: np.ndarray, bits: int, group_size: int) -> RowsPart:

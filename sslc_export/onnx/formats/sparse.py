@@ -5,7 +5,7 @@ The low-rank pair is fused into the same node (one read of x, one write of y, on
 three): the operator computes y = [x, x·Vᵀ]·[S | U]ᵀ, with V and U stored in the same layout as
 fully kept rows (sslc_export/sparse_rows.py), or kept on their supports where block-sparse (hss). With bits 8
 or 4 the kept values (and U, V) are quantized here, symmetric, with a scale per group of input columns taken
-from the kept values only, and the operator quantizes its activations to int8 per group as well (activation_bits=8:
+from the kept values only (searched, as compress --scales mse does), and the operator quantizes its activations to int8 per group as well (activation_bits=8:
 integer dot products, as MatMulNBits' accuracy_level 4 does; the float path costs several times
 more instructions than the bytes it saves). `reference` gives the exact dequantized factors: with
 ACTIVATION_BITS = 32 the ONNX equals them at fp32 tolerance (a test checks it), with 8 it differs
@@ -91,4 +91,5 @@ class SparseLayout(Layout):
         if bits == 32:
             return None
         return {"bits": bits, "kernel": f"{DOMAIN}.{OP_TYPES[bits]}", "group_size": GROUP_SIZE, "symmetric": True,
-                "scales_from": "the kept values of each group of input columns", "activation_bits": ACTIVATION_BITS}
+                "scales_from": "the kept values of each group of input columns", "scales": "mse",
+                "activation_bits": ACTIVATION_BITS}
