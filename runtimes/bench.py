@@ -244,8 +244,8 @@ def bench(folders: list[Path], providers: list[str], config: BenchConfig) -> dic
             "failures": failures}
 
 
-COLUMNS = ["model", "provider", "format", "lm_head", "size MB", "prefill 128 tok/s", "prefill 512 tok/s", "decode ms/tok p50", "decode p90",
-           "decode tok/s", "decode speed-up", "peak RSS MB"]
+LEADING_COLUMNS = ["model", "provider", "format", "lm_head", "size MB"]  # then one prefill column per prompt length measured
+DECODE_COLUMNS = ["decode ms/tok p50", "decode p90", "decode tok/s", "decode speed-up", "peak RSS MB"]
 GPU_COLUMNS = ["GPU memory MB"]
 GENAI_COLUMNS = ["genai decode ms/tok p50", "genai greedy = ours"]
 
@@ -258,9 +258,15 @@ def _heldout_names(report: dict) -> list[str]:
     return list(next((row["perplexity"] for row in report["rows"] if "perplexity" in row), {}))
 
 
+def _prefill_lengths(report: dict) -> list[str]:
+    """Every prompt length some row was timed at, shortest first."""
+    return sorted({length for row in report["rows"] for length in row["prefill"]}, key=int)
+
+
 def columns(report: dict) -> list[str]:
     perplexity_columns = [f"ppl {name}" for name in _heldout_names(report)]
-    return COLUMNS + perplexity_columns + GPU_COLUMNS * _on_gpu(report) + GENAI_COLUMNS * any("genai" in row for row in report["rows"])
+    prefill_columns = [f"prefill {length} tok/s" for length in _prefill_lengths(report)]
+    return LEADING_COLUMNS + prefill_columns + DECODE_COLUMNS + perplexity_columns + GPU_COLUMNS * _on_gpu(report) + GENAI_COLUMNS * any("genai" in row for row in report["rows"])
 
 
 def table_rows(report: dict) -> list[list[str]]:
@@ -268,13 +274,13 @@ def table_rows(report: dict) -> list[list[str]]:
     base = {row["provider"]: row for row in rows if row["model"] == rows[0]["model"]}
     on_gpu = _on_gpu(report)
     names = _heldout_names(report)
+    lengths = _prefill_lengths(report)
     out = []
     for row in rows:
         ref = base[row["provider"]]
         cells = [
             row["model"], row["provider"], row.get("format", "?"), row.get("lm_head", "fp32"), f"{row['file_bytes'] / 1e6:.0f}",
-            f"{row['prefill'].get('128', {}).get('tokens_per_s', float('nan')):.0f}",
-            f"{row['prefill'].get('512', {}).get('tokens_per_s', float('nan')):.0f}",
+            *(f"{row['prefill'][length]['tokens_per_s']:.0f}" if length in row["prefill"] else "" for length in lengths),
             f"{row['decode']['p50_ms']:.1f}", f"{row['decode']['p90_ms']:.1f}", f"{row['decode']['tokens_per_s']:.1f}",
             f"{ref['decode']['p50_ms'] / row['decode']['p50_ms']:.2f}x",
             f"{row['peak_rss_bytes'] / 1e6:.0f}",

@@ -56,3 +56,20 @@ def test_measured_by_line_keeps_empty_option_values(monkeypatch) -> None:
 
     monkeypatch.setattr(sys, "argv", ["sslc-export", "compare", "--extra-losses", "", "--ratios", "0.5"])
     assert cli._invocation("compare") == "sslc-export compare --extra-losses '' --ratios 0.5"
+
+
+def test_only_measured_prompt_lengths_get_a_prefill_column():
+    """A column per prompt length some row was timed at (none of empty 512 figures after --prompt-lengths 128), in
+    order; a row without a length gets an empty cell."""
+    from sslc_export.runtimes.bench import columns, table_rows
+
+    rows = [{"model": f"m{i}", "provider": "cpu", "file_bytes": 1e6, "peak_rss_bytes": 1e6, "prefill": prefill,
+             "decode": {"p50_ms": 10.0, "p90_ms": 11.0, "tokens_per_s": 100.0}}
+            for i, prefill in enumerate([{"128": {"tokens_per_s": 500.0}}, {"32": {"tokens_per_s": 900.0}}])]
+    report = {"rows": rows}
+    headers = columns(report)
+    assert [header for header in headers if header.startswith("prefill")] == ["prefill 32 tok/s", "prefill 128 tok/s"]
+    cells = table_rows(report)
+    assert all(len(row) == len(headers) for row in cells)
+    position = headers.index("prefill 32 tok/s")
+    assert [row[position:position + 2] for row in cells] == [["", "500"], ["900", ""]]

@@ -267,6 +267,7 @@ def test_bench_writes_json_markdown_and_a_real_png(tiny_llama, tmp_path):
         assert row["genai"]["decode"]["p50_ms"] > 0 and 0 <= row["genai"]["greedy_agreement"] <= 1
     markdown = (tmp_path / "bench" / "bench.md").read_text()
     assert "| dense | cpu |" in markdown and "1.00x" in markdown and "ppl text | ppl code" in markdown
+    assert "prefill 16 tok/s | prefill 64 tok/s |" in markdown
     png = (tmp_path / "bench" / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     from PIL import Image
