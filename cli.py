@@ -147,8 +147,9 @@ def compress(
     tol: float = typer.Option(defaults.TOL, help="sslc: stop when an iteration improves the loss by less than this fraction."),
     bits: int = typer.Option(defaults.BITS, help="32 (fp32) | 8 | 4: S, U and V quantized inside the decomposition (sslc --loss exact, sparsegpt; S in the OBS sweep; magnitude rounds to nearest); with --ratio 0, a GPTQ-quantized dense model (magnitude: round-to-nearest)."),
     group_size: int = typer.Option(defaults.GROUP_SIZE, "--group-size", help="With --bits: input columns per scale (a positive multiple of 16)."),
-    scales: str = typer.Option(defaults.SCALES, help="With --bits: each group's scale, mse (the shrink of max |w| / qmax that rounds the "
-                               "group with the least error, priced by the OBS sweep where there is one) or max (max |w| / qmax)."),
+    scales: str = typer.Option(defaults.SCALES, help="With --bits: each group's scale, mse (the shrink of max |w| / qmax that "
+                               "rounds the group with the least error, priced by the OBS sweep where there is one) or max "
+                               "(max |w| / qmax)."),
     damp: float = typer.Option(defaults.DAMP, help="Exact loss (sslc, svd, sparsegpt): damping added to XᵀX, as a fraction of its mean diagonal; (0, 1]."),
     pattern: Optional[str] = typer.Option(None, help="Sparsity of S: unstructured | nm | structured; default: the method's first "
                                           "(structured for losparse, unstructured for the others)."),

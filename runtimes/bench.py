@@ -266,7 +266,9 @@ def _prefill_lengths(report: dict) -> list[str]:
 def columns(report: dict) -> list[str]:
     perplexity_columns = [f"ppl {name}" for name in _heldout_names(report)]
     prefill_columns = [f"prefill {length} tok/s" for length in _prefill_lengths(report)]
-    return LEADING_COLUMNS + prefill_columns + DECODE_COLUMNS + perplexity_columns + GPU_COLUMNS * _on_gpu(report) + GENAI_COLUMNS * any("genai" in row for row in report["rows"])
+    genai = any("genai" in row for row in report["rows"])
+    return (LEADING_COLUMNS + prefill_columns + DECODE_COLUMNS + perplexity_columns + GPU_COLUMNS * _on_gpu(report)
+            + GENAI_COLUMNS * genai)
 
 
 def table_rows(report: dict) -> list[list[str]]:

@@ -91,7 +91,8 @@ def encode_layer(name: str, layer: CompressedTensors) -> dict[str, torch.Tensor]
         stored = pack_int4 if packed else torch.Tensor.contiguous
         for part, matrix in (("u", factors.u), ("v", factors.v)):
             tensors.update({f"{name}.{part}_q": stored(matrix.q), f"{name}.{part}_scales": matrix.scales.contiguous()})
-        tensors.update({f"{name}.s_q": stored(factors.sparse.q.flatten()[mask]), f"{name}.s_scales": factors.sparse.scales.contiguous()})
+        tensors.update({f"{name}.s_q": stored(factors.sparse.q.flatten()[mask]),
+                        f"{name}.s_scales": factors.sparse.scales.contiguous()})
         if packed:
             tensors[f"{name}.q_shape"] = torch.tensor([*factors.u.q.shape, factors.v.q.shape[1]], dtype=torch.int64)
     if layer.bias is not None:

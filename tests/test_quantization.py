@@ -98,7 +98,8 @@ def test_mse_scales_lower_the_sweeps_output_error(seed, keep_fraction):
     errors = {}
     for search in ("max", "mse"):
         grid = Grid(4, 32, search)
-        quantized, _ = ObsPruner(inputs.T @ inputs, 0.01).prune_quantized(weight, int(weight.numel() * keep_fraction), Pattern(), grid)
+        keep = int(weight.numel() * keep_fraction)
+        quantized, _ = ObsPruner(inputs.T @ inputs, 0.01).prune_quantized(weight, keep, Pattern(), grid)
         errors[search] = output_error(weight, quantized.dequantize(grid), inputs)
     assert errors["mse"] < 0.995 * errors["max"]
 

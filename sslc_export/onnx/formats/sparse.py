@@ -1,16 +1,16 @@
 """S as per-row bitmask plus packed kept values, computed by our own onnxruntime operator
 (runtimes/kernels): it reads only the kept values, so bytes and decode time fall with density.
 
-The low-rank pair is fused into the same node (one read of x, one write of y, one node instead of
-three): the operator computes y = [x, x·Vᵀ]·[S | U]ᵀ, with V and U stored in the same layout as
-fully kept rows (sslc_export/sparse_rows.py), or kept on their supports where block-sparse (hss). With bits 8
-or 4 the kept values (and U, V) are quantized here, symmetric, with a scale per group of input columns taken
-from the kept values only (searched, as compress --scales mse does), and the operator quantizes its activations to int8 per group as well (activation_bits=8:
-integer dot products, as MatMulNBits' accuracy_level 4 does; the float path costs several times
-more instructions than the bytes it saves). `reference` gives the exact dequantized factors: with
-ACTIVATION_BITS = 32 the ONNX equals them at fp32 tolerance (a test checks it), with 8 it differs
-only by the activations' rounding. A quantized checkpoint (compress --bits) already holds its integers
-and scales: they are packed as they are (no second rounding), in the checkpoint's group size.
+The low-rank pair is fused into the same node (one read of x, one write of y, one node instead of three): the
+operator computes y = [x, x·Vᵀ]·[S | U]ᵀ, with V and U stored in the same layout as fully kept rows
+(sslc_export/sparse_rows.py), or kept on their supports where block-sparse (hss). With bits 8 or 4 the kept
+values (and U, V) are quantized here, symmetric, with a scale per group of input columns taken from the kept
+values only (searched, as compress --scales mse does), and the operator quantizes its activations to int8 per
+group as well (activation_bits=8: integer dot products, as MatMulNBits' accuracy_level 4 does; the float path
+costs several times more instructions than the bytes it saves). `reference` gives the exact dequantized factors:
+with ACTIVATION_BITS = 32 the ONNX equals them at fp32 tolerance (a test checks it), with 8 it differs only by
+the activations' rounding. A quantized checkpoint (compress --bits) already holds its integers and scales: they
+are packed as they are (no second rounding), in the checkpoint's group size.
 """
 from __future__ import annotations
 
