@@ -181,6 +181,26 @@ def test_activation_bits_8_matches_reference(isa: str, bits: int, case) -> None:
     assert_matches_quantized_reference(y, x, packed)
 
 
+# Past the GEMV's rows: the GEMM paths (groups of 32 and 48 too: the integer GEMM takes 16, 32, 64).
+PREFILL_CASES = [case for case in CASES if np.prod(case[4]) > 24] + [(45, 130, 5, 0.45, (40,), 32, (2,)),
+                                                                     (30, 200, 4, 0.45, (70,), 48, ())]
+
+
+@pytest.mark.parametrize("int_gemm", ["0", "1"])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"n{c[0]}k{c[1]}r{c[2]}d{c[3]}m{'x'.join(map(str, c[4]))}")
+def test_both_avx512_integer_prefills_match_reference(int_gemm: str, bits: int, case, monkeypatch) -> None:
+    """activation_bits=8 prefill on AVX-512: the integer GEMM (VNNI, groups of 16, 32, 64) and the fp32 tile over
+    fake-quantized inputs (SSLC_INT_GEMM=0; also every other group size) must both meet the reference."""
+    require_isa("avx512")
+    monkeypatch.setenv("SSLC_INT_GEMM", int_gemm)
+    n, k, r, density, lead, group_size, empty_rows = case
+    packed = random_layer(n, k, r, density, bits, group_size, empty_rows, activation_bits=8)
+    x = np.random.default_rng(2).standard_normal((*lead, k)).astype(np.float32)
+    y = session(model_bytes(packed, x_shape=(*[None] * len(lead), k)), "avx512").run(None, {"x": x})[0]
+    assert_matches_quantized_reference(y, x, packed)
+
+
 # q, k, v of one attention (k and v with odd ranks), or gate and up of one MLP; K a multiple of the group.
 MERGED = {"qkv": [(40, 64, 5), (16, 64, 3), (16, 64, 0)], "gate_up": [(36, 64, 7), (36, 64, 9)]}
 
@@ -320,7 +340,8 @@ def test_under_address_sanitizer(tmp_path: Path) -> None:
                for name in ("libasan.so", "libstdc++.so")]
     env = {**os.environ, "LD_PRELOAD": " ".join(preload), "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
            "SSLC_KERNELS_LIBRARY": str(build / "libsslc_kernels.so"), "SSLC_UNDER_ASAN": "1"}
-    subset = "malformed or wrong_width or merged_node or swiglu or (matches_reference and not n576k576 and not n100k576)"
+    subset = ("malformed or wrong_width or merged_node or swiglu or integer_prefills or "
+              "(matches_reference and not n576k576 and not n100k576)")
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", subset],
                             capture_output=True, text=True, env=env, cwd=kernels.ROOT, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

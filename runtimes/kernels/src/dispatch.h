@@ -30,8 +30,30 @@ struct QuantInput {
 // (exact integer dot products, fp32 sums over groups) for n in [n0, n1), m < count.
 using QuantGemvFn = void (*)(const RowsView& w, const QuantInput& in, size_t count, float* out, size_t ld_out,
                              size_t n0, size_t n1);
+
+// activation_bits = 8 with many input rows, where the CPU has VNNI: the input rows quantized
+// (QuantizeRows' definition) and laid out for an integer register tile, kQuantBlockRows rows per
+// block; per block and group: the group's q as [group_size / 4][kQuantBlockRows rows][4 bytes],
+// then per row the int32 sum of its q over the group, then per row x_scale (fp32).
+constexpr size_t kQuantBlockRows = 32;
+inline size_t QuantBlockBytes(size_t cols, size_t group_size) {
+  return (cols + group_size - 1) / group_size * (group_size + 8) * kQuantBlockRows;
+}
+inline bool QuantGemmSupports(size_t group_size) { return group_size == 16 || group_size == 32 || group_size == 64; }
+// Rows [0, count <= kQuantBlockRows) of `in` (width cols) into one block at dst.
+using QuantPackFn = void (*)(const float* in, size_t ld_in, size_t count, size_t cols, size_t group_size,
+                             uint8_t* dst);
+// The same products as QuantGemvFn, from blocks of QuantPackFn (block b at packed + b * block_bytes).
+using QuantGemmFn = void (*)(const RowsView& w, const uint8_t* packed, size_t block_bytes, size_t count, float* out,
+                             size_t ld_out, size_t n0, size_t n1);
+struct QuantGemm {
+  QuantPackFn pack;
+  QuantGemmFn gemm[2];  // kI8, kI4
+};
+
 struct QuantGemv {
   QuantGemvFn gemv[2];  // kI8, kI4
+  const QuantGemm* gemm = nullptr;  // where the integer GEMM exists (AVX-512 VNNI)
 };
 extern const QuantGemv kScalarQuantGemv;
 extern const QuantGemv kAvx2QuantGemv;
@@ -78,7 +100,8 @@ void QuantizeRows(const float* in, size_t ld_in, size_t count, size_t cols, size
 // call). kCall: the calling thread's inputs for one node; kPanel: a GEMM task's dense weights.
 // Defined outside the ISA files so no std container code is compiled with AVX-512 flags and
 // then shared with the other paths by the linker.
-// kOutput: a node's products before its activation. kSteps: a quantized GEMV task's per-step input terms.
+// kOutput: a node's products before its activation. kSteps: a quantized GEMV task's per-step input terms, or
+// the rows of one block being quantized for the integer GEMM.
 enum class Scratch { kCall = 0, kPanel = 1, kQuant = 2, kOutput = 3, kSteps = 4 };
 float* ThreadScratch(Scratch slot, size_t floats);
 

@@ -1,5 +1,6 @@
-// activation_bits = 8 on AVX-512 with VBMI, VBMI2 and VNNI: a step is 64 columns (one 64-bit
-// mask word), placed with vpexpandb and multiplied with one vpdpbusd per input row. Its own file:
+// activation_bits = 8 on AVX-512 with VBMI, VBMI2 and VNNI. Decode: a step is 64 columns (one 64-bit
+// mask word), placed with vpexpandb and multiplied with one vpdpbusd per input row. Prefill: an
+// integer GEMM on the same placement (VnniGemmRows, at the end). Its own file:
 // these flags must not leak into the kernels that run on AVX-512 F/BW/VL alone.
 //
 // Groups of 16, 32 or 64 columns (OffsetGemv): vpdpbusd takes u8 x s8, so the weights are placed
@@ -173,8 +174,139 @@ void VnniGemv(const RowsView& w, const QuantInput& in, size_t count, float* out,
   }
 }
 
+// activation_bits = 8, prefill: an integer GEMM. The same offset trick as OffsetGemv with the roles
+// turned for a register tile: kGemmRows rows of W are placed (u8, w + offset) into a dense panel
+// once, and for every block of 32 input rows each 4 columns of a W row are broadcast against the
+// block's q (one vpdpbusd per 16 input rows: 64 products), int32 sums per group starting from
+// -offset * sum(q), then one conversion and one FMA with x_scale * w_scale per group. Four times
+// the products per instruction of the fp32 tile, which multiplies the fake-quantized input.
+
+// One block of QuantBlockBytes: per group the q in quads of 4 columns, their sums, x_scales.
+void PackQuantBlock(const float* in, size_t ld_in, size_t count, size_t cols, size_t group_size, uint8_t* dst) {
+  const size_t groups = (cols + group_size - 1) / group_size, ld_q = groups * group_size;
+  float* scales = ThreadScratch(Scratch::kSteps, kQuantBlockRows * groups + kQuantBlockRows * ld_q / 4);
+  int8_t* q = reinterpret_cast<int8_t*>(scales + kQuantBlockRows * groups);
+  QuantizeRows(in, ld_in, count, cols, group_size, q, ld_q, scales, groups, nullptr);
+  if (count < kQuantBlockRows) memset(q + count * ld_q, 0, (kQuantBlockRows - count) * ld_q);
+  // dword (4 columns) j of row m -> lane m of quad j: two 16-lane gathers per quad.
+  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int>(ld_q)));
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (size_t g = 0; g < groups; ++g) {
+    __m512i sums[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (size_t j = 0; j < group_size / 4; ++j, dst += 4 * kQuantBlockRows) {
+      for (size_t h = 0; h < 2; ++h) {
+        const int8_t* base = q + 16 * h * ld_q + g * group_size + 4 * j;
+        const __m512i quad = _mm512_i32gather_epi32(rows, base, 1);
+        _mm512_storeu_si512(dst + 64 * h, quad);
+        sums[h] = _mm512_dpbusd_epi32(sums[h], ones, quad);
+      }
+    }
+    _mm512_storeu_si512(dst, sums[0]);
+    _mm512_storeu_si512(dst + 64, sums[1]);
+    float* x_scales = reinterpret_cast<float*>(dst + 4 * kQuantBlockRows);
+    for (size_t m = 0; m < kQuantBlockRows; ++m) x_scales[m] = m < count ? scales[m * groups + g] : 0.0f;
+    dst += 8 * kQuantBlockRows;
+  }
+}
+
+constexpr size_t kGemmRows = 6;  // rows of W per tile: 12 int32 and 12 fp32 accumulators
+
+// Row n of W as u8 (w + offset, the offset where the mask bit is 0), steps * 64 columns.
+template <ValueType T>
+inline void PlaceRow(const RowsView& w, size_t n, size_t steps, uint8_t* dst) {
+  const uint8_t* mask = w.mask + n * w.row_bytes;
+  const uint8_t* p = w.row_values[n];
+  const size_t full = w.row_bytes / 8;
+  size_t s = 0;
+  for (; s < full; ++s) {
+    uint64_t bits;
+    memcpy(&bits, mask + s * 8, sizeof(bits));
+    _mm512_storeu_si512(dst + 64 * s, Place<T>(p, bits));
+  }
+  const bool wide = WideMaskLoads<Avx512VnniQuant>(w, n);
+  for (; s < steps; ++s)
+    _mm512_storeu_si512(dst + 64 * s, Place<T>(p, MaskBits<Avx512VnniQuant, 8>(mask + s * 8, w.row_bytes - s * 8, wide)));
+}
+
+template <ValueType T, size_t kGroupSize>
+__attribute__((noinline)) void VnniGemmRows(const RowsView& w, const uint8_t* packed, size_t block_bytes, size_t count,
+                                            float* out, size_t ld_out, size_t n0, size_t n1) {
+  constexpr size_t kNR = kGemmRows, kQuads = kGroupSize / 4, kGroupBytes = (kGroupSize + 8) * kQuantBlockRows;
+  constexpr int kOffsetShift = T == ValueType::kI4 ? 3 : 7;  // offset 8 or 128
+  const size_t steps = (w.row_bytes + 7) / 8, ld_panel = 64 * steps, groups = w.groups;
+  const size_t blocks = (count + kQuantBlockRows - 1) / kQuantBlockRows;
+  uint8_t* panel = reinterpret_cast<uint8_t*>(ThreadScratch(Scratch::kPanel, kNR * ld_panel / 4 + kNR * groups));
+  float* w_scales = reinterpret_cast<float*>(panel + kNR * ld_panel);  // [kNR][groups], 0 past the last row
+  for (size_t n = n0; n < n1; n += kNR) {
+    const size_t rows = n1 - n < kNR ? n1 - n : kNR;
+    PrefetchRows<Avx512VnniQuant>(w, n + kNR, n + 2 * kNR < n1 ? n + 2 * kNR : n1);
+    for (size_t j = 0; j < kNR; ++j) {
+      if (j < rows) {
+        PlaceRow<T>(w, n + j, steps, panel + j * ld_panel);
+        memcpy(w_scales + j * groups, w.scales + (n + j) * groups, groups * sizeof(float));
+      } else {
+        memset(panel + j * ld_panel, kOffset<T>, ld_panel);
+        memset(w_scales + j * groups, 0, groups * sizeof(float));
+      }
+    }
+    for (size_t b = 0; b < blocks; ++b) {
+      const uint8_t* group = packed + b * block_bytes;
+      __m512 acc[kNR][2];
+      for (size_t j = 0; j < kNR; ++j) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
+      for (size_t g = 0; g < groups; ++g, group += kGroupBytes) {
+        const uint8_t* sums = group + kGroupSize * kQuantBlockRows;
+        const __m512i start0 = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(_mm512_loadu_si512(sums), kOffsetShift));
+        const __m512i start1 = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(_mm512_loadu_si512(sums + 64), kOffsetShift));
+        __m512i dot[kNR][2];
+        for (size_t j = 0; j < kNR; ++j) dot[j][0] = start0, dot[j][1] = start1;
+        const uint8_t* weights = panel + g * kGroupSize;
+#pragma GCC unroll 16  // whole group: a rolled loop made GCC copy the 12 sums between registers every pass
+        for (size_t c = 0; c < kQuads; ++c) {
+          const __m512i x0 = _mm512_loadu_si512(group + c * 128), x1 = _mm512_loadu_si512(group + c * 128 + 64);
+#pragma GCC unroll 8
+          for (size_t j = 0; j < kNR; ++j) {
+            int32_t four;
+            memcpy(&four, weights + j * ld_panel + 4 * c, sizeof(four));
+            const __m512i a = _mm512_set1_epi32(four);
+            dot[j][0] = _mm512_dpbusd_epi32(dot[j][0], a, x0);
+            dot[j][1] = _mm512_dpbusd_epi32(dot[j][1], a, x1);
+          }
+        }
+        const __m512 xs0 = _mm512_loadu_ps(reinterpret_cast<const float*>(sums + 128));
+        const __m512 xs1 = _mm512_loadu_ps(reinterpret_cast<const float*>(sums + 192));
+        for (size_t j = 0; j < kNR; ++j) {
+          const __m512 ws = _mm512_set1_ps(w_scales[j * groups + g]);
+          acc[j][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[j][0]), _mm512_mul_ps(xs0, ws), acc[j][0]);
+          acc[j][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[j][1]), _mm512_mul_ps(xs1, ws), acc[j][1]);
+        }
+      }
+      alignas(64) float tile[kNR][kQuantBlockRows];
+      for (size_t j = 0; j < kNR; ++j) {
+        _mm512_store_ps(tile[j], acc[j][0]);
+        _mm512_store_ps(tile[j] + 16, acc[j][1]);
+      }
+      const size_t m0 = b * kQuantBlockRows, live = count - m0 < kQuantBlockRows ? count - m0 : kQuantBlockRows;
+      for (size_t m = 0; m < live; ++m)
+        for (size_t j = 0; j < rows; ++j) out[(m0 + m) * ld_out + n + j] = tile[j][m];
+    }
+  }
+}
+
+template <ValueType T>
+void VnniGemm(const RowsView& w, const uint8_t* packed, size_t block_bytes, size_t count, float* out, size_t ld_out,
+              size_t n0, size_t n1) {
+  switch (w.group_size) {
+    case 64: return VnniGemmRows<T, 64>(w, packed, block_bytes, count, out, ld_out, n0, n1);
+    case 32: return VnniGemmRows<T, 32>(w, packed, block_bytes, count, out, ld_out, n0, n1);
+    default: return VnniGemmRows<T, 16>(w, packed, block_bytes, count, out, ld_out, n0, n1);  // QuantGemmSupports
+  }
+}
+
+constexpr QuantGemm kVnniGemm{PackQuantBlock, {VnniGemm<ValueType::kI8>, VnniGemm<ValueType::kI4>}};
+
 }  // namespace
 
-constexpr QuantGemv kAvx512VnniQuantGemv{{VnniGemv<ValueType::kI8>, VnniGemv<ValueType::kI4>}};
+constexpr QuantGemv kAvx512VnniQuantGemv{{VnniGemv<ValueType::kI8>, VnniGemv<ValueType::kI4>}, &kVnniGemm};
 
 }  // namespace sslc

@@ -19,6 +19,8 @@
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
 
+#include <algorithm>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -131,6 +133,11 @@ class SparseMatMulKernel {
     w_ = std::make_unique<SparseRows>("W' = [S | U]", type, k_ + r_, g, main_part[0], main_part[1],
                                       quantized ? &main_part[2] : nullptr);
     n_ = w_->view().rows;
+    // $SSLC_INT_GEMM=0 keeps prefill on the fp32 tile over fake-quantized inputs (for A/B and tests).
+    const char* int_gemm = std::getenv("SSLC_INT_GEMM");
+    if (quantize_inputs_ && table_->quant->gemm != nullptr && QuantGemmSupports(g) &&
+        (int_gemm == nullptr || std::string(int_gemm) != "0"))
+      quant_gemm_ = table_->quant->gemm;
     if (swiglu_ && n_ % 2)
       throw std::invalid_argument("activation swiglu needs (gate, up) row pairs, but W' has " + std::to_string(n_) +
                                   " rows");
@@ -179,6 +186,7 @@ class SparseMatMulKernel {
         gemv(w, joined, padded, rows, out, n_, n0, n1);
       });
     }
+    if (quant_gemm_ != nullptr) return RunQuantGemm(ctx, x, rows, y);
     // joined: [x, t] rows (stride cols); with activation_bits = 8 the packed copy holds the
     // inputs fake-quantized (q·x_scale), by V's groups for t and by W''s groups for y. Each block
     // of mr input rows is prepared by its own task: serial packing cost ~10 % at two threads.
@@ -245,8 +253,36 @@ class SparseMatMulKernel {
     OutputRows(ctx, rows, GemvUnit(w, rows), y, [&](float* out, size_t n0, size_t n1) { gemv(w, in, rows, out, n_, n0, n1); });
   }
 
+  // activation_bits = 8, many rows, where the CPU has an integer GEMM: t = x·Vᵀ from x quantized by V's groups,
+  // then y from [x, t] quantized by W''s groups, each packed block by block on the pool.
+  void RunQuantGemm(const Ort::KernelContext& ctx, const float* x, size_t rows, float* y) const {
+    const size_t cols = k_ + r_, blocks = (rows + kQuantBlockRows - 1) / kQuantBlockRows;
+    const RowsView &w = w_->view(), &v = v_->view();
+    const size_t block_bytes = std::max(QuantBlockBytes(cols, w.group_size), r_ ? QuantBlockBytes(k_, v.group_size) : 0);
+    float* joined = ThreadScratch(Scratch::kCall, rows * cols + (blocks * block_bytes + 3) / 4);
+    uint8_t* packed = reinterpret_cast<uint8_t*>(joined + rows * cols);
+    for (size_t m = 0; m < rows; ++m) std::copy(x + m * k_, x + (m + 1) * k_, joined + m * cols);
+    auto pack = [&](size_t width, size_t group_size) {
+      auto block = [&](size_t b) {
+        const size_t m0 = b * kQuantBlockRows, count = rows - m0 < kQuantBlockRows ? rows - m0 : kQuantBlockRows;
+        quant_gemm_->pack(joined + m0 * cols, cols, count, width, group_size, packed + b * block_bytes);
+      };
+      ParallelFor(ctx, blocks, block);
+    };
+    const QuantGemmFn gemm = quant_gemm_->gemm[static_cast<int>(type_) - 1];
+    if (r_) {
+      pack(k_, v.group_size);
+      ParallelRows(ctx, r_, table_->gemm_nr,
+                   [&](size_t n0, size_t n1) { gemm(v, packed, block_bytes, rows, joined + k_, cols, n0, n1); });
+    }
+    pack(cols, w.group_size);
+    OutputRows(ctx, rows, table_->gemm_nr, y,
+               [&](float* out, size_t n0, size_t n1) { gemm(w, packed, block_bytes, rows, out, n_, n0, n1); });
+  }
+
   ValueType type_;
   bool quantize_inputs_ = false;  // activation_bits = 8
+  const QuantGemm* quant_gemm_ = nullptr;  // the integer GEMM for prefill, where this CPU and group size have one
   bool swiglu_ = false;           // activation = "swiglu"
   const KernelTable* table_;
   size_t k_ = 0, r_ = 0, n_ = 0;
