@@ -40,9 +40,10 @@ inline size_t QuantBlockBytes(size_t cols, size_t group_size) {
   return (cols + group_size - 1) / group_size * (group_size + 8) * kQuantBlockRows;
 }
 inline bool QuantGemmSupports(size_t group_size) { return group_size == 16 || group_size == 32 || group_size == 64; }
-// Rows [0, count <= kQuantBlockRows) of `in` (width cols) into one block at dst.
+// Rows [0, count <= kQuantBlockRows) of `in` (width cols) into one block at dst, groups from first_group
+// on (the earlier ones are left as they are: x's groups packed for V serve W' too).
 using QuantPackFn = void (*)(const float* in, size_t ld_in, size_t count, size_t cols, size_t group_size,
-                             uint8_t* dst);
+                             size_t first_group, uint8_t* dst);
 // The same products as QuantGemvFn, from blocks of QuantPackFn (block b at packed + b * block_bytes).
 using QuantGemmFn = void (*)(const RowsView& w, const uint8_t* packed, size_t block_bytes, size_t count, float* out,
                              size_t ld_out, size_t n0, size_t n1);

@@ -182,12 +182,15 @@ void VnniGemv(const RowsView& w, const QuantInput& in, size_t count, float* out,
 // the products per instruction of the fp32 tile, which multiplies the fake-quantized input.
 
 // One block of QuantBlockBytes: per group the q in quads of 4 columns, their sums, x_scales.
-void PackQuantBlock(const float* in, size_t ld_in, size_t count, size_t cols, size_t group_size, uint8_t* dst) {
-  const size_t groups = (cols + group_size - 1) / group_size, ld_q = groups * group_size;
+void PackQuantBlock(const float* in, size_t ld_in, size_t count, size_t cols, size_t group_size, size_t first_group,
+                    uint8_t* dst) {
+  const size_t c0 = first_group * group_size, groups = (cols - c0 + group_size - 1) / group_size;
+  const size_t ld_q = groups * group_size;
   float* scales = ThreadScratch(Scratch::kSteps, kQuantBlockRows * groups + kQuantBlockRows * ld_q / 4);
   int8_t* q = reinterpret_cast<int8_t*>(scales + kQuantBlockRows * groups);
-  QuantizeRows(in, ld_in, count, cols, group_size, q, ld_q, scales, groups, nullptr);
+  QuantizeRows(in + c0, ld_in, count, cols - c0, group_size, q, ld_q, scales, groups, nullptr);
   if (count < kQuantBlockRows) memset(q + count * ld_q, 0, (kQuantBlockRows - count) * ld_q);
+  dst += first_group * (group_size + 8) * kQuantBlockRows;
   // dword (4 columns) j of row m -> lane m of quad j: two 16-lane gathers per quad.
   const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                           _mm512_set1_epi32(static_cast<int>(ld_q)));

@@ -262,20 +262,22 @@ class SparseMatMulKernel {
     float* joined = ThreadScratch(Scratch::kCall, rows * cols + (blocks * block_bytes + 3) / 4);
     uint8_t* packed = reinterpret_cast<uint8_t*>(joined + rows * cols);
     for (size_t m = 0; m < rows; ++m) std::copy(x + m * k_, x + (m + 1) * k_, joined + m * cols);
-    auto pack = [&](size_t width, size_t group_size) {
+    auto pack = [&](size_t width, size_t first_group) {
       auto block = [&](size_t b) {
         const size_t m0 = b * kQuantBlockRows, count = rows - m0 < kQuantBlockRows ? rows - m0 : kQuantBlockRows;
-        quant_gemm_->pack(joined + m0 * cols, cols, count, width, group_size, packed + b * block_bytes);
+        quant_gemm_->pack(joined + m0 * cols, cols, count, width, w.group_size, first_group, packed + b * block_bytes);
       };
       ParallelFor(ctx, blocks, block);
     };
     const QuantGemmFn gemm = quant_gemm_->gemm[static_cast<int>(type_) - 1];
+    size_t x_groups = 0;  // groups of x alone, packed for V and the same for W' (one group_size for both)
     if (r_) {
-      pack(k_, v.group_size);
+      pack(k_, 0);
       ParallelRows(ctx, r_, table_->gemm_nr,
                    [&](size_t n0, size_t n1) { gemm(v, packed, block_bytes, rows, joined + k_, cols, n0, n1); });
+      x_groups = k_ / w.group_size;
     }
-    pack(cols, w.group_size);
+    pack(cols, x_groups);
     OutputRows(ctx, rows, table_->gemm_nr, y,
                [&](float* out, size_t n0, size_t n1) { gemm(w, packed, block_bytes, rows, out, n_, n0, n1); });
   }
