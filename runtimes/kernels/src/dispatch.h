@@ -50,6 +50,7 @@ using QuantGemmFn = void (*)(const RowsView& w, const uint8_t* packed, size_t bl
 struct QuantGemm {
   QuantPackFn pack;
   QuantGemmFn gemm[2];  // kI8, kI4
+  size_t nr;            // rows of W per register tile (the unit for splitting work)
 };
 
 struct QuantGemv {

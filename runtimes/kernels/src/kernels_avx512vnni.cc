@@ -306,7 +306,7 @@ void VnniGemm(const RowsView& w, const uint8_t* packed, size_t block_bytes, size
   }
 }
 
-constexpr QuantGemm kVnniGemm{PackQuantBlock, {VnniGemm<ValueType::kI8>, VnniGemm<ValueType::kI4>}};
+constexpr QuantGemm kVnniGemm{PackQuantBlock, {VnniGemm<ValueType::kI8>, VnniGemm<ValueType::kI4>}, kGemmRows};
 
 }  // namespace
 

@@ -273,12 +273,12 @@ class SparseMatMulKernel {
     size_t x_groups = 0;  // groups of x alone, packed for V and the same for W' (one group_size for both)
     if (r_) {
       pack(k_, 0);
-      ParallelRows(ctx, r_, table_->gemm_nr,
+      ParallelRows(ctx, r_, quant_gemm_->nr,
                    [&](size_t n0, size_t n1) { gemm(v, packed, block_bytes, rows, joined + k_, cols, n0, n1); });
       x_groups = k_ / w.group_size;
     }
     pack(cols, x_groups);
-    OutputRows(ctx, rows, table_->gemm_nr, y,
+    OutputRows(ctx, rows, quant_gemm_->nr, y,
                [&](float* out, size_t n0, size_t n1) { gemm(w, packed, block_bytes, rows, out, n_, n0, n1); });
   }
 
