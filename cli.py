@@ -106,6 +106,17 @@ def progress_bar() -> Progress:
 ModelOption = typer.Option(None, "--model", "-m", help="Hugging Face model folder or .gguf file; default: bundled SmolLM2-135M-Instruct.")
 ThreadsOption = typer.Option(None, help="Torch CPU threads (default: all cores).")
 JsonOption = typer.Option(None, "--json", help="Also write the reported figures to this JSON file.")
+
+
+def parse_positive_ints(text: str, option: str) -> tuple[int, ...]:
+    """'16,64' -> (16, 64); anything else is the user's mistake, named with its option."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise UserError(f"{option} must be comma-separated positive integers, got '{text}'")
+    return values
 HELDOUT_HELP = "Held-out texts: comma-separated bundled names (prose = Alice, technical, code) or text files/folders; default: every bundled one."
 HeldoutOption = typer.Option(None, "--heldout", "--text", help=HELDOUT_HELP)
 TargetsOption = typer.Option("all", help="Which Linears of each block are compressed: all, attn (q, k, v, o) or mlp (gate, up, "
@@ -599,10 +610,7 @@ def bench_command(
     from sslc_export.corpus import read_heldout
     from sslc_export.report import markdown_table, update_markdown_section, write_json
 
-    try:
-        lengths = tuple(int(v) for v in prompt_lengths.split(",") if v)
-    except ValueError:
-        raise UserError(f"--prompt-lengths must be comma-separated integers, got '{prompt_lengths}'") from None
+    lengths = parse_positive_ints(prompt_lengths, "--prompt-lengths")
     if decode_tokens < 1 or repeats < 1 or rounds < 1 or (threads is not None and threads < 1):
         raise UserError("--decode-tokens, --repeats, --rounds and --threads must be >= 1")
     config = BenchConfig(prompt_lengths=lengths, decode_tokens=decode_tokens, repeats=repeats, rounds=rounds, threads=threads,
@@ -686,7 +694,9 @@ def profile_command(
 def kernel_bench_command(
     threads: int = typer.Option(1, help="onnxruntime intra-op threads, the same for every op."),
     seconds: float = typer.Option(1.0, help="Timed seconds per op, shape and row count (median of the runs)."),
-    report: Optional[Path] = typer.Option(None, help="Markdown file whose 'kernels' section gets the table."),
+    rows: str = typer.Option("1,128", help="Comma-separated input row counts (1: decode's GEMV; 128: a prefill's GEMM)."),
+    report: Optional[Path] = typer.Option(None, help="Markdown file whose 'kernels' section (or --section) gets the table."),
+    section: str = typer.Option("kernels", help="Section of --report to replace."),
     json_path: Optional[Path] = JsonOption,
 ):
     """Micro-benchmark of the ai.sslc operators vs onnxruntime's MatMul and MatMulNBits on SmolLM2's layer
@@ -696,10 +706,12 @@ def kernel_bench_command(
 
     if threads < 1 or seconds <= 0:
         raise UserError("--threads must be >= 1 and --seconds > 0")
+    row_counts = parse_positive_ints(rows, "--rows")
     available, reason = kernels.availability()
     if not available:
         raise UserError(reason)
-    result = run_kernel_bench(threads, seconds, report=report, json_path=json_path, progress=console.print)
+    result = run_kernel_bench(threads, seconds, rows=row_counts, report=report, section=section, json_path=json_path,
+                              progress=console.print)
     print_table(f"ai.sslc kernels ({result['isa']}, {threads} thread(s)); copy bandwidth {result['copy_gb_per_s']} GB/s",
                 ["N×K", "M", "op", "µs/call", "MB/call", "GB/s", "vs MatMul"],
                 [[r["shape"], r["rows"], r["op"], r["us_per_call"], r["mb_per_call"], r["gb_per_s"], r["vs_matmul"]]

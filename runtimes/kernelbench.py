@@ -160,8 +160,8 @@ def _timed(fn) -> float:
 
 
 def run_kernel_bench(threads: int = 1, seconds: float = 1.0, shapes=SHAPES, rows=ROWS, report: Path | None = None,
-                     json_path: Path | None = None, progress=print) -> dict:
-    """Times every op on every shape and row count; writes the "kernels" section of `report`."""
+                     section: str = "kernels", json_path: Path | None = None, progress=print) -> dict:
+    """Times every op on every shape and row count; writes `section` of `report`."""
     results: list[Row] = []
     evict = np.ones(EVICT_BYTES // 4, np.float32)
     for n, k in shapes:
@@ -187,7 +187,7 @@ def run_kernel_bench(threads: int = 1, seconds: float = 1.0, shapes=SHAPES, rows
                "density": DENSITY, "budget": BUDGET, "rows": [asdict(r) for r in results]}
     write_json(json_path, summary)
     if report is not None:
-        update_markdown_section(report, "kernels", _markdown(summary))
+        update_markdown_section(report, section, _markdown(summary))
     return summary
 
 

@@ -180,3 +180,14 @@ def test_bench_refuses_counts_below_one(tmp_path, flag):
     out = tmp_path / "bench"
     result = CliRunner().invoke(app, ["bench", str(tmp_path), flag, "0", "--out-dir", str(out)])
     assert_clean_failure(result, out, "must be >= 1")
+
+
+@pytest.mark.parametrize("command,option,value", [
+    (["kernel-bench"], "--rows", "1,x"), (["kernel-bench"], "--rows", "0"),
+    (["bench", "x"], "--prompt-lengths", "16,-4"), (["bench", "x"], "--prompt-lengths", ","),
+])
+def test_bad_integer_lists(tmp_path, command, option, value):
+    """Row counts and prompt lengths: positive integers, or one line naming the option, before any work."""
+    out = tmp_path / "report.md"
+    result = run(*command, option, value, "--report", out)
+    assert_clean_failure(result, out, f"{option} must be comma-separated positive integers, got '{value}'")
