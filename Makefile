@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUNS := runs/demo
 
-.PHONY: results-quality results-methods results-distributed results-allocation results-sparse results-quant demo test test-fast gpu-check setup clean kernels kernels-or-skip results results-compression results-heldout results-onnx results-streaming results-large
+.PHONY: results-prefill results-quality results-methods results-distributed results-allocation results-sparse results-quant demo test test-fast gpu-check setup clean kernels kernels-or-skip results results-compression results-heldout results-onnx results-streaming results-large
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -102,6 +102,22 @@ results-sparse: $(STAMP) kernels builder-models
 	$(BIN)/sslc-export bench $(RES)/dense $(RES)/dense-int4 $(SPARSE_EXPORTS) $(RES)/dense-int4-lmint4 $(BUILDER_OUT)/smollm2-int4 \
 	  --threads 2 --repeats 3 --genai --out-dir docs/bench-sparse --report docs/results.md --section sparse-bench
 	$(BIN)/sslc-export profile $(RES)/dense $(RES)/sslc-0.5-sparse $(RES)/sslc-0.5-b4-sparse-int4-lmint4 --threads 2 --report docs/results.md
+
+# Prefill with integer activations (the quantized sparse formats' activation_bits=8; on AVX-512 VNNI an integer GEMM):
+# the kernel micro-benchmark at 128 input rows, then one bench run of the int4 models (int4 lm_head everywhere) beside
+# dense fp32, onnxruntime's int4 and the builder's. Uses results-sparse's folders and results-quality's checkpoints
+# (the two int4 exports of the quality table are made when missing). About 15 minutes; run it alone.
+PREFILL_INT4 := $(RES)/gptq-b4-dense-int4-lmint4 $(RES)/sslc-0.3-b4ft-sparse-int4-lmint4 $(RES)/sslc-0.5-b4-sparse-int4-lmint4
+results-prefill: $(STAMP) kernels
+	test -f $(RES)/gptq-b4-dense-int4-lmint4/model.onnx || $(BIN)/sslc-export export $(QUALITY)/sslc-default-r0.0-b4 \
+	  $(RES)/gptq-b4-dense-int4-lmint4 --format dense-int4 --lm-head int4 --overwrite
+	test -f $(RES)/sslc-0.3-b4ft-sparse-int4-lmint4/model.onnx || $(BIN)/sslc-export export $(QUALITY)/sslc-default-r0.3-b4-ft \
+	  $(RES)/sslc-0.3-b4ft-sparse-int4-lmint4 --format sparse-int4 --lm-head int4 --overwrite
+	$(BIN)/sslc-export kernel-bench --threads 2 --rows 128 --report docs/results.md --section kernels-prefill \
+	  --json docs/kernels-prefill.json
+	$(BIN)/sslc-export bench $(RES)/dense $(RES)/dense-int4-lmint4 $(PREFILL_INT4) $(BUILDER_OUT)/smollm2-int4 --threads 2 \
+	  --repeats 2 --rounds 2 --genai --no-perplexity --prompt-lengths 128,512 --out-dir docs/bench-prefill \
+	  --report docs/results.md --section int-prefill
 
 # Quantization inside SSLC (issue 10): int4 chosen inside the decomposition at ratio 0.5 (the fp32 checkpoint of
 # results-compression is the reference), and the same quantizer on the dense model (--ratio 0: GPTQ) beside

@@ -181,6 +181,35 @@ void VnniGemv(const RowsView& w, const QuantInput& in, size_t count, float* out,
 // -offset * sum(q), then one conversion and one FMA with x_scale * w_scale per group. Four times
 // the products per instruction of the fp32 tile, which multiplies the fake-quantized input.
 
+// QuantizeRows' definition (dispatch.cc) for groups of 16, 32 or 64 columns, 16 lanes per step: the same
+// fp32 max, division and round-half-even conversion, so the same q and x_scale (for finite inputs). Row m's q into q + m * ld_q
+// (zero from cols to ld_q, a multiple of group_size), its x_scale per group into scales + m * groups.
+void QuantizeRows512(const float* in, size_t ld_in, size_t count, size_t cols, size_t group_size, int8_t* q,
+                     size_t ld_q, float* scales, size_t groups) {
+  const __m512i low = _mm512_set1_epi32(-127), high = _mm512_set1_epi32(127);
+  const size_t lanes = group_size / 16;
+  for (size_t m = 0; m < count; ++m) {
+    const float* row = in + m * ld_in;
+    int8_t* q_row = q + m * ld_q;
+    for (size_t g = 0; g < groups; ++g) {
+      __m512 x[4];
+      __m512 max = _mm512_setzero_ps();
+      for (size_t i = 0; i < lanes; ++i) {
+        const size_t c = g * group_size + 16 * i, live = c < cols ? (cols - c < 16 ? cols - c : 16) : 0;
+        x[i] = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << live) - 1), row + c);
+        max = _mm512_max_ps(max, _mm512_abs_ps(x[i]));
+      }
+      const float scale = _mm512_reduce_max_ps(max) / 127.0f;
+      scales[m * groups + g] = scale;
+      const __m512 divisor = _mm512_set1_ps(scale > 0.0f ? scale : 1.0f);
+      for (size_t i = 0; i < lanes; ++i) {
+        const __m512i v = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_div_ps(x[i], divisor)), low), high);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q_row + g * group_size + 16 * i), _mm512_cvtepi32_epi8(v));
+      }
+    }
+  }
+}
+
 // One block of QuantBlockBytes: per group the q in quads of 4 columns, their sums, x_scales.
 void PackQuantBlock(const float* in, size_t ld_in, size_t count, size_t cols, size_t group_size, size_t first_group,
                     uint8_t* dst) {
@@ -188,7 +217,7 @@ void PackQuantBlock(const float* in, size_t ld_in, size_t count, size_t cols, si
   const size_t ld_q = groups * group_size;
   float* scales = ThreadScratch(Scratch::kSteps, kQuantBlockRows * groups + kQuantBlockRows * ld_q / 4);
   int8_t* q = reinterpret_cast<int8_t*>(scales + kQuantBlockRows * groups);
-  QuantizeRows(in + c0, ld_in, count, cols - c0, group_size, q, ld_q, scales, groups, nullptr);
+  QuantizeRows512(in + c0, ld_in, count, cols - c0, group_size, q, ld_q, scales, groups);
   if (count < kQuantBlockRows) memset(q + count * ld_q, 0, (kQuantBlockRows - count) * ld_q);
   dst += first_group * (group_size + 8) * kQuantBlockRows;
   // dword (4 columns) j of row m -> lane m of quad j: two 16-lane gathers per quad.
