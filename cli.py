@@ -694,8 +694,10 @@ def profile_command(
 def kernel_bench_command(
     threads: int = typer.Option(1, help="onnxruntime intra-op threads, the same for every op."),
     seconds: float = typer.Option(1.0, help="Timed seconds per op, shape and row count (median of the runs)."),
-    rows: str = typer.Option("1,128", help="Comma-separated input row counts (1: decode's GEMV; 128: a prefill's GEMM)."),
-    report: Optional[Path] = typer.Option(None, help="Markdown file whose 'kernels' section (or --section) gets the table."),
+    rows: str = typer.Option("1,128", help="Comma-separated input row counts (1: decode's GEMV; 128: a prefill's "
+                             "GEMM)."),
+    report: Optional[Path] = typer.Option(None, help="Markdown file whose 'kernels' section (or --section) gets the "
+                                          "table."),
     section: str = typer.Option("kernels", help="Section of --report to replace."),
     json_path: Optional[Path] = JsonOption,
 ):

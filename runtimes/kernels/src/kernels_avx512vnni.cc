@@ -182,8 +182,9 @@ void VnniGemv(const RowsView& w, const QuantInput& in, size_t count, float* out,
 // the products per instruction of the fp32 tile, which multiplies the fake-quantized input.
 
 // QuantizeRows' definition (dispatch.cc) for groups of 16, 32 or 64 columns, 16 lanes per step: the same
-// fp32 max, division and round-half-even conversion, so the same q and x_scale (for finite inputs). Row m's q into q + m * ld_q
-// (zero from cols to ld_q, a multiple of group_size), its x_scale per group into scales + m * groups.
+// fp32 max, division and round-half-even conversion, so the same q and x_scale (for finite inputs).
+// Row m's q into q + m * ld_q (zero from cols to ld_q, a multiple of group_size), its x_scale per group
+// into scales + m * groups.
 void QuantizeRows512(const float* in, size_t ld_in, size_t count, size_t cols, size_t group_size, int8_t* q,
                      size_t ld_q, float* scales, size_t groups) {
   const __m512i low = _mm512_set1_epi32(-127), high = _mm512_set1_epi32(127);
@@ -203,7 +204,8 @@ void QuantizeRows512(const float* in, size_t ld_in, size_t count, size_t cols, s
       scales[m * groups + g] = scale;
       const __m512 divisor = _mm512_set1_ps(scale > 0.0f ? scale : 1.0f);
       for (size_t i = 0; i < lanes; ++i) {
-        const __m512i v = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_div_ps(x[i], divisor)), low), high);
+        const __m512i rounded = _mm512_cvtps_epi32(_mm512_div_ps(x[i], divisor));
+        const __m512i v = _mm512_min_epi32(_mm512_max_epi32(rounded, low), high);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(q_row + g * group_size + 16 * i), _mm512_cvtepi32_epi8(v));
       }
     }
@@ -257,8 +259,10 @@ inline void PlaceRow(const RowsView& w, size_t n, size_t steps, uint8_t* dst) {
     _mm512_storeu_si512(dst + 64 * s, Place<T>(p, bits));
   }
   const bool wide = WideMaskLoads<Avx512VnniQuant>(w, n);
-  for (; s < steps; ++s)
-    _mm512_storeu_si512(dst + 64 * s, Place<T>(p, MaskBits<Avx512VnniQuant, 8>(mask + s * 8, w.row_bytes - s * 8, wide)));
+  for (; s < steps; ++s) {
+    const uint64_t bits = MaskBits<Avx512VnniQuant, 8>(mask + s * 8, w.row_bytes - s * 8, wide);
+    _mm512_storeu_si512(dst + 64 * s, Place<T>(p, bits));
+  }
 }
 
 template <ValueType T, size_t kGroupSize>
@@ -288,8 +292,11 @@ __attribute__((noinline)) void VnniGemmRows(const RowsView& w, const uint8_t* pa
       for (size_t j = 0; j < kNR; ++j) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
       for (size_t g = 0; g < groups; ++g, group += kGroupBytes) {
         const uint8_t* sums = group + kGroupSize * kQuantBlockRows;
-        const __m512i start0 = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(_mm512_loadu_si512(sums), kOffsetShift));
-        const __m512i start1 = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(_mm512_loadu_si512(sums + 64), kOffsetShift));
+        auto start = [&](size_t half) {  // -offset * sum(q) of 16 input rows
+          const __m512i sum_q = _mm512_loadu_si512(sums + 64 * half);
+          return _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum_q, kOffsetShift));
+        };
+        const __m512i start0 = start(0), start1 = start(1);
         __m512i dot[kNR][2];
         for (size_t j = 0; j < kNR; ++j) dot[j][0] = start0, dot[j][1] = start1;
         const uint8_t* weights = panel + g * kGroupSize;

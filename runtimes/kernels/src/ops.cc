@@ -258,7 +258,8 @@ class SparseMatMulKernel {
   void RunQuantGemm(const Ort::KernelContext& ctx, const float* x, size_t rows, float* y) const {
     const size_t cols = k_ + r_, blocks = (rows + kQuantBlockRows - 1) / kQuantBlockRows;
     const RowsView &w = w_->view(), &v = v_->view();
-    const size_t block_bytes = std::max(QuantBlockBytes(cols, w.group_size), r_ ? QuantBlockBytes(k_, v.group_size) : 0);
+    const size_t block_bytes =
+        std::max(QuantBlockBytes(cols, w.group_size), r_ ? QuantBlockBytes(k_, v.group_size) : 0);
     float* joined = ThreadScratch(Scratch::kCall, rows * cols + (blocks * block_bytes + 3) / 4);
     uint8_t* packed = reinterpret_cast<uint8_t*>(joined + rows * cols);
     for (size_t m = 0; m < rows; ++m) std::copy(x + m * k_, x + (m + 1) * k_, joined + m * cols);
