@@ -107,6 +107,13 @@ ModelOption = typer.Option(None, "--model", "-m", help="Hugging Face model folde
 ThreadsOption = typer.Option(None, help="Torch CPU threads (default: all cores).")
 JsonOption = typer.Option(None, "--json", help="Also write the reported figures to this JSON file.")
 
+HELDOUT_HELP = "Held-out texts: comma-separated bundled names (prose = Alice, technical, code) or text files/folders; default: every bundled one."
+HeldoutOption = typer.Option(None, "--heldout", "--text", help=HELDOUT_HELP)
+TargetsOption = typer.Option("all", help="Which Linears of each block are compressed: all, attn (q, k, v, o) or mlp (gate, up, "
+                             "down); the others stay dense, and --ratio is of the compressed ones.")
+CalibOption = typer.Option(None, "--calib", help="Calibration: 'mix' (default: equal shares of the bundled prose, technical and code texts), "
+                           "comma-separated bundled names (e.g. 'prose': Pride and Prejudice alone) or a text file/folder.")
+
 
 def parse_positive_ints(text: str, option: str) -> tuple[int, ...]:
     """'16,64' -> (16, 64); anything else is the user's mistake, named with its option."""
@@ -117,12 +124,6 @@ def parse_positive_ints(text: str, option: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise UserError(f"{option} must be comma-separated positive integers, got '{text}'")
     return values
-HELDOUT_HELP = "Held-out texts: comma-separated bundled names (prose = Alice, technical, code) or text files/folders; default: every bundled one."
-HeldoutOption = typer.Option(None, "--heldout", "--text", help=HELDOUT_HELP)
-TargetsOption = typer.Option("all", help="Which Linears of each block are compressed: all, attn (q, k, v, o) or mlp (gate, up, "
-                             "down); the others stay dense, and --ratio is of the compressed ones.")
-CalibOption = typer.Option(None, "--calib", help="Calibration: 'mix' (default: equal shares of the bundled prose, technical and code texts), "
-                           "comma-separated bundled names (e.g. 'prose': Pride and Prejudice alone) or a text file/folder.")
 
 
 def _invocation(subcommand: str) -> str:
