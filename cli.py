@@ -106,7 +106,6 @@ def progress_bar() -> Progress:
 ModelOption = typer.Option(None, "--model", "-m", help="Hugging Face model folder or .gguf file; default: bundled SmolLM2-135M-Instruct.")
 ThreadsOption = typer.Option(None, help="Torch CPU threads (default: all cores).")
 JsonOption = typer.Option(None, "--json", help="Also write the reported figures to this JSON file.")
-
 HELDOUT_HELP = "Held-out texts: comma-separated bundled names (prose = Alice, technical, code) or text files/folders; default: every bundled one."
 HeldoutOption = typer.Option(None, "--heldout", "--text", help=HELDOUT_HELP)
 TargetsOption = typer.Option("all", help="Which Linears of each block are compressed: all, attn (q, k, v, o) or mlp (gate, up, "
