@@ -264,8 +264,9 @@ def print_compress_summary(manifest: dict) -> None:
 def finetune_command(
     checkpoint: Path = typer.Argument(..., help="Checkpoint folder written by `sslc-export compress` (fp32 or --bits)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="New checkpoint folder to create (same format and size as the parent)."),
-    loss: str = typer.Option(defaults.FINETUNE_LOSS, help="distill: KL divergence to the dense model's next-token "
-                             "distribution (loads it too); lm: cross-entropy on the text's next tokens. Why this default: docs/results.md."),
+    loss: Optional[str] = typer.Option(None, help="distill: KL divergence to the dense model's next-token distribution "
+                                       "(loads it too); lm: cross-entropy on the text's next tokens. Default: lm for an fp32 "
+                                       "checkpoint, distill for a --bits one (why: docs/results.md)."),
     steps: int = typer.Option(defaults.FINETUNE_STEPS, help="Optimizer steps (Adam); each sees --batch-size new windows of the text."),
     lr: float = typer.Option(defaults.FINETUNE_LR, help="Adam's learning rate for fp32 U and V, reached after a warm-up over the "
                              "first eighth of the steps, then decayed linearly to 0."),
@@ -307,7 +308,7 @@ def finetune_command(
         task = bar.add_task("loading", total=None)
 
         def advance(done: int, total: int, value: float) -> None:
-            bar.update(task, completed=done, total=total, description=f"{loss} loss {value:.4f}")
+            bar.update(task, completed=done, total=total, description=f"loss {value:.4f}")
 
         try:
             manifest = finetune(job, advance)
@@ -315,7 +316,7 @@ def finetune_command(
             console.print(f"interrupted: progress kept every {save_every} steps, rerun with --resume to continue")
             raise typer.Exit(130) from None
     record = manifest["finetune"]
-    out.print(f"{loss} loss {record['losses'][0]:.4f} -> {record['losses'][-1]:.4f} over {steps} steps in {record['seconds']} s "
+    out.print(f"{record['settings']['loss']} loss {record['losses'][0]:.4f} -> {record['losses'][-1]:.4f} over {steps} steps in {record['seconds']} s "
               f"({manifest['threads']} threads); checkpoint written to {out_dir}")
     write_json(json_path, {key: value for key, value in manifest.items() if key not in ("files", "layers")})
 

@@ -28,7 +28,8 @@ DEVICE = "cpu"
 ALLOCATION = "uniform"  # how the budget is split over layers: uniform | global
 MIN_KEEP = 0.2  # global allocation: bounds on each layer's kept fraction
 MAX_KEEP = 0.9
-FINETUNE_LOSS = "distill"  # finetune: distill (KL to the dense model's logits) | lm (next-token cross-entropy); why: docs/results.md
+FINETUNE_LOSS_FP32 = "lm"  # finetune of an fp32 checkpoint: lm (next-token cross-entropy); why: docs/results.md
+FINETUNE_LOSS_GRID = "distill"  # finetune of a --bits checkpoint: distill (KL to the dense model's logits); why: same place
 FINETUNE_STEPS = 64  # finetune: optimizer steps (SmolLM2 on 2 cores in <= 15 min: docs/results.md)
 FINETUNE_LR = 3e-4  # finetune: Adam's learning rate for fp32 U, V (why: docs/results.md, "Recovery fine-tuning")
 FINETUNE_GRID_LR = 0.05  # finetune on a grid (--bits checkpoints): U and V's learning rate in grid steps

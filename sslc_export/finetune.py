@@ -5,7 +5,8 @@ SVD step leaves the singular values in U (entries ~5 against ~0.002 in V on Smol
 every entry by about the learning rate, then changes V by percents per step.
 
 The loss is distillation to the dense model's logits (KL(teacher || student) per token) or plain
-next-token cross-entropy, on windows of the calibration text. A quantized checkpoint (compress --bits)
+next-token cross-entropy, on windows of the calibration text; by default cross-entropy for an fp32 parent and
+distillation on a grid, the loss that measured better for each (docs/results.md). A quantized checkpoint (compress --bits)
 trains on its grid: U and V are held in grid units (the stored integers to start with) and each (row,
 group) scale is trained as a log; the forward pass rounds the units (the gradient passes the rounding
 unchanged: straight-through estimator) and multiplies by the scales. Adam moves every entry by about its
@@ -57,7 +58,7 @@ ProgressCallback = Callable[[int, int, float], None]  # (steps done, steps in al
 class FinetuneJob:
     checkpoint: Path
     out: Path
-    loss: str = defaults.FINETUNE_LOSS
+    loss: str | None = None  # None: lm for an fp32 parent, distill on a grid (defaults.FINETUNE_LOSS_*)
     steps: int = defaults.FINETUNE_STEPS
     lr: float = defaults.FINETUNE_LR
     grid_lr: float = defaults.FINETUNE_GRID_LR  # quantized U, V: grid steps per step
@@ -130,10 +131,10 @@ class Rescaled(nn.Module):
 
 def check_job(job: FinetuneJob) -> None:
     """Every flag checked before the models are loaded."""
-    if job.loss not in LOSSES:
+    if job.loss is not None and job.loss not in LOSSES:
         raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got '{job.loss}'")
-    if job.teacher is not None and job.loss != "distill":
-        raise UserError(f"--teacher is only read by --loss distill (this run's loss is {job.loss})")
+    if job.teacher is not None and job.loss == "lm":
+        raise UserError("--teacher is only read by --loss distill (this run's loss is lm)")
     if job.steps < 1 or job.batch_size < 1 or job.save_every < 1:
         raise UserError(f"--steps, --batch-size and --save-every must be >= 1, got {job.steps}, {job.batch_size}, {job.save_every}")
     for flag, value in (("--lr", job.lr), ("--grid-lr", job.grid_lr), ("--scale-lr", job.scale_lr)):
@@ -155,6 +156,9 @@ def finetune(job: FinetuneJob, progress: ProgressCallback | None = None) -> dict
     if job.sparse_scales and checkpoint_grid(manifest) is None:
         raise UserError(f"--sparse-scales needs a quantized checkpoint (compress --bits 8|4); {job.checkpoint} is fp32")
     job = _resolved(job, manifest)
+    if job.teacher is not None and job.loss != "distill":
+        raise UserError(f"--teacher is only read by --loss distill (an fp32 checkpoint's default loss is {job.loss}: "
+                        "pass --loss distill)")
     calibration = CalibrationSet.read(None if job.calib == "mix" else job.calib)
     if not job.resume:
         check_writable_target(job.out, job.overwrite)
@@ -203,9 +207,12 @@ def finetune(job: FinetuneJob, progress: ProgressCallback | None = None) -> dict
 
 
 def _resolved(job: FinetuneJob, manifest: dict) -> FinetuneJob:
-    """The job with its defaults that depend on the parent filled in: its calibration, and S's scales trained on a grid."""
+    """The job with its defaults that depend on the parent filled in: its calibration, the loss, and S's scales trained
+    on a grid."""
     on_grid = checkpoint_grid(manifest) is not None
-    return replace(job, calib=job.calib or manifest["calibration"]["source"], sparse_scales=on_grid and job.sparse_scales is not False)
+    loss = job.loss or (defaults.FINETUNE_LOSS_GRID if on_grid else defaults.FINETUNE_LOSS_FP32)
+    return replace(job, calib=job.calib or manifest["calibration"]["source"], loss=loss,
+                   sparse_scales=on_grid and job.sparse_scales is not False)
 
 
 def _settings(job: FinetuneJob, on_grid: bool) -> dict:
