@@ -130,11 +130,10 @@ class Rescaled(nn.Module):
 
 
 def check_job(job: FinetuneJob) -> None:
-    """Every flag checked before the models are loaded."""
+    """Every flag checked before the models are loaded (but --teacher against the loss, which may be the parent's
+    default: finetune checks it once the job is resolved)."""
     if job.loss is not None and job.loss not in LOSSES:
         raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got '{job.loss}'")
-    if job.teacher is not None and job.loss == "lm":
-        raise UserError("--teacher is only read by --loss distill (this run's loss is lm)")
     if job.steps < 1 or job.batch_size < 1 or job.save_every < 1:
         raise UserError(f"--steps, --batch-size and --save-every must be >= 1, got {job.steps}, {job.batch_size}, {job.save_every}")
     for flag, value in (("--lr", job.lr), ("--grid-lr", job.grid_lr), ("--scale-lr", job.scale_lr)):
@@ -157,8 +156,8 @@ def finetune(job: FinetuneJob, progress: ProgressCallback | None = None) -> dict
         raise UserError(f"--sparse-scales needs a quantized checkpoint (compress --bits 8|4); {job.checkpoint} is fp32")
     job = _resolved(job, manifest)
     if job.teacher is not None and job.loss != "distill":
-        raise UserError(f"--teacher is only read by --loss distill (an fp32 checkpoint's default loss is {job.loss}: "
-                        "pass --loss distill)")
+        raise UserError(f"--teacher is only read by --loss distill (this run's loss is {job.loss}; an fp32 checkpoint's "
+                        "default is lm)")
     calibration = CalibrationSet.read(None if job.calib == "mix" else job.calib)
     if not job.resume:
         check_writable_target(job.out, job.overwrite)
