@@ -106,7 +106,7 @@ void QuantizeRows(const float* in, size_t ld_in, size_t count, size_t cols, size
 }
 
 float* ThreadScratch(Scratch slot, size_t floats) {
-  thread_local std::vector<float> buffers[5];
+  thread_local std::vector<float> buffers[6];
   std::vector<float>& buffer = buffers[static_cast<int>(slot)];
   if (buffer.size() < floats) buffer.resize(floats);
   return buffer.data();

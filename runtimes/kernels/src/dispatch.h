@@ -104,7 +104,8 @@ void QuantizeRows(const float* in, size_t ld_in, size_t count, size_t cols, size
 // then shared with the other paths by the linker.
 // kOutput: a node's products before its activation. kSteps: a quantized GEMV task's per-step input terms, or
 // the rows of one block being quantized for the integer GEMM.
-enum class Scratch { kCall = 0, kPanel = 1, kQuant = 2, kOutput = 3, kSteps = 4 };
+// kRow: one row of int4 values unpacked to int8.
+enum class Scratch { kCall = 0, kPanel = 1, kQuant = 2, kOutput = 3, kSteps = 4, kRow = 5 };
 float* ThreadScratch(Scratch slot, size_t floats);
 
 }  // namespace sslc

@@ -53,67 +53,80 @@ inline void UnpackGroup(const uint8_t* src, size_t bytes, int8_t* dst) {
   }
 }
 
-// Walks one packed row: the kept values at the cursor, with int4 group alignment.
+// Walks one packed row. The walking pointer is the caller's local (a member of a cursor whose address escapes to
+// an out-of-line call would live in memory, and every step's advance would wait on a store): it starts at
+// `start`, AlignGroup(p) is called at the start of every group (int4: a run's unpacked copy), Next(p, bits)
+// expands a step's kept values and advances p.
 template <class Isa, ValueType T>
 struct Cursor;
 
 template <class Isa>
 struct Cursor<Isa, ValueType::kF32> {
-  const float* p;
-  Cursor(const uint8_t* row, const RowsView&, size_t) : p(reinterpret_cast<const float*>(row)) {}
-  void AlignGroup() {}
-  auto Next(unsigned bits) { return Isa::ExpandF32(p, bits); }
+  using Ptr = const float*;
+  Ptr start;
+  Cursor(const uint8_t* row, const RowsView&, size_t) : start(reinterpret_cast<Ptr>(row)) {}
+  void AlignGroup(Ptr&) {}
+  static auto Next(Ptr& p, unsigned bits) { return Isa::ExpandF32(p, bits); }
 };
 
 template <class Isa>
 struct Cursor<Isa, ValueType::kI8> {
-  const int8_t* p;
-  Cursor(const uint8_t* row, const RowsView&, size_t) : p(reinterpret_cast<const int8_t*>(row)) {}
-  void AlignGroup() {}
-  auto Next(unsigned bits) { return Isa::ExpandI8(p, bits); }
+  using Ptr = const int8_t*;
+  Ptr start;
+  Cursor(const uint8_t* row, const RowsView&, size_t) : start(reinterpret_cast<Ptr>(row)) {}
+  void AlignGroup(Ptr&) {}
+  static auto Next(Ptr& p, unsigned bits) { return Isa::ExpandI8(p, bits); }
 };
 
-// int4: each run of groups (byte-aligned, NibbleRunColumns) is unpacked to int8 one run ahead,
-// into the spare of two buffers, then expanded like int8 values. Unpacking just before use would
-// make every load of the run wait on the stores that wrote it (a failed store-to-load forward).
+// Kept values of row n counted over mask bytes [b0, b1).
+template <class Isa>
+inline size_t KeptIn(const uint8_t* mask, size_t b0, size_t b1) {
+  size_t kept = 0, b = b0;
+  for (uint64_t word; b + 8 <= b1; b += 8) {
+    memcpy(&word, mask + b, sizeof(word));
+    kept += __builtin_popcountll(word);
+  }
+  for (; b < b1; ++b) kept += __builtin_popcount(mask[b]);
+  return kept;
+}
+
+// Row n's int4 values unpacked to int8, in order (each run's padding nibble dropped), into a per-thread
+// buffer with 64 readable bytes past the last value. Out of line, once per row.
+template <class Isa>
+__attribute__((noinline)) const int8_t* UnpackRow(const uint8_t* row, const RowsView& w, size_t n) {
+  const size_t run_bytes = NibbleRunColumns(w.group_size) / 8;
+  int8_t* const buffer = reinterpret_cast<int8_t*>(ThreadScratch(Scratch::kRow, (w.row_bytes * 8 + 2 * kMaxGroupSize + 128) / 4));
+  const uint8_t* mask = w.mask + n * w.row_bytes;
+  int8_t* dst = buffer;
+  size_t b = 0;
+  if (run_bytes == 8) {  // runs of 64 columns: one mask word, a fixed 32 bytes unpacked (no data-dependent branch)
+    for (uint64_t word; b + 8 <= w.row_bytes; b += 8) {
+      memcpy(&word, mask + b, sizeof(word));
+      const size_t kept = __builtin_popcountll(word);
+      UnpackGroup<Isa>(row, 32, dst);
+      dst += kept;
+      row += (kept + 1) / 2;
+    }
+  }
+  for (; b < w.row_bytes; b += run_bytes) {
+    const size_t kept = KeptIn<Isa>(mask, b, b + run_bytes < w.row_bytes ? b + run_bytes : w.row_bytes);
+    UnpackGroup<Isa>(row, (kept + 1) / 2, dst);  // writes past dst + kept: the next run overwrites it
+    dst += kept;
+    row += (kept + 1) / 2;
+  }
+  return buffer;
+}
+
+// int4: the whole row is unpacked to int8 before it is walked, then read like int8 values. The stores
+// are long done when the walk loads them; unpacking one run ahead of the walk (the earlier design) was
+// slower on AVX2 (commit message), each load waiting on recent stores.
 template <class Isa>
 struct Cursor<Isa, ValueType::kI4> {
-  const uint8_t* mask;
-  size_t mask_bytes, run_mask_bytes, groups_per_run, group_in_run;
-  size_t ahead_mask = 0;    // first mask byte of the run unpacked ahead
-  const uint8_t* ahead;     // its packed values
-  const int8_t* p = nullptr;
-  unsigned current = 0;
-  int8_t unpacked[2][kMaxGroupSize + 64];  // the integer GEMV reads 64 lanes from any kept value
-
-  Cursor(const uint8_t* row, const RowsView& w, size_t n)
-      : mask(w.mask + n * w.row_bytes), mask_bytes(w.row_bytes), run_mask_bytes(NibbleRunColumns(w.group_size) / 8),
-        groups_per_run(NibbleRunColumns(w.group_size) / w.group_size), group_in_run(groups_per_run - 1), ahead(row) {
-    UnpackAhead();
-  }
-  // Out of line: its byte stores, inlined into the walk, made GCC keep the accumulators in memory.
-  // Past the row's end this reads padding only (ReadPad covers a run).
-  __attribute__((noinline)) void UnpackAhead() {
-    UnpackGroup<Isa>(ahead, run_mask_bytes * 4, unpacked[current ^ 1]);
-    const size_t end = ahead_mask + run_mask_bytes < mask_bytes ? ahead_mask + run_mask_bytes : mask_bytes;
-    size_t kept = 0, b = ahead_mask;
-    for (uint64_t word; b + 8 <= end; b += 8) {
-      memcpy(&word, mask + b, sizeof(word));
-      kept += __builtin_popcountll(word);
-    }
-    for (; b < end; ++b) kept += __builtin_popcount(mask[b]);
-    ahead += (kept + 1) / 2;
-    ahead_mask += run_mask_bytes;
-  }
-  // Called at the start of every group: a group that starts a run switches to its unpacked copy.
-  void AlignGroup() {
-    if (++group_in_run < groups_per_run) return;
-    group_in_run = 0;
-    current ^= 1;
-    p = unpacked[current];
-    UnpackAhead();
-  }
-  auto Next(unsigned bits) { return Isa::ExpandI8(p, bits); }
+  using Ptr = const int8_t*;
+  Ptr start;
+  Cursor(const uint8_t* row, const RowsView& w, size_t n) : start(UnpackRow<Isa>(row, w, n)) {}
+  void AlignGroup(Ptr&) {}
+  static auto Next(Ptr& p, unsigned bits) { return Isa::ExpandI8(p, bits); }
 };
 
 // step(slot 0, b), step(slot 1, b + 1), ... with compile-time slots.
@@ -131,13 +144,14 @@ __attribute__((always_inline)) inline void WalkRow(const RowsView& w, size_t n, 
   static_assert(Isa::W == 8, "one mask byte per step");
   const uint8_t* mask = w.mask + n * w.row_bytes;
   Cursor<Isa, T> cursor(w.row_values[n], w, n);
+  typename Cursor<Isa, T>::Ptr p = cursor.start;
   const float* scales = T == ValueType::kF32 ? nullptr : w.scales + n * w.groups;
   const size_t group_bytes = w.group_size / 8;
   size_t next_group = 0;
   typename Isa::Vec scale = Isa::Set1(1.0f);
   auto step = [&](auto slot, size_t b) __attribute__((always_inline)) {
     if (T != ValueType::kF32 && b == next_group) {
-      cursor.AlignGroup();
+      cursor.AlignGroup(p);
       scale = Isa::Set1(*scales++);
       next_group += group_bytes;
     }
@@ -146,7 +160,7 @@ __attribute__((always_inline)) inline void WalkRow(const RowsView& w, size_t n, 
       if (kVisitZeros) f(b * 8, Isa::Zero(), slot);
       return;
     }
-    typename Isa::Vec v = cursor.Next(bits);
+    typename Isa::Vec v = Cursor<Isa, T>::Next(p, bits);
     if (T != ValueType::kF32) v = Isa::Mul(v, scale);
     f(b * 8, v, slot);
   };
@@ -154,7 +168,7 @@ __attribute__((always_inline)) inline void WalkRow(const RowsView& w, size_t n, 
   for (; b + kSlots <= w.row_bytes; b += kSlots) {
     // fp32 GEMV: one line 2 KiB ahead of the values per step group (the next rows' values lie right after this
     // row's); the hardware prefetcher alone left the walk waiting on memory (runtimes/kernels/README.md).
-    if constexpr (T == ValueType::kF32 && !kVisitZeros) _mm_prefetch(reinterpret_cast<const char*>(cursor.p) + 2048, _MM_HINT_T0);
+    if constexpr (T == ValueType::kF32 && !kVisitZeros) _mm_prefetch(reinterpret_cast<const char*>(p) + 2048, _MM_HINT_T0);
     Unrolled(std::make_index_sequence<kSlots>{}, step, b);
   }
   for (; b < w.row_bytes; ++b) step(std::integral_constant<size_t, 0>{}, b);
@@ -322,21 +336,12 @@ inline bool WideMaskLoads(const RowsView& w, size_t n) {
   return (w.rows - n) * w.row_bytes >= w.row_bytes + sizeof(uint64_t);
 }
 
-// Kept integers of one row, step by step: int8 values in place, int4 runs unpacked one ahead.
-template <class Isa, ValueType T>
-struct QuantSource {
-  Cursor<Isa, T> cursor;
-  QuantSource(const RowsView& w, size_t n) : cursor(w.row_values[n], w, n) {}
-  void AlignGroup() { cursor.AlignGroup(); }
-  typename Isa::Weights Expand(uint64_t bits) { return Isa::Expand(cursor.p, bits); }
-};
-
 // Per output row: per group, exact integer dot products with every input row, then one scaled
 // fp32 accumulation per (input row, group). Groups without kept values cost one mask test.
 // kOneStep: groups of at most kLanes columns, one step each (the usual case), walked with less
 // bookkeeping while whole mask words can be loaded. Out of line, `in` copied to locals:
 // otherwise GCC ran out of registers and kept the source pointer in memory.
-template <class Isa, class Source, size_t kRows, bool kOneStep>
+template <class Isa, ValueType T, size_t kRows, bool kOneStep>
 __attribute__((noinline)) void QuantGemvBlock(const RowsView& w, const QuantInput& in, float* out, size_t ld_out,
                                               size_t n0, size_t n1) {
   constexpr size_t kStep = Isa::kLanes / 8;  // mask bytes per step
@@ -350,12 +355,13 @@ __attribute__((noinline)) void QuantGemvBlock(const RowsView& w, const QuantInpu
     const uint8_t* mask = w.mask + n * row_bytes;
     const bool wide = WideMaskLoads<Isa>(w, n);
     const float* w_scales = w.scales + n * w.groups;
-    Source source(w, n);
+    Cursor<Isa, T> cursor(w.row_values[n], w, n);
+    typename Cursor<Isa, T>::Ptr p = cursor.start;
     typename Isa::FAcc acc[kRows];
     for (size_t m = 0; m < kRows; ++m) acc[m] = Isa::FZero();
     // Step at mask byte b with mask bits `bits` (not 0) into dot.
     auto step = [&](typename Isa::IAcc* dot, size_t b, uint64_t bits) __attribute__((always_inline)) {
-      const typename Isa::Weights weights = source.Expand(bits);
+      const typename Isa::Weights weights = Isa::Expand(p, bits);
       for (size_t m = 0; m < kRows; ++m) dot[m] = Isa::Dot(dot[m], weights, q + m * ld_q + b * 8);
     };
     auto scale = [&](const typename Isa::IAcc* dot, size_t g) __attribute__((always_inline)) {
@@ -363,7 +369,7 @@ __attribute__((noinline)) void QuantGemvBlock(const RowsView& w, const QuantInpu
     };
     // A one-step group from one whole-word mask load.
     auto one_step = [&](size_t g, size_t b0, uint64_t keep_bits) __attribute__((always_inline)) {
-      source.AlignGroup();
+      cursor.AlignGroup(p);
       uint64_t bits;
       memcpy(&bits, mask + b0, sizeof(bits));
       if ((bits &= keep_bits) == 0) return;
@@ -379,7 +385,7 @@ __attribute__((noinline)) void QuantGemvBlock(const RowsView& w, const QuantInpu
       b0 = row_bytes;
     }
     for (; b0 < row_bytes; ++g, b0 += group_bytes) {
-      source.AlignGroup();
+      cursor.AlignGroup(p);
       const size_t b1 = b0 + group_bytes < row_bytes ? b0 + group_bytes : row_bytes;
       typename Isa::IAcc dot[kRows];
       for (size_t m = 0; m < kRows; ++m) dot[m] = Isa::IZero();
@@ -403,9 +409,9 @@ void QuantGemvAll(const RowsView& w, const QuantInput& in, size_t count, float* 
   ForRowBlocks<Isa::kRows>(count, [&](auto rows, size_t m) {
     const QuantInput block{in.q + m * in.ld_q, in.ld_q, in.scales + m * in.ld_scales, in.ld_scales};
     if (one_step)
-      QuantGemvBlock<Isa, QuantSource<Isa, T>, rows, true>(w, block, out + m * ld_out, ld_out, n0, n1);
+      QuantGemvBlock<Isa, T, rows, true>(w, block, out + m * ld_out, ld_out, n0, n1);
     else
-      QuantGemvBlock<Isa, QuantSource<Isa, T>, rows, false>(w, block, out + m * ld_out, ld_out, n0, n1);
+      QuantGemvBlock<Isa, T, rows, false>(w, block, out + m * ld_out, ld_out, n0, n1);
   });
 }
 

@@ -13,7 +13,7 @@ namespace sslc {
 
 enum class ValueType { kF32 = 0, kI8 = 1, kI4 = 2 };
 
-// Largest group_size accepted: an int4 group is unpacked into a stack buffer of this size.
+// Largest group_size accepted (a group's floats are staged in a stack buffer of this size when inputs are quantized).
 constexpr size_t kMaxGroupSize = 1024;
 
 // int4 values are byte-aligned per run of whole groups: as many as fill 64 columns (one kernel
@@ -22,7 +22,7 @@ inline size_t NibbleRunColumns(size_t group_size) { return (64 + group_size - 1)
 
 // Bytes a kernel may read past its cursor: every read of packed values stays inside
 // [row start, row end + ReadPad()), so rows close to the end of the buffer get a padded copy.
-// int4 kernels unpack a whole run (its columns / 2 bytes, in 16-byte loads) one run ahead.
+// int4 kernels unpack each run (its columns / 2 bytes, in 16-byte loads; 32 bytes for runs of 64 columns).
 inline size_t ReadPad(ValueType type, size_t group_size) {
   return type == ValueType::kI4 ? 64 + NibbleRunColumns(group_size) / 2 : 64;
 }
