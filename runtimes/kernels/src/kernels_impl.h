@@ -53,28 +53,22 @@ inline void UnpackGroup(const uint8_t* src, size_t bytes, int8_t* dst) {
   }
 }
 
-// Walks one packed row. The walking pointer is the caller's local (a member of a cursor whose address escapes to
-// an out-of-line call would live in memory, and every step's advance would wait on a store): it starts at
-// `start`, AlignGroup(p) is called at the start of every group (int4: a run's unpacked copy), Next(p, bits)
-// expands a step's kept values and advances p.
+// The values of one packed row: Start(row, w, n) is where its kept values begin (int4: an int8 copy), Next(p, bits)
+// expands a step's kept values and advances p. The walking pointer is the caller's local, so it stays in a register.
 template <class Isa, ValueType T>
 struct Cursor;
 
 template <class Isa>
 struct Cursor<Isa, ValueType::kF32> {
   using Ptr = const float*;
-  Ptr start;
-  Cursor(const uint8_t* row, const RowsView&, size_t) : start(reinterpret_cast<Ptr>(row)) {}
-  void AlignGroup(Ptr&) {}
+  static Ptr Start(const uint8_t* row, const RowsView&, size_t) { return reinterpret_cast<Ptr>(row); }
   static auto Next(Ptr& p, unsigned bits) { return Isa::ExpandF32(p, bits); }
 };
 
 template <class Isa>
 struct Cursor<Isa, ValueType::kI8> {
   using Ptr = const int8_t*;
-  Ptr start;
-  Cursor(const uint8_t* row, const RowsView&, size_t) : start(reinterpret_cast<Ptr>(row)) {}
-  void AlignGroup(Ptr&) {}
+  static Ptr Start(const uint8_t* row, const RowsView&, size_t) { return reinterpret_cast<Ptr>(row); }
   static auto Next(Ptr& p, unsigned bits) { return Isa::ExpandI8(p, bits); }
 };
 
@@ -123,9 +117,7 @@ __attribute__((noinline)) const int8_t* UnpackRow(const uint8_t* row, const Rows
 template <class Isa>
 struct Cursor<Isa, ValueType::kI4> {
   using Ptr = const int8_t*;
-  Ptr start;
-  Cursor(const uint8_t* row, const RowsView& w, size_t n) : start(UnpackRow<Isa>(row, w, n)) {}
-  void AlignGroup(Ptr&) {}
+  static Ptr Start(const uint8_t* row, const RowsView& w, size_t n) { return UnpackRow<Isa>(row, w, n); }
   static auto Next(Ptr& p, unsigned bits) { return Isa::ExpandI8(p, bits); }
 };
 
@@ -143,15 +135,13 @@ template <class Isa, ValueType T, bool kVisitZeros, size_t kSlots, class F>
 __attribute__((always_inline)) inline void WalkRow(const RowsView& w, size_t n, F&& f) {
   static_assert(Isa::W == 8, "one mask byte per step");
   const uint8_t* mask = w.mask + n * w.row_bytes;
-  Cursor<Isa, T> cursor(w.row_values[n], w, n);
-  typename Cursor<Isa, T>::Ptr p = cursor.start;
+  typename Cursor<Isa, T>::Ptr p = Cursor<Isa, T>::Start(w.row_values[n], w, n);
   const float* scales = T == ValueType::kF32 ? nullptr : w.scales + n * w.groups;
   const size_t group_bytes = w.group_size / 8;
   size_t next_group = 0;
   typename Isa::Vec scale = Isa::Set1(1.0f);
   auto step = [&](auto slot, size_t b) __attribute__((always_inline)) {
     if (T != ValueType::kF32 && b == next_group) {
-      cursor.AlignGroup(p);
       scale = Isa::Set1(*scales++);
       next_group += group_bytes;
     }
@@ -355,8 +345,7 @@ __attribute__((noinline)) void QuantGemvBlock(const RowsView& w, const QuantInpu
     const uint8_t* mask = w.mask + n * row_bytes;
     const bool wide = WideMaskLoads<Isa>(w, n);
     const float* w_scales = w.scales + n * w.groups;
-    Cursor<Isa, T> cursor(w.row_values[n], w, n);
-    typename Cursor<Isa, T>::Ptr p = cursor.start;
+    typename Cursor<Isa, T>::Ptr p = Cursor<Isa, T>::Start(w.row_values[n], w, n);
     typename Isa::FAcc acc[kRows];
     for (size_t m = 0; m < kRows; ++m) acc[m] = Isa::FZero();
     // Step at mask byte b with mask bits `bits` (not 0) into dot.
@@ -369,7 +358,6 @@ __attribute__((noinline)) void QuantGemvBlock(const RowsView& w, const QuantInpu
     };
     // A one-step group from one whole-word mask load.
     auto one_step = [&](size_t g, size_t b0, uint64_t keep_bits) __attribute__((always_inline)) {
-      cursor.AlignGroup(p);
       uint64_t bits;
       memcpy(&bits, mask + b0, sizeof(bits));
       if ((bits &= keep_bits) == 0) return;
@@ -385,7 +373,6 @@ __attribute__((noinline)) void QuantGemvBlock(const RowsView& w, const QuantInpu
       b0 = row_bytes;
     }
     for (; b0 < row_bytes; ++g, b0 += group_bytes) {
-      cursor.AlignGroup(p);
       const size_t b1 = b0 + group_bytes < row_bytes ? b0 + group_bytes : row_bytes;
       typename Isa::IAcc dot[kRows];
       for (size_t m = 0; m < kRows; ++m) dot[m] = Isa::IZero();
