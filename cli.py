@@ -154,6 +154,9 @@ def compress(
     preset: Optional[str] = typer.Option(None, help="sslc: paper = the published algorithm (--loss diag, SVD step first, --rank-ratio "
                                          "0.25, 40 iterations) instead of our defaults; --loss, --rank-ratio, --iters given still win."),
     salient: float = typer.Option(defaults.SALIENT_FRACTION, help="sslc: fraction of weights (largest |W·D|) always kept in S."),
+    refit_rounds: Optional[int] = typer.Option(None, "--refit-rounds", help=f"sslc --loss exact: after the alternation, rounds of S's values "
+                                               f"re-solved on its mask (the OBS sweep sets each once, greedily) and L refitted to them "
+                                               f"(default {defaults.REFIT_ROUNDS}; 0 = off, as in --preset paper)."),
     loss: Optional[str] = typer.Option(None, help="exact (default for sslc, svd): whitened SVD + OBS pruning on XᵀX; diag: activation-scaled, as in the paper."),
     tol: float = typer.Option(defaults.TOL, help="sslc: stop when an iteration improves the loss by less than this fraction."),
     bits: int = typer.Option(defaults.BITS, help="32 (fp32) | 8 | 4: S, U and V quantized inside the decomposition (sslc --loss exact, sparsegpt; S in the OBS sweep; magnitude rounds to nearest); with --ratio 0, a GPTQ-quantized dense model (magnitude: round-to-nearest)."),
@@ -202,7 +205,7 @@ def compress(
         model=model,
         pattern=Pattern.parse(pattern or get_method(method).patterns[0], nm, scope, axis),
         settings=Settings.from_flags(preset, rank_ratio=None if unset else rank_ratio, iters=iters, salient_fraction=salient,
-                                     loss=loss, tol=tol, damp=damp, seed=seed, bits=bits, group_size=group_size,
+                                     refit_rounds=refit_rounds, loss=loss, tol=tol, damp=damp, seed=seed, bits=bits, group_size=group_size,
                                      scales=scales),
         calib=calib,
         nsamples=nsamples,

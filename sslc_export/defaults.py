@@ -7,6 +7,7 @@ seconds-long imports of the compression code. Why each value was chosen: docs/re
 RATIO = 0.5  # fraction of each compressed layer's parameters removed
 RANK_RATIO = 0.10  # sslc: share of the kept budget spent on U, V
 SALIENT_FRACTION = 0.01  # sslc: top |W·D| entries always kept in S
+REFIT_ROUNDS = 3  # sslc, exact loss: after the alternation, rounds of S re-solved on its mask and L refitted
 TOL = 1e-4  # sslc: stop when one iteration improves the loss by less than this fraction
 DAMP = 0.01  # exact loss: Gram damping, as a fraction of its mean diagonal
 SEED = 0
@@ -20,7 +21,7 @@ SSLC_ITERS = {"exact": 16, "diag": 40}  # sslc: alternating iterations per loss 
 SSLC_ITERS_TEXT = f"{SSLC_ITERS['exact']} with --loss exact, {SSLC_ITERS['diag']} with diag"
 LOSPARSE_STEPS = {"exact": 64, "diag": 64}  # losparse: training steps (pruning schedule + final warm-up) when --iters is not given
 # sslc settings by name; explicit flags win. paper: the published algorithm (the SSLC paper's Algorithm 1 and settings).
-PRESETS = {"paper": {"loss": "diag", "first_step": "svd", "rank_ratio": 0.25, "iters": 40}}
+PRESETS = {"paper": {"loss": "diag", "first_step": "svd", "rank_ratio": 0.25, "iters": 40, "refit_rounds": 0}}
 BENCH_PROMPT_LENGTHS = (32, 128, 512)  # prefill lengths timed by bench
 BENCH_DECODE_TOKENS = 64  # new tokens per timed decode run
 BENCH_REPEATS = 5  # timed repeats after warm-up

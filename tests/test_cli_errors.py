@@ -48,6 +48,7 @@ def test_bad_ratio(tiny_llama, tmp_path, ratio):
         (["--method", "wanda", "--loss", "exact"], "has no --loss exact"),
         (["--loss", "exact", "--pattern", "structured"], "--loss exact has no structured"),
         (["--iters", "0"], "--iters must be >= 1"),
+        (["--refit-rounds", "-1"], "--refit-rounds must be >= 0"),
         (["--pattern", "nm", "--ratio", "0.7"], "use --ratio <= 0.50"),
         (["--device", "quantum"], "--device"),
         (["--damp", "0"], "--damp must be in (0, 1.0]"),

@@ -50,7 +50,7 @@ def test_sslc_recovers_planted_low_rank_plus_sparse(planted, loss):
 @pytest.mark.parametrize("loss", ["diag", "exact"])
 def test_sslc_loss_decreases_over_iterations(planted, loss):
     weight, stats = planted
-    result, _ = decompose("sslc", weight, stats, loss=loss, iters=15, tol=0.0)
+    result, _ = decompose("sslc", weight, stats, loss=loss, iters=15, tol=0.0, refit_rounds=0)
     history = result.loss_history
     assert result.iterations == 15 and len(history) == 4  # checked after iterations 4, 8, 12 and the last
     assert history[-1] < 0.8 * history[0]
@@ -83,7 +83,8 @@ def test_paper_preset_is_the_published_algorithm(planted):
 
     weight, stats = planted
     settings = METHODS["sslc"].resolve(Settings.from_flags("paper", tol=0.0), Pattern())
-    assert (settings.loss, settings.first_step, settings.rank_ratio, settings.iters) == ("diag", "svd", 0.25, 40)
+    assert (settings.loss, settings.first_step, settings.rank_ratio, settings.iters, settings.refit_rounds) == (
+        "diag", "svd", 0.25, 40, 0)
     budget = plan_budget(M, N, 0.5, settings.rank_ratio, Pattern())
     result = METHODS["sslc"].decompose(weight, stats, budget, Pattern(), settings)
 
@@ -110,6 +111,21 @@ def test_sslc_beats_single_structure_methods_at_equal_budget(planted, baseline):
     kept = lambda r: r.rank * (M + N) + int(r.mask.sum())
     assert kept(sslc) <= sslc_budget.allowed and kept(other) <= other_budget.allowed
     assert stats.relative_error(weight, sslc.dense()) < 0.5 * stats.relative_error(weight, other.dense())
+
+
+def test_refit_lowers_the_exact_loss_on_the_alternations_mask():
+    """The refit rounds re-solve S's values on the mask the alternation chose (same seed, same mask, same budget)
+    and refit L: the loss goes down, and each round is in the history."""
+    torch.manual_seed(2)
+    stats = InputStatistics(N)
+    stats.add_batch(torch.randn(4096, N) @ (torch.randn(N, N) / N**0.5 + torch.eye(N)))
+    weight = torch.randn(M, N)
+    plain, budget = decompose("sslc", weight, stats, loss="exact", iters=8, refit_rounds=0)
+    refitted, _ = decompose("sslc", weight, stats, loss="exact", iters=8, refit_rounds=3)
+    assert torch.equal(plain.mask, refitted.mask) and int(refitted.mask.sum()) == budget.nnz
+    assert refitted.rank == plain.rank
+    assert len(refitted.loss_history) == len(plain.loss_history) + 3
+    assert stats.relative_error(weight, refitted.dense()) < 0.97 * stats.relative_error(weight, plain.dense())
 
 
 def test_exact_loss_variant_is_not_worse_on_the_true_loss():

@@ -133,6 +133,49 @@ def test_scales_enter_the_fingerprint_only_where_they_change_the_result():
     assert Settings(bits=4).record()["scales"] == "mse"
 
 
+def test_refit_rounds_enter_the_fingerprint_only_where_they_change_the_result():
+    """Checkpoints made before the refit (rounds 0) and diag-loss ones (which never refit) keep their fingerprints."""
+    assert "refit_rounds" not in Settings(refit_rounds=0).record() and "refit_rounds" not in Settings(loss="diag").record()
+    assert Settings().record()["refit_rounds"] == 3
+
+
+def output_energy(weight: torch.Tensor, approximation: torch.Tensor, hessian: torch.Tensor) -> float:
+    error = weight - approximation
+    return float(((error @ hessian) * error).sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_refit_solves_each_rows_kept_values_exactly(seed):
+    """After enough passes the kept values are each row's least-squares solution on its mask, H_KK s_K = (W H)_K;
+    pruned entries stay 0 and the greedy sweep's loss only goes down."""
+    weight, inputs = correlated_problem(seed, rows=24, cols=80)
+    pruner = ObsPruner(inputs.T @ inputs, 0.01, blocksize=32)  # several blocks: the lazy gradient update is exercised
+    swept, mask = pruner.prune(weight, weight.numel() // 3, Pattern())
+    refitted = pruner.refit(weight, swept, mask, passes=60)
+    hessian = pruner.hessian
+    exact = torch.zeros_like(weight)
+    for row in range(weight.shape[0]):
+        kept = mask[row]
+        exact[row, kept] = torch.linalg.solve(hessian[kept][:, kept], (weight[row] @ hessian)[kept])
+    assert not refitted[~mask].any()
+    torch.testing.assert_close(refitted, exact, rtol=1e-3, atol=1e-3)
+    assert output_energy(weight, refitted, hessian) < 0.99 * output_energy(weight, swept, hessian)
+
+
+@pytest.mark.parametrize("grid", [Grid(4, 32), Grid(8, 16)])
+def test_refit_on_the_grid_lowers_the_error_and_stays_on_it(grid):
+    weight, inputs = correlated_problem(7, cols=96)
+    pruner = ObsPruner(inputs.T @ inputs, 0.01)
+    swept, mask = pruner.prune_quantized(weight, weight.numel() // 2, Pattern(), grid)
+    refitted = pruner.refit_quantized(weight, swept, mask, grid, passes=3)
+    assert refitted.q.dtype == torch.int8 and refitted.scales.shape == swept.scales.shape
+    assert int(refitted.q.min()) >= grid.qmin and int(refitted.q.max()) <= grid.qmax
+    assert not refitted.q[~mask].any() and bool((refitted.scales >= 0).all())
+    hessian = pruner.hessian
+    assert (output_energy(weight, refitted.dequantize(grid), hessian)
+            < 0.97 * output_energy(weight, swept.dequantize(grid), hessian))
+
+
 def test_scales_come_from_the_kept_values_only():
     """A diagonal Hessian pushes no error between columns, so each scale is max|kept| / qmax of the weight itself;
     a large weight on a rarely active input is pruned and must not stretch its group's scale."""

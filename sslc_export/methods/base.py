@@ -34,6 +34,7 @@ class Settings:
     bits: int = defaults.BITS  # 8 or 4: S, U and V end on an integer grid chosen inside the decomposition
     group_size: int = defaults.GROUP_SIZE  # input columns per quantization scale
     scales: str = defaults.SCALES  # each group's scale: mse (searched) | max (max |kept| / qmax)
+    refit_rounds: int = defaults.REFIT_ROUNDS  # sslc, exact loss: rounds of S solved on its mask, then L refitted
     first_step: str = "prune"  # sslc: S_0 = the pruned target ("prune"), or 0 so the SVD step comes first ("svd", the paper)
 
     @classmethod
@@ -45,11 +46,13 @@ class Settings:
         return cls(**{**defaults.PRESETS.get(preset, {}), **given})
 
     def record(self) -> dict:
-        """What a checkpoint's fingerprint keeps: every field, but first_step and scales only where they change
+        """What a checkpoint's fingerprint keeps: every field, but first_step, scales and refit_rounds only where they change
         the result from what checkpoints made before them did, so those still match."""
         record = asdict(self)
         if self.first_step == "prune":
             del record["first_step"]
+        if self.refit_rounds == 0 or self.loss == "diag":
+            del record["refit_rounds"]
         if self.bits == 32 or self.scales == "max":
             del record["scales"]
         return record

@@ -7,7 +7,8 @@ step is whitened by the Cholesky factor of XᵀX and the sparse step is OBS prun
 residual with XᵀX as Hessian.
 With --bits (exact loss only) the alternation stays fp32 and one more step quantizes: U and V are
 balanced and put on the grid, then the OBS step prunes and quantizes S on W - U_q·V_q in one sweep,
-so S also absorbs the low-rank pair's rounding error (`quantized_step`).
+so S also absorbs the low-rank pair's rounding error (`quantized_step`); then S's integers and scales are
+refitted on the grid the same way.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ LowRankStep = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor
 SparseStep = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+REFIT_PASSES = 2  # coordinate-descent passes over S per refit round (fp32)
+GRID_REFIT_PASSES = 3  # passes over S's integers and scales after the quantized sweep
 LOSS_CHECK_EVERY = 4  # the exact loss costs m·n² per check, as much as a third of one iteration
 
 
@@ -66,6 +69,24 @@ def alternate(
     return Decomposition(*best, history, iterations=step)
 
 
+def refit(target: torch.Tensor, fitted: Decomposition, low_rank_step: LowRankStep,
+          refit_sparse: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+          loss: Callable[[torch.Tensor], float], rounds: int) -> Decomposition:
+    """Rounds of: S's kept values solved on its fixed mask (`refit_sparse(residual, values, mask)`), then L
+    refitted to what S leaves. The mask, so the budget, never changes; the best iterate is returned."""
+    u, v, sparse, mask = fitted.u, fitted.v, fitted.sparse, fitted.mask
+    history = list(fitted.loss_history)
+    best, best_loss = fitted, min(history)
+    warm = None
+    for _ in range(rounds):
+        sparse = refit_sparse(target - u @ v, sparse, mask)
+        u, v, warm = low_rank_step(target - sparse, warm)
+        history.append(loss(u @ v + sparse))
+        if history[-1] < best_loss:
+            best, best_loss = Decomposition(u, v, sparse, mask), history[-1]
+    return replace(best, loss_history=history, iterations=fitted.iterations + rounds)
+
+
 def quantize_low_rank(u: torch.Tensor, v: torch.Tensor, pruner: ObsPruner, gram: torch.Tensor, damp: float,
                       grid: Grid) -> tuple[Quantized, Quantized]:
     """U and V on the grid, GPTQ-style on the whitened problem: V (grouped along n) against XᵀX (`pruner`, S's own),
@@ -83,7 +104,9 @@ def quantized_step(weight: torch.Tensor, fitted: Decomposition, stats: InputStat
     OBS sweep of W - U_q·V_q, so S absorbs the low-rank rounding error as well as the pruning error."""
     u, v = balance(fitted.u, fitted.v)
     u_q, v_q = quantize_low_rank(u, v, pruner, stats.gram, damp, grid) if u.shape[1] else empty_low_rank(weight, grid)
-    sparse_q, mask = pruner.prune_quantized(weight - u_q.dequantize(grid) @ v_q.dequantize(grid), nnz, pattern, grid, salient)
+    target = weight - u_q.dequantize(grid) @ v_q.dequantize(grid)
+    sparse_q, mask = pruner.prune_quantized(target, nnz, pattern, grid, salient)
+    sparse_q = pruner.refit_quantized(target, sparse_q, mask, grid, GRID_REFIT_PASSES)
     return on_grid(QuantizedFactors(grid, sparse_q, u_q, v_q), mask, fitted.loss_history, fitted.iterations)
 
 
@@ -109,6 +132,8 @@ class Sslc(Method):
             raise UserError(f"unknown first step '{settings.first_step}': choose prune or svd")
         if settings.iters is not None and settings.iters < 1:
             raise UserError(f"--iters must be >= 1, got {settings.iters}")
+        if settings.refit_rounds < 0:
+            raise UserError(f"--refit-rounds must be >= 0, got {settings.refit_rounds}")
         if not 0.0 <= settings.salient_fraction < 1.0:
             raise UserError(f"--salient must be in [0, 1), got {settings.salient_fraction}")
         if settings.loss == "exact" and pattern.kind == "structured":
@@ -162,15 +187,24 @@ class Sslc(Method):
             if grid is not None and not budget.rank:  # nothing to alternate (e.g. --ratio 0): one quantized sweep
                 return quantized_step(weight, Decomposition(*empty_factors(weight), weight, weight != 0), stats, pruner,
                                       budget.nnz, pattern, grid, settings.damp, salient)
+            low_rank_step = ((lambda residual, warm: whitening.low_rank(residual, budget.rank, warm)) if budget.rank
+                             else no_low_rank)
+
+            def loss(approx: torch.Tensor) -> float:
+                return stats.relative_error(weight, approx, reference)
+
             fitted = alternate(
                 weight,
-                (lambda residual, warm: whitening.low_rank(residual, budget.rank, warm)) if budget.rank else no_low_rank,
+                low_rank_step,
                 lambda residual: pruner.prune(residual, budget.nnz, pattern, salient),
-                lambda approx: stats.relative_error(weight, approx, reference),
+                loss,
                 iters,
                 settings.tol,
                 settings.first_step == "svd",
             )
+            fitted = refit(weight, fitted, low_rank_step,
+                           lambda residual, values, mask: pruner.refit(residual, values, mask, REFIT_PASSES),
+                           loss, settings.refit_rounds)
             if grid is None:
                 return fitted
             return quantized_step(weight, fitted, stats, pruner, budget.nnz, pattern, grid, settings.damp, salient)
