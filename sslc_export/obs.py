@@ -62,6 +62,8 @@ class ObsPruner:
                         passes: int) -> Quantized:
         """`refit` on the grid: each pass re-rounds every kept entry to its best integer with the others fixed,
         then moves each group's scale to its least-squares value for the integers chosen."""
+        if passes == 0:
+            return quantized
         q, scales = quantized.q.float(), quantized.scales.clone()
         sparse = q * grid.expand(scales, q.shape[1])
         gradient = (target - sparse) @ self.hessian

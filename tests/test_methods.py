@@ -128,6 +128,28 @@ def test_refit_lowers_the_exact_loss_on_the_alternations_mask():
     assert stats.relative_error(weight, refitted.dense()) < 0.97 * stats.relative_error(weight, plain.dense())
 
 
+def test_refit_rounds_0_turns_off_the_grid_refit_too(monkeypatch):
+    """--refit-rounds 0 is the algorithm before the refit, with --bits as well: the sweep's integers as they came."""
+    from sslc_export.methods import sslc as sslc_module
+
+    torch.manual_seed(3)
+    stats = InputStatistics(N)
+    stats.add_batch(torch.randn(4096, N) @ (torch.randn(N, N) / N**0.5 + torch.eye(N)))
+    weight = torch.randn(M, N)
+    calls = []
+    original = sslc_module.ObsPruner.refit_quantized
+
+    def counted(self, target, quantized, mask, grid, passes):
+        calls.append(passes)
+        return original(self, target, quantized, mask, grid, passes)
+
+    monkeypatch.setattr(sslc_module.ObsPruner, "refit_quantized", counted)
+    plain, _ = decompose("sslc", weight, stats, loss="exact", iters=4, bits=4, refit_rounds=0)
+    refitted, _ = decompose("sslc", weight, stats, loss="exact", iters=4, bits=4, refit_rounds=3)
+    assert calls == [0, sslc_module.GRID_REFIT_PASSES]
+    assert stats.relative_error(weight, refitted.dense()) < stats.relative_error(weight, plain.dense())
+
+
 def test_exact_loss_variant_is_not_worse_on_the_true_loss():
     torch.manual_seed(1)
     mixing = torch.randn(N, N) / N**0.5 + torch.eye(N)  # correlated inputs: the diagonal scaling is only an approximation

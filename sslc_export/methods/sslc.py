@@ -99,14 +99,16 @@ def quantize_low_rank(u: torch.Tensor, v: torch.Tensor, pruner: ObsPruner, gram:
 
 
 def quantized_step(weight: torch.Tensor, fitted: Decomposition, stats: InputStatistics, pruner: ObsPruner, nnz: int,
-                   pattern: Pattern, grid: Grid, damp: float, salient: torch.Tensor | None) -> Decomposition:
+                   pattern: Pattern, grid: Grid, damp: float, salient: torch.Tensor | None,
+                   refit_passes: int) -> Decomposition:
     """The last step of a quantized decomposition: balanced U, V on the grid, then S pruned and quantized in one
-    OBS sweep of W - U_q·V_q, so S absorbs the low-rank rounding error as well as the pruning error."""
+    OBS sweep of W - U_q·V_q, so S absorbs the low-rank rounding error as well as the pruning error, then
+    `refit_passes` over S's integers and scales on the sweep's mask."""
     u, v = balance(fitted.u, fitted.v)
     u_q, v_q = quantize_low_rank(u, v, pruner, stats.gram, damp, grid) if u.shape[1] else empty_low_rank(weight, grid)
     target = weight - u_q.dequantize(grid) @ v_q.dequantize(grid)
     sparse_q, mask = pruner.prune_quantized(target, nnz, pattern, grid, salient)
-    sparse_q = pruner.refit_quantized(target, sparse_q, mask, grid, GRID_REFIT_PASSES)
+    sparse_q = pruner.refit_quantized(target, sparse_q, mask, grid, refit_passes)
     return on_grid(QuantizedFactors(grid, sparse_q, u_q, v_q), mask, fitted.loss_history, fitted.iterations)
 
 
@@ -184,9 +186,10 @@ class Sslc(Method):
             pruner = ObsPruner(stats.gram, settings.damp)
             reference = stats.error_energy(weight)
             grid = settings.grid
+            grid_passes = GRID_REFIT_PASSES if settings.refit_rounds else 0
             if grid is not None and not budget.rank:  # nothing to alternate (e.g. --ratio 0): one quantized sweep
                 return quantized_step(weight, Decomposition(*empty_factors(weight), weight, weight != 0), stats, pruner,
-                                      budget.nnz, pattern, grid, settings.damp, salient)
+                                      budget.nnz, pattern, grid, settings.damp, salient, grid_passes)
             low_rank_step = ((lambda residual, warm: whitening.low_rank(residual, budget.rank, warm)) if budget.rank
                              else no_low_rank)
 
@@ -207,7 +210,8 @@ class Sslc(Method):
                            loss, settings.refit_rounds)
             if grid is None:
                 return fitted
-            return quantized_step(weight, fitted, stats, pruner, budget.nnz, pattern, grid, settings.damp, salient)
+            return quantized_step(weight, fitted, stats, pruner, budget.nnz, pattern, grid, settings.damp, salient,
+                                  grid_passes)
 
         norm = scaled.norm()
 
