@@ -181,25 +181,6 @@ def test_activation_bits_8_matches_reference(isa: str, bits: int, case) -> None:
     assert_matches_quantized_reference(y, x, packed)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{c[0]}k{c[1]}r{c[2]}d{c[3]}m{'x'.join(map(str, c[4]))}")
-def test_avx2_dense_copy_computes_what_the_sparse_walk_does(bits: int, case, monkeypatch) -> None:
-    """On AVX2 integer activations run from a dense copy of the weights made at load (SparseRows::Densify):
-    the same integers and scales in the same groups, so the output equals the sparse walk's (SSLC_DENSE_COPY=0)
-    bit for bit, at every row count, and meets the reference."""
-    require_isa("avx2")
-    n, k, r, density, lead, group_size, empty_rows = case
-    packed = random_layer(n, k, r, density, bits, group_size, empty_rows, activation_bits=8)
-    x = np.random.default_rng(3).standard_normal((*lead, k)).astype(np.float32)
-    model = model_bytes(packed, x_shape=(*[None] * len(lead), k))
-    outputs = {}
-    for dense_copy in ("0", "1"):
-        monkeypatch.setenv("SSLC_DENSE_COPY", dense_copy)  # read when the session creates the kernel
-        outputs[dense_copy] = session(model, "avx2").run(None, {"x": x})[0]
-    assert_matches_quantized_reference(outputs["1"], x, packed)
-    np.testing.assert_array_equal(outputs["1"], outputs["0"])
-
-
 # Past the GEMV's rows: the GEMM paths (groups of 32 and 48 too: the integer GEMM takes 16, 32, 64).
 PREFILL_CASES = [case for case in CASES if np.prod(case[4]) > 24] + [(45, 130, 5, 0.45, (40,), 32, (2,)),
                                                                      (30, 200, 4, 0.45, (70,), 48, ())]

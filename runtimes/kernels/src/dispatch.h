@@ -56,9 +56,6 @@ struct QuantGemm {
 struct QuantGemv {
   QuantGemvFn gemv[2];  // kI8, kI4
   const QuantGemm* gemm = nullptr;  // where the integer GEMM exists (AVX-512 VNNI)
-  // Whether the weights are walked faster as a dense copy made when the kernel is created (SparseRows::Densify):
-  // without a byte-expand instruction (AVX2), placing kept values costs more per column than the zeros' bytes.
-  bool dense_copy = false;
 };
 extern const QuantGemv kScalarQuantGemv;
 extern const QuantGemv kAvx2QuantGemv;

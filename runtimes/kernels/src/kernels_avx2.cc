@@ -41,11 +41,6 @@ struct Avx2Quant {
   using FAcc = __m256;
 
   static __m128i Place16(const int8_t*& p, unsigned bits) {
-    if (bits == 0xFFFF) {  // every column kept (a dense copy, QuantGemv::dense_copy): nothing to place
-      const __m128i all = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-      p += 16;
-      return all;
-    }
     const unsigned low = bits & 0xFF, low_count = _mm_popcnt_u32(low);
     const __m128i high_index = _mm_add_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kShuffle.index[bits >> 8])),
                                             _mm_set1_epi8(static_cast<char>(low_count)));  // 0x80 + 8 stays negative
@@ -73,11 +68,7 @@ struct Avx2Quant {
 
 }  // namespace
 
-constexpr QuantGemv kAvx2QuantGemv = [] {
-  QuantGemv gemv = MakeQuantGemv<Avx2Quant>();
-  gemv.dense_copy = true;
-  return gemv;
-}();
+constexpr QuantGemv kAvx2QuantGemv = MakeQuantGemv<Avx2Quant>();
 constexpr KernelTable kAvx2Kernels = MakeTable<Avx2, Avx2>("avx2", &kAvx2QuantGemv);
 
 }  // namespace sslc

@@ -133,10 +133,6 @@ class SparseMatMulKernel {
     w_ = std::make_unique<SparseRows>("W' = [S | U]", type, k_ + r_, g, main_part[0], main_part[1],
                                       quantized ? &main_part[2] : nullptr);
     n_ = w_->view().rows;
-    // $SSLC_DENSE_COPY=0 keeps the sparse walk where the ISA would densify (for A/B and tests).
-    const char* dense_copy = std::getenv("SSLC_DENSE_COPY");
-    if (quantize_inputs_ && table_->quant->dense_copy && (dense_copy == nullptr || std::string(dense_copy) != "0"))
-      w_->Densify();
     // $SSLC_INT_GEMM=0 keeps prefill on the fp32 tile over fake-quantized inputs (for A/B and tests).
     const char* int_gemm = std::getenv("SSLC_INT_GEMM");
     if (quantize_inputs_ && table_->quant->gemm != nullptr && QuantGemmSupports(g) &&

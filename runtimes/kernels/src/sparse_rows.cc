@@ -37,8 +37,7 @@ void ExpectTensor(const char* what, const char* name, const RawTensor& t, int el
 }  // namespace
 
 SparseRows::SparseRows(const char* what, ValueType type, size_t cols, size_t group_size, const RawTensor& mask,
-                       const RawTensor& values, const RawTensor* scales)
-    : type_(type) {
+                       const RawTensor& values, const RawTensor* scales) {
   if (mask.shape.size() != 2 || mask.shape[0] < 0)
     Fail(what, "mask must be 2-D [rows, ceil(cols/8)], got " + ShapeString(mask.shape));
   const size_t rows = static_cast<size_t>(mask.shape[0]);
@@ -106,49 +105,6 @@ SparseRows::SparseRows(const char* what, ValueType type, size_t cols, size_t gro
   view_.scales = quantized ? static_cast<const float*>(scales->data) : nullptr;
   view_.groups = groups;
   view_.group_size = group_size;
-}
-
-void SparseRows::Densify() {
-  if (type_ == ValueType::kF32) return;
-  const RowsView sparse = view_;
-  const size_t rows = sparse.rows, cols = sparse.cols, row_bytes = sparse.row_bytes;
-  const size_t run = NibbleRunColumns(sparse.group_size);
-  // Dense bytes per row: int8 one per column; int4 each run of `run` columns byte-aligned, as in the sparse layout.
-  const size_t dense_row = type_ == ValueType::kI8 ? cols : cols / run * (run / 2) + (cols % run + 1) / 2;
-  dense_mask_.assign(rows * row_bytes, 0xFF);
-  if (cols % 8)
-    for (size_t n = 0; n < rows; ++n) dense_mask_[n * row_bytes + row_bytes - 1] = static_cast<uint8_t>(0xFF >> (8 - cols % 8));
-  // int4 nibble 8 is q = 0 (nibble = q + 8); int8 0 is 0.
-  dense_values_.assign(rows * dense_row + ReadPad(type_, sparse.group_size), type_ == ValueType::kI4 ? 0x88 : 0);
-  row_values_.resize(rows);
-  for (size_t n = 0; n < rows; ++n) {
-    const uint8_t* mask = sparse.mask + n * row_bytes;
-    const uint8_t* src = sparse.row_values[n];  // validated by the constructor: the mask's counts fit the buffer
-    uint8_t* dst = dense_values_.data() + n * dense_row;
-    row_values_[n] = dst;
-    auto kept = [&](size_t c) { return (mask[c / 8] >> (c % 8)) & 1; };
-    if (type_ == ValueType::kI8) {
-      for (size_t c = 0; c < cols; ++c) dst[c] = kept(c) ? *src++ : 0;
-      continue;
-    }
-    for (size_t c0 = 0; c0 < cols; c0 += run) {
-      const size_t width = cols - c0 < run ? cols - c0 : run;
-      size_t k = 0;  // kept nibbles of this run read so far
-      for (size_t i = 0; i < width; ++i) {
-        if (!kept(c0 + i)) continue;  // stays nibble 8
-        const uint8_t nibble = (src[k / 2] >> (4 * (k % 2))) & 0x0F;
-        ++k;
-        dst[i / 2] = static_cast<uint8_t>(i % 2 ? (dst[i / 2] & 0x0F) | (nibble << 4) : (dst[i / 2] & 0xF0) | nibble);
-      }
-      src += (k + 1) / 2;
-      dst += (width + 1) / 2;
-    }
-  }
-  tail_.clear();
-  tail_.shrink_to_fit();
-  value_bytes_ = rows * dense_row;
-  view_.mask = dense_mask_.data();
-  view_.row_values = row_values_.data();
 }
 
 }  // namespace sslc

@@ -59,18 +59,11 @@ class SparseRows {
   const RowsView& view() const { return view_; }
   size_t value_bytes() const { return value_bytes_; }
 
-  // Integer values only: the view becomes a dense copy (every column kept, pruned ones as 0, the same scales),
-  // owned here. For CPUs that cannot place bytes by mask in one instruction (AVX2): there a kept value costs
-  // more per column than a zero's bytes do (ops.cc decides).
-  void Densify();
-
  private:
-  ValueType type_;
   RowsView view_;
   size_t value_bytes_ = 0;
   std::vector<const uint8_t*> row_values_;
   std::vector<uint8_t> tail_;
-  std::vector<uint8_t> dense_mask_, dense_values_;
 };
 
 }  // namespace sslc
