@@ -449,8 +449,8 @@ def validate_command(
     bound = default_rtol(record)
     with console.status("validating"):
         report = validate(onnx_dir, reference, decode_steps, rtol or bound, require_same_tokens=bound <= FP32_RTOL)
-    print_table(f"ONNX vs PyTorch ({report.steps} steps)", ["max abs error", "max rel error", "greedy agreement", "result"],
-                [[f"{report.max_abs_error:.2e}", f"{report.max_relative_error:.2e}", f"{report.greedy_agreement:.0%}",
+    print_table(f"ONNX vs PyTorch ({report.steps} steps)", ["max abs error", "max rel error", "at", "greedy agreement", "result"],
+                [[f"{report.max_abs_error:.2e}", f"{report.max_relative_error:.2e}", report.worst_at, f"{report.greedy_agreement:.0%}",
                   "[green]pass[/]" if report.passed else "[red]FAIL[/]"]])
     write_json(json_path, report.as_dict())
     if not report.passed:

@@ -196,6 +196,7 @@ def test_quantized_formats_use_matmulnbits_and_stay_close(tiny_llama, tmp_path, 
     report = validate(tmp_path / "onnx", load_checkpoint(ckpt)[0], rtol=default_rtol(record), require_same_tokens=False)
     assert report.passed, report
     assert report.max_relative_error > 1e-6  # it really is quantized
+    assert report.worst_at.startswith("prompt '") and ", token " in report.worst_at  # says where
 
 
 def test_dense_int4_baseline(tiny_llama, tmp_path):

@@ -51,6 +51,8 @@ class ValidationReport:
     steps: int
     rtol: float
     require_same_tokens: bool = True
+    worst_at: str = ""  # where the max relative error sits: the prompt, the token's index and text
+
 
     @property
     def passed(self) -> bool:
@@ -66,23 +68,29 @@ def validate(onnx_dir: Path, reference: LoadedModel, decode_steps: int = 8, rtol
     runtime = OnnxCausalLM(onnx_dir)
     abs_err = rel_err = 0.0
     agree = steps = 0
+    worst_at = ""
     for prompt in prompts:
         ids = reference.tokenizer(prompt, return_tensors="pt").input_ids
         cache = DynamicCache()
         past = runtime.empty_past()
         torch_ids, onnx_ids = ids, ids.numpy()
+        offset = 0  # index in prompt + continuation of this step's first position
         for _ in range(decode_steps + 1):
             with torch.no_grad():
                 out = reference.model(input_ids=torch_ids, past_key_values=cache, use_cache=True)
             expected = out.logits[0].numpy()  # every position of the prefill, then each decode step's
             logits, past = runtime.step(onnx_ids, past)
             actual = logits[0]
-            diff = float(np.abs(actual - expected).max())
-            abs_err = max(abs_err, diff)
-            rel_err = max(rel_err, diff / float(np.abs(expected).max()))
+            per_position = np.abs(actual - expected).max(axis=-1) / np.abs(expected).max()
+            abs_err = max(abs_err, float(np.abs(actual - expected).max()))
+            if per_position.max() > rel_err:
+                rel_err, where = float(per_position.max()), int(per_position.argmax())
+                token = reference.tokenizer.decode(torch_ids[0, where])
+                worst_at = f"prompt {prompt[:24]!r}…, token {offset + where} {token!r}"
+            offset += torch_ids.shape[1]
             torch_next, onnx_next = int(expected[-1].argmax()), int(actual[-1].argmax())
             agree += torch_next == onnx_next
             steps += 1
             torch_ids = torch.tensor([[torch_next]])
             onnx_ids = np.array([[torch_next]])  # both continue from the reference token, so errors do not compound
-    return ValidationReport(abs_err, rel_err, agree / steps, steps, rtol, require_same_tokens)
+    return ValidationReport(abs_err, rel_err, agree / steps, steps, rtol, require_same_tokens, worst_at)
