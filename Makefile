@@ -136,9 +136,9 @@ results-quant: $(STAMP) kernels
 # Quality at the bits users ship (issue 10, Targets): one compare of dense, round-to-nearest (--rtn) and GPTQ (sslc at
 # ratio 0) of the dense model, sslc at 0.3 and 0.5 in fp32, int8 and int4, each of those six also fine-tuned
 # (--finetune, into <checkpoint>-ft); perplexity on every held-out text, checkpoint MB, compress + finetune minutes.
-# Finished checkpoints are reused, so an interrupted run picks up where it stopped. Not yet run. Estimated on 2 cores
-# (about 4 min per sslc compress, 12 per finetune at its defaults): about 2 hours with the default QUALITY_FLAGS;
-# QUALITY_FLAGS="--ratios 0,0.3,0.5 --bits 32,4 --rtn --finetune --finetune-steps 16" is about 45 min.
+# Finished checkpoints are reused, so an interrupted run picks up where it stopped. On 2 cores it took about 2 hours
+# with the default QUALITY_FLAGS (docs/results.md); QUALITY_FLAGS="--ratios 0,0.3,0.5 --bits 32,4 --rtn --finetune
+# --finetune-steps 16" does less.
 QUALITY ?= runs/quality
 QUALITY_FLAGS ?= --ratios 0,0.3,0.5 --bits 32,8,4 --rtn --finetune
 results-quality: $(STAMP)
