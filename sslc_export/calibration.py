@@ -15,37 +15,21 @@ from sslc_export.corpus import NamedText, calibration_texts, read_text
 from sslc_export.errors import UserError
 
 
-def prompt_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The special tokens the tokenizer puts before every prompt (a BOS such as SmolLM2's <|im_start|>; none for
-    Qwen2): every sequence the model runs starts with them, so calibration windows do too."""
-    plain = tokenizer("a", add_special_tokens=False).input_ids
-    full = tokenizer("a", add_special_tokens=True).input_ids
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            return full[:start]
-    return []
-
-
 def token_batches(
     tokenizer: PreTrainedTokenizerBase, text: str, nsamples: int, seqlen: int, seed: int, source: str = "text"
 ) -> torch.Tensor:
-    """`nsamples` windows of `seqlen` tokens drawn at seeded random offsets (as SparseGPT and Wanda sample C4), each
-    starting with the tokenizer's prompt prefix: without it the states right after a BOS, where the model keeps its
-    massive activations, are never calibrated, and a compressed model can come out unstable there (docs/results.md)."""
-    prefix = prompt_prefix(tokenizer)
-    if nsamples < 1 or seqlen < len(prefix) + 2:
-        raise UserError(f"--nsamples must be >= 1 and --seqlen >= {len(prefix) + 2}, got {nsamples} and {seqlen}")
+    """`nsamples` windows of `seqlen` tokens drawn at seeded random offsets (as SparseGPT and Wanda sample C4)."""
+    if nsamples < 1 or seqlen < 2:
+        raise UserError(f"--nsamples must be >= 1 and --seqlen >= 2, got {nsamples} and {seqlen}")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    length = seqlen - len(prefix)
-    if ids.numel() < length:
+    if ids.numel() < seqlen:
         raise UserError(
             f"calibration {source} has {ids.numel()} tokens, shorter than one sequence of --seqlen {seqlen}: "
             "pass a longer text or a smaller --seqlen"
         )
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - length + 1, (nsamples,), generator=generator)
-    head = torch.tensor(prefix, dtype=ids.dtype)
-    return torch.stack([torch.cat([head, ids[s : s + length]]) for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=generator)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 
 @dataclass(frozen=True)

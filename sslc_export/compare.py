@@ -106,11 +106,11 @@ def variant_job(variant: Variant, base_job: CompressJob, work_dir: Path) -> Comp
     return job
 
 
-def _reusable(folder: Path, job: CompressJob, identity: dict, tokenizer: PreTrainedTokenizerBase) -> bool:
+def _reusable(folder: Path, job: CompressJob, identity: dict) -> bool:
     path = folder / MANIFEST
     if not path.is_file():
         return False
-    expected = fingerprint(job, identity, CalibrationSet.read(job.calib), tokenizer)  # settings resolved
+    expected = fingerprint(job, identity, CalibrationSet.read(job.calib))  # settings resolved
     return json.loads(path.read_text()).get("fingerprint") == expected
 
 
@@ -160,7 +160,7 @@ def compare(
         if progress:
             progress(variant.label)
         job = variant_job(variant, base_job, work_dir)
-        if _reusable(job.out, job, identity, dense.tokenizer):
+        if _reusable(job.out, job, identity):
             loaded, manifest = load_checkpoint(job.out)
         else:
             outcome = compress(job)

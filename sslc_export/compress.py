@@ -17,7 +17,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from sslc_export.models.architectures import BlockInputs, Llama, check_targets
 from sslc_export.models.loading import LoadedModel, load_model, resolve_source
@@ -27,7 +26,7 @@ from sslc_export.allocation import Allocation, LossCurve, allocate, allocation_r
 from sslc_export.atomic import check_writable_target
 from sslc_export.blockwalk import walk_block
 from sslc_export.budget import check_ratio, plan_budget, split_budget
-from sslc_export.calibration import CalibrationSet, InputStatistics, prompt_prefix
+from sslc_export.calibration import CalibrationSet, InputStatistics
 from sslc_export.errors import UserError
 from sslc_export.distributed import World, join
 from sslc_export.checkpoint import CheckpointWriter, CompressedTensors, format_version
@@ -90,8 +89,7 @@ def _block_inputs(
     return loaded.architecture.block_inputs(loaded.model, tokens, hidden, batch_size).to(device)
 
 
-def fingerprint(job: CompressJob, model_identity: dict, calibration: CalibrationSet,
-                tokenizer: PreTrainedTokenizerBase) -> dict:
+def fingerprint(job: CompressJob, model_identity: dict, calibration: CalibrationSet) -> dict:
     """What must match for --resume to continue a run rather than mix two, and for `compare` to reuse a
     checkpoint: the model's content hash, the method and its resolved settings, the calibration data."""
     identity = {
@@ -100,7 +98,7 @@ def fingerprint(job: CompressJob, model_identity: dict, calibration: Calibration
         "ratio": job.ratio,
         "pattern": asdict(job.pattern),
         "settings": job.settings.record(),
-        "calibration": calibration_record(job, calibration, tokenizer),
+        "calibration": calibration_record(job, calibration),
     }
     if job.allocation.record() is not None:  # absent for uniform: checkpoints made before --allocation still match
         identity["allocation"] = job.allocation.record()
@@ -142,7 +140,7 @@ def _compress(job: CompressJob, world: World, progress: ProgressCallback | None)
         for name in targeted:
             method.check_budget(plan_budget(*block.get_submodule(name).weight.shape, job.ratio, rank_ratio, job.pattern))
     # Rank 0 alone writes; the others learn where a resumed run stands from it.
-    writer = CheckpointWriter(job.out, fingerprint(job, loaded.identity, calibration, loaded.tokenizer), job.resume) if world.is_main else None
+    writer = CheckpointWriter(job.out, fingerprint(job, loaded.identity, calibration), job.resume) if world.is_main else None
     try:
         completed, allocation, hidden = world.broadcast(
             lambda: (writer.completed, writer.allocation, writer.load_hidden() if writer.completed else None))
@@ -364,19 +362,15 @@ def _memory_limits() -> dict:
     return limits
 
 
-def calibration_record(job: CompressJob, calibration: CalibrationSet, tokenizer: PreTrainedTokenizerBase) -> dict:
-    """What calibrated a checkpoint (part of its fingerprint). The windows' prompt prefix is recorded where the
-    tokenizer has one: checkpoints calibrated without it (before it was added) then no longer match."""
-    record = {"source": job.calib or "mix", "texts": calibration.record(job.nsamples), "nsamples": job.nsamples,
-              "seqlen": job.seqlen}
-    prefix = prompt_prefix(tokenizer)
-    return {**record, "prefix": prefix} if prefix else record
+def calibration_record(job: CompressJob, calibration: CalibrationSet) -> dict:
+    """What calibrated a checkpoint (part of its fingerprint)."""
+    return {"source": job.calib or "mix", "texts": calibration.record(job.nsamples), "nsamples": job.nsamples, "seqlen": job.seqlen}
 
 
 def _manifest(
     job: CompressJob, loaded: LoadedModel, layers: list[dict], num_blocks: int, calibration: CalibrationSet, seconds: float
 ) -> dict:
-    identity = fingerprint(job, loaded.identity, calibration, loaded.tokenizer)  # its calibration record is the manifest's
+    identity = fingerprint(job, loaded.identity, calibration)  # its calibration record is the manifest's
     kept = sum(layer["params_kept"] for layer in layers)
     total = sum(layer["params_total"] for layer in layers)
     return {

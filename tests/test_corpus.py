@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from sslc_export.cli import app
 from sslc_export.models.loading import load_model
-from sslc_export.calibration import CalibrationSet, prompt_prefix, token_batches
+from sslc_export.calibration import CalibrationSet, token_batches
 from sslc_export.corpus import CALIBRATION_TEXTS, DATA_DIR, HELDOUT_TEXTS, calibration_texts, heldout_texts
 from sslc_export.evaluate import perplexity
 
@@ -49,41 +49,13 @@ def test_mix_takes_equal_shares_and_one_text_samples_as_before(tiny_llama):
     mix = CalibrationSet.read(None)
     assert mix.shares(8) == [3, 3, 2] and sum(record["sequences"] for record in mix.record(8)) == 8
     tokens = mix.tokens(tokenizer, 8, 32, seed=0)
-    prefix = prompt_prefix(tokenizer)
-    length = 32 - len(prefix)
     for rows, content in ((tokens[:3], mix.contents[0]), (tokens[3:6], mix.contents[1]), (tokens[6:], mix.contents[2])):
         ids = tokenizer(content, return_tensors="pt", add_special_tokens=False).input_ids[0].tolist()
-        text_windows = {tuple(ids[start : start + length]) for start in range(len(ids) - length + 1)}
-        assert all(row[: len(prefix)].tolist() == prefix for row in rows)  # each window starts as a prompt does
-        assert all(tuple(row[len(prefix):].tolist()) in text_windows for row in rows)  # each share from its own text
+        text_windows = {tuple(ids[start : start + 32]) for start in range(len(ids) - 31)}
+        assert all(tuple(row.tolist()) in text_windows for row in rows)  # each share comes from its own text
     prose = CalibrationSet.read("prose")
     expected = token_batches(tokenizer, prose.contents[0], 8, 32, 0)
     assert torch.equal(prose.tokens(tokenizer, 8, 32, seed=0), expected)
-
-
-def test_calibration_windows_start_like_prompts(tiny_llama):
-    """Each window starts with what the tokenizer puts before a prompt (SmolLM2: <|im_start|>), then text; a
-    tokenizer that adds no special tokens (the tiny one, Qwen2) gets plain text windows, as before."""
-    tokenizer = load_model(str(tiny_llama)).tokenizer
-    text = CalibrationSet.read("prose").contents[0]
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-
-    def is_text_window(row: list[int]) -> bool:
-        return any(ids[start : start + len(row)] == row for start in range(len(ids) - len(row) + 1))
-
-    class WithBos:  # as SmolLM2's tokenizer does with add_special_tokens (its default)
-        def __call__(self, text, add_special_tokens=True, return_tensors=None):
-            out = tokenizer(text, add_special_tokens=False, return_tensors=return_tensors)
-            if add_special_tokens:
-                out["input_ids"] = (torch.cat([torch.tensor([[7]]), out["input_ids"]], dim=1) if return_tensors
-                                    else [7, *out["input_ids"]])
-            return out
-
-    assert prompt_prefix(tokenizer) == [] and prompt_prefix(WithBos()) == [7]
-    plain, prefixed = token_batches(tokenizer, text, 4, 16, 0), token_batches(WithBos(), text, 4, 16, 0)
-    assert plain.shape == prefixed.shape == (4, 16)
-    assert all(is_text_window(row.tolist()) for row in plain)
-    assert (prefixed[:, 0] == 7).all() and all(is_text_window(row[1:].tolist()) for row in prefixed)
 
 
 @pytest.fixture
