@@ -200,7 +200,7 @@ def finetune(job: FinetuneJob, progress: ProgressCallback | None = None) -> dict
     except UserError:
         state.discard_if_empty()
         raise
-    record.update(seconds=round(state.seconds_before + time.perf_counter() - state.started, 1), losses=losses,
+    record.update(seconds=round(state.seconds_before + time.perf_counter() - state.started, 3), losses=losses,
                   finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     return _write(job, state.work, manifest, layers, student, grid, record)
 
