@@ -53,7 +53,6 @@ class ValidationReport:
     require_same_tokens: bool = True
     worst_at: str = ""  # where the max relative error sits: the prompt, the token's index and text
 
-
     @property
     def passed(self) -> bool:
         tokens_ok = self.greedy_agreement == 1.0 or not self.require_same_tokens
@@ -81,8 +80,9 @@ def validate(onnx_dir: Path, reference: LoadedModel, decode_steps: int = 8, rtol
             expected = out.logits[0].numpy()  # every position of the prefill, then each decode step's
             logits, past = runtime.step(onnx_ids, past)
             actual = logits[0]
-            per_position = np.abs(actual - expected).max(axis=-1) / np.abs(expected).max()
-            abs_err = max(abs_err, float(np.abs(actual - expected).max()))
+            per_position = np.abs(actual - expected).max(axis=-1)  # max |Δlogit| at each position
+            abs_err = max(abs_err, float(per_position.max()))
+            per_position /= np.abs(expected).max()
             if per_position.max() > rel_err:
                 rel_err, where = float(per_position.max()), int(per_position.argmax())
                 token = reference.tokenizer.decode(torch_ids[0, where])
